@@ -1,0 +1,1 @@
+"""Stage 2: statistics + FLOP budget -> cache plan. numpy/scipy only: never imports torch."""

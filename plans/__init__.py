@@ -1,0 +1,1 @@
+"""Shipped cache plans for the reference models (YAML + optional safetensors sidecars)."""
