@@ -1,0 +1,132 @@
+"""``DigitsPipeline``: the sampling loop of the reference models (class labels → digit images).
+
+It drives a diffusers ``DiTTransformer2DModel`` and a diffusers scheduler exactly as diffusers' own
+pipelines do (the transformer receives ``hidden_states``, ``timestep`` and ``class_labels`` keyword
+arguments at every step), so cachec's hooks see the same calls they see inside ``DiTPipeline``. Unlike
+``DiTPipeline`` it needs no VAE (pixel space) and its null class is the model's own
+(``num_embeds_ada_norm``), not the hard-coded 1000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class DigitsOutput:
+    """Result of a :class:`DigitsPipeline` call.
+
+    Attributes:
+        images: float32 (N, 1, 32, 32) in [0, 1].
+        samples: the raw final samples in model space, float32 (N, 1, 32, 32), about [-1, 1].
+    """
+
+    images: torch.Tensor
+    samples: torch.Tensor
+
+
+class DigitsPipeline:
+    """Class-conditional pixel-space sampling with classifier-free guidance.
+
+    Args:
+        transformer: a ``DiTTransformer2DModel`` with ``in_channels == out_channels``.
+        scheduler: a diffusers scheduler (``FlowMatchEulerDiscreteScheduler`` or ``DDIMScheduler``).
+        name: a display name (e.g. ``"digits-flow"``).
+    """
+
+    def __init__(self, transformer, scheduler, name: str = "digits"):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.name = name
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes; the null (unconditional) label is this index."""
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "DigitsPipeline":
+        self.transformer.to(device=device, dtype=dtype)
+        return self
+
+    def initial_noise(self, n: int, generator) -> torch.Tensor:
+        """Initial noise (N, C, H, W), float32 on CPU; a list of N generators gives one per sample so a
+        sample's noise does not depend on the batch it is drawn in."""
+        cfg = self.transformer.config
+        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for {n} samples")
+            return torch.stack([torch.randn(shape, generator=g) for g in generator])
+        return torch.randn((n, *shape), generator=generator)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        cfg: str = "batched",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> DigitsOutput:
+        """Sample one image per class label.
+
+        Args:
+            class_labels: N ints in ``[0, num_classes)``.
+            num_inference_steps: sampling steps (> 0).
+            guidance_scale: classifier-free guidance scale; ``<= 1`` disables guidance (one branch).
+            generator: a generator or a list of N generators (one per sample).
+            cfg: ``"batched"`` (conditional and unconditional in one transformer call, conditional first)
+                or ``"split"`` (two calls per step, conditional first).
+            callback: called as ``callback(step_index, num_steps)`` after each step.
+
+        Raises:
+            ValueError: a label out of range, a non-positive step count or an unknown ``cfg``.
+        """
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
+            raise ValueError(f"class label {bad} is out of range: this model has classes 0..{self.num_classes - 1}")
+        if int(num_inference_steps) <= 0:
+            raise ValueError(f"the number of steps must be positive, got {num_inference_steps}")
+        if cfg not in ("batched", "split"):
+            raise ValueError(f"cfg must be 'batched' or 'split', got {cfg!r}")
+        device, dtype = self.device, self.dtype
+        n = labels.numel()
+        x = self.initial_noise(n, generator).to(device=device, dtype=torch.float32)
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        labels = labels.to(device)
+        null = torch.full_like(labels, self.num_classes)
+        guided = guidance_scale > 1.0
+        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            if guided and cfg == "batched":
+                inp = torch.cat([x, x]).to(dtype)
+                out = self.transformer(
+                    hidden_states=inp, timestep=t.expand(2 * n), class_labels=torch.cat([labels, null])
+                ).sample.float()
+                cond, uncond = out.chunk(2)
+            elif guided:
+                inp = x.to(dtype)
+                cond = self.transformer(hidden_states=inp, timestep=t.expand(n), class_labels=labels).sample.float()
+                uncond = self.transformer(hidden_states=inp, timestep=t.expand(n), class_labels=null).sample.float()
+            else:
+                cond = self.transformer(hidden_states=x.to(dtype), timestep=t.expand(n), class_labels=labels).sample
+                cond = uncond = cond.float()
+            pred = uncond + guidance_scale * (cond - uncond) if guided else cond
+            x = self.scheduler.step(pred, t, x).prev_sample
+            if callback is not None:
+                callback(i, len(timesteps))
+        return DigitsOutput(images=(x.clamp(-1, 1) + 1) / 2, samples=x)

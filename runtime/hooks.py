@@ -1,0 +1,167 @@
+"""The tiny hook core shared by calibration (record every unit) and plan execution (skip units).
+
+Each unit module's ``forward`` is wrapped (the instance attribute is replaced and restored on removal, the
+way diffusers' ``hooks`` registry does it); the transformer gets a forward pre-hook and a forward hook so a
+:class:`UnitHandler` can read the step from the ``timestep`` the transformer receives and the guidance
+branch from the batch layout or the call order. Nothing else in the model is touched.
+
+A *feature* is always a tuple of tensors (a single-tensor output is a 1-tuple): the module's return value
+for ``mode="output"`` units, ``output − input`` part by part for ``mode="residual"`` units.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+import torch
+
+from .units import UnitSpec, unwrap
+
+Feature = tuple[torch.Tensor, ...]
+
+
+class UnitHandler(Protocol):
+    """What the hook core asks of a calibration recorder or a plan executor."""
+
+    def begin_call(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Called before every transformer forward with its arguments."""
+
+    def end_call(self) -> None:
+        """Called after every transformer forward."""
+
+    def should_compute(self, index: int) -> bool:
+        """Whether unit ``index`` runs its real computation in the current call."""
+
+    def store(self, index: int, feature: Feature) -> None:
+        """Receives the feature of a computed unit (detached tensors)."""
+
+    def predict(self, index: int) -> Feature:
+        """The feature to use instead of computing unit ``index``."""
+
+
+def timestep_of(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature) -> float:
+    """The scalar timestep of a transformer call (first element if a batch of timesteps is passed).
+
+    Raises:
+        ValueError: the call carries no ``timestep`` argument.
+    """
+    if "timestep" in kwargs and kwargs["timestep"] is not None:
+        t = kwargs["timestep"]
+    else:
+        try:
+            t = forward_signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+        except TypeError:
+            t = None
+        if t is None:
+            raise ValueError("the transformer was called without a `timestep`; cachec reads the step from it")
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0].item())
+    return float(t)
+
+
+def batch_size_of(args: tuple, kwargs: dict[str, Any]) -> int:
+    """Batch size of a transformer call (leading dim of ``hidden_states``)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    return int(x.shape[0])
+
+
+def _rebuild(feature: Feature, as_tuple: bool):
+    return tuple(feature) if as_tuple else feature[0]
+
+
+class HookHandle:
+    """Installed hooks on one transformer; :meth:`remove` restores the model exactly."""
+
+    def __init__(self, transformer, units: list[UnitSpec], handler: UnitHandler):
+        self.transformer = transformer
+        self.units = units
+        self.handler = handler
+        self._removed = False
+        model = unwrap(transformer)
+        self._signature = inspect.signature(model.forward)
+        self._patched: list[Any] = []
+        self._hooks = [
+            transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
+            transformer.register_forward_hook(self._post, always_call=True),
+        ]
+        modules = dict(model.named_modules())
+        for index, spec in enumerate(units):
+            if spec.name not in modules:
+                self.remove()
+                raise KeyError(f"unit {spec.name!r} not found in {type(model).__name__}")
+            self._wrap(modules[spec.name], index, spec)
+
+    def _pre(self, module, args, kwargs):
+        self.handler.begin_call(args, kwargs)
+
+    def _post(self, module, args, output):
+        self.handler.end_call()
+
+    def _wrap(self, module, index: int, spec: UnitSpec) -> None:
+        original = module.forward
+        handler = self.handler
+        layout = {"as_tuple": None}
+
+        if spec.mode == "output":
+
+            def forward(*args, **kwargs):
+                if handler.should_compute(index):
+                    out = original(*args, **kwargs)
+                    layout["as_tuple"] = isinstance(out, tuple)
+                    handler.store(index, tuple(o.detach() for o in out) if layout["as_tuple"] else (out.detach(),))
+                    return out
+                if layout["as_tuple"] is None:
+                    raise RuntimeError(f"unit {spec.name} was skipped before it was ever computed")
+                return _rebuild(handler.predict(index), layout["as_tuple"])
+
+        else:
+            signature = inspect.signature(original)
+            names = spec.residual_inputs
+
+            def forward(*args, **kwargs):
+                bound = signature.bind_partial(*args, **kwargs).arguments
+                inputs = tuple(bound[n] for n in names)
+                if handler.should_compute(index):
+                    out = original(*args, **kwargs)
+                    parts = out if isinstance(out, tuple) else (out,)
+                    layout["as_tuple"] = isinstance(out, tuple)
+                    handler.store(index, tuple((o - x).detach() for o, x in zip(parts, inputs)))
+                    return out
+                if layout["as_tuple"] is None:
+                    raise RuntimeError(f"unit {spec.name} was skipped before it was ever computed")
+                feature = handler.predict(index)
+                return _rebuild(tuple(x + f for x, f in zip(inputs, feature)), layout["as_tuple"])
+
+        module.forward = forward
+        self._patched.append(module)
+
+    def remove(self) -> None:
+        """Restore every wrapped module and remove the transformer hooks (idempotent)."""
+        if self._removed:
+            return
+        for module in self._patched:
+            if "forward" in module.__dict__:
+                del module.forward
+        for h in self._hooks:
+            h.remove()
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def install(transformer, units: list[UnitSpec], handler: UnitHandler) -> HookHandle:
+    """Wrap ``units`` of ``transformer`` so that ``handler`` decides, per call, compute or predict.
+
+    Returns:
+        A :class:`HookHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
+
+    Raises:
+        KeyError: a unit name is not a module of the transformer.
+    """
+    return HookHandle(transformer, units, handler)
