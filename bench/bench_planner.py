@@ -1,0 +1,63 @@
+"""Planner timing on a synthetic calibration shaped like DiT-XL/2 (28 blocks x {attn1, ff} = 56 units, 50 steps).
+
+Usage: python bench/bench_planner.py [--steps 50] [--blocks 28] [--max-staleness 8]
+Prints the time of each stage, of one budget from scratch, and of a 20-budget sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from cachec.planner import Planner, make_plan, sweep, synthetic_calibration
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--blocks", type=int, default=28)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--max-staleness", type=int, default=8)
+    args = ap.parse_args()
+
+    t = time.perf_counter()
+    cal = synthetic_calibration(blocks=args.blocks, steps=args.steps, dim=args.dim, samples=8, seed=0)
+    print(f"synthetic calibration: {cal.n_units} units x {cal.steps} steps, built in {time.perf_counter() - t:.2f} s")
+
+    planner = Planner(cal)
+    t = time.perf_counter()
+    planner.table(args.max_staleness)
+    t_table = time.perf_counter() - t
+    t = time.perf_counter()
+    planner.frontier(args.max_staleness, 0, "free")
+    t_front = time.perf_counter() - t
+    print(f"segment table: {t_table:.3f} s   per-unit DP frontier: {t_front:.3f} s")
+
+    for b in (0.25, 0.4, 0.6):
+        t = time.perf_counter()
+        plan, _ = make_plan(cal, b, "cachec", max_staleness=args.max_staleness)
+        dt = time.perf_counter() - t
+        print(f"one budget from scratch  target {b:.2f}  realised {plan['budget']['realised']:.4f}  "
+              f"error {plan['predicted_error']:.4g}  {dt:.3f} s")
+    t = time.perf_counter()
+    plan, _ = make_plan(cal, 0.3, "cachec", family="step", max_staleness=args.max_staleness)
+    print(f"step family, one budget from scratch: realised {plan['budget']['realised']:.4f}  {time.perf_counter() - t:.3f} s")
+
+    budgets = np.round(np.linspace(0.15, 0.9, 20), 4).tolist()
+    t = time.perf_counter()
+    _, rows = sweep(cal, budgets, max_staleness=args.max_staleness)
+    dt = time.perf_counter() - t
+    print(f"20-budget sweep (free): {dt:.3f} s total, {dt / 20:.3f} s per budget")
+    for r in rows[::4]:
+        print(f"  target {r['target']:.4f}  realised {r['realised']:.4f}  predicted error {r['predicted_error']:.4g}")
+    for method in ("fora", "eoc-paper", "goc-paper", "uniform"):
+        t = time.perf_counter()
+        plan, _ = make_plan(cal, 0.4, method)
+        print(f"{method:10s} at 0.40: realised {plan['budget']['realised']:.4f}  error {plan['predicted_error']:.4g}  "
+              f"{time.perf_counter() - t:.3f} s")
+
+
+if __name__ == "__main__":
+    main()

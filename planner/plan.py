@@ -1,0 +1,292 @@
+"""Build plans (docs/plan-format.md, version 1) from a calibration: cachec's solved schedule or a baseline.
+
+The output is a plain dict in exactly the documented shape plus the EOC sidecar tensors (a dict of
+numpy arrays); writing and validating is the runtime schema's job (``cachec.runtime.plan``). When the
+sidecar is non-empty, the plan's ``sidecar`` entry names ``sidecar_file`` and holds the SHA-256 of
+:func:`encode_sidecar` of the arrays: a writer must store exactly those bytes (or update the hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .baselines import eoc_paper, fora, goc_paper, uniform
+from .calibration import Calibration
+from .errors import PREDICTORS, ErrorModel, SegmentTable, schedule_error, segment_table
+from .schedule import Schedule, realised_fraction, round_sig
+from .solver import FAMILIES, Frontier, frontier, solve
+
+PLAN_VERSION = 1
+METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
+DEFAULT_MAX_STALENESS = 8
+DEFAULT_SIDECAR = "plan.eoc.safetensors"
+
+_METHOD_OPTIONS = {
+    "cachec": {"family", "max_staleness", "keep_last", "ridge", "predictors"},
+    "fora": {"interval"},
+    "eoc-paper": {"interval", "alpha"},
+    "goc-paper": {"interval", "lam"},
+    "uniform": set(),
+}
+
+
+def _version() -> str:
+    try:
+        from cachec import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover - the package always defines it
+        return "unknown"
+
+
+def encode_sidecar(arrays: dict[str, np.ndarray]) -> bytes:
+    """The safetensors bytes of a plan's EOC sidecar (keys sorted; deterministic).
+
+    Args:
+        arrays: ``{"eoc/{unit}/{step}[/{part}]": float32 array}``.
+    Returns:
+        bytes to write as the sidecar file; ``sha256`` of them is the plan's ``sidecar.sha256``.
+    """
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)})
+
+
+class Planner:
+    """Plans for one calibration, caching the error model, segment tables and frontiers across budgets.
+
+    Args:
+        cal: the calibration.
+        ridge: relative ridge of the fitted predictors (see :class:`ErrorModel`).
+        predictors: candidate predictors of the cachec solver (names from ``PREDICTORS``).
+    """
+
+    def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
+        self.cal = cal
+        self.model = ErrorModel(cal, ridge=ridge, predictors=predictors)
+        self._tables: dict[int, SegmentTable] = {}
+        self._fronts: dict[tuple, Frontier] = {}
+
+    def table(self, max_staleness: int) -> SegmentTable:
+        """Segment costs for ``max_staleness`` (computed once)."""
+        K = int(min(max_staleness, self.cal.steps - 1))
+        if K not in self._tables:
+            self._tables[K] = segment_table(self.model, K)
+        return self._tables[K]
+
+    def frontier(self, max_staleness: int, keep_last: int, family: str) -> Frontier:
+        """Frontier of the DP for the table, ``keep_last`` and family (computed once)."""
+        tab = self.table(max_staleness)
+        key = (tab.max_staleness, int(keep_last), family)
+        if key not in self._fronts:
+            cost = tab.cost.sum(axis=0, keepdims=True) if family == "step" else tab.cost
+            self._fronts[key] = frontier(cost, int(keep_last))
+        return self._fronts[key]
+
+    def schedule(self, budget: float | None, method: str = "cachec", **options) -> Schedule:
+        """The schedule of ``method`` at ``budget`` (see :func:`make_plan` for the options).
+
+        Raises:
+            ValueError: unknown method or option, invalid budget, budget below the method's minimum.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        unknown = set(options) - _METHOD_OPTIONS[method]
+        if unknown:
+            raise ValueError(f"unknown options for method {method!r}: {sorted(unknown)}")
+        if budget is not None and not (0.0 < float(budget) <= 1.0):
+            raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+        cal = self.cal
+        if method == "cachec":
+            if budget is None:
+                raise ValueError("method 'cachec' needs a budget")
+            family = options.get("family", "free")
+            if family not in FAMILIES:
+                raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+            K = int(options.get("max_staleness", DEFAULT_MAX_STALENESS))
+            keep_last = int(options.get("keep_last", 0))
+            if K < 0 or keep_last < 0:
+                raise ValueError("max_staleness and keep_last must be >= 0")
+            sched = solve(
+                self.table(K), cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops, float(budget),
+                family=family, keep_last=keep_last, front=self.frontier(K, keep_last, family),
+            )
+            sched.options.update(ridge=self.model.ridge, predictors=list(self.model.predictors))
+            return sched
+        if method == "uniform":
+            if budget is None:
+                raise ValueError("method 'uniform' needs a budget")
+            return uniform(cal, float(budget))
+        kw = {"interval": options.get("interval")}
+        if method == "fora":
+            sched = fora(cal, budget, **kw)
+        elif method == "eoc-paper":
+            sched = eoc_paper(cal, budget, alpha=float(options.get("alpha", 0.01)), **kw)
+        else:
+            sched = goc_paper(cal, budget, lam=float(options.get("lam", 1.2)), **kw)
+        if budget is not None:
+            r = realised_fraction(sched.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops)
+            if r > float(budget) * (1 + 1e-12):
+                raise ValueError(f"interval {sched.options['interval']} spends {r:.6g} of a full run, over the budget {budget}")
+        return sched
+
+    def plan(self, budget: float | None, method: str = "cachec", sidecar_file: str = DEFAULT_SIDECAR, **options):
+        """Plan dict and sidecar arrays; see :func:`make_plan`."""
+        sched = self.schedule(budget, method, **options)
+        return build_plan(self.cal, self.model, sched, method, budget, sidecar_file)
+
+
+def sidecar_arrays(cal: Calibration, schedule: Schedule) -> dict[str, np.ndarray]:
+    """EOC tensors ``D = P_s - P_ref`` of every (unit, step) with a non-zero ``eoc_alpha``.
+
+    Stored float32 in the unit's per-sample shape (header ``units[].shapes``); tuple outputs are split
+    into ``eoc/{unit}/{s}/{part}`` (part = 0, 1, ...), single outputs are ``eoc/{unit}/{s}``.
+
+    Returns:
+        dict key -> float32 array.
+    Raises:
+        CalibrationError: the calibration has no prior.
+    """
+    out = {}
+    for u, name in enumerate(cal.unit_names):
+        pairs = schedule.eoc_alpha[u]
+        if not pairs:
+            continue
+        P = cal.prior(u)
+        shapes = [tuple(int(x) for x in sh) for sh in cal.units[u]["shapes"]]
+        sizes = [int(np.prod(sh)) for sh in shapes]
+        for s in sorted(pairs):
+            D = P[s] - P[schedule.eoc_ref[u][s]]
+            if len(shapes) == 1:
+                out[f"eoc/{name}/{s}"] = D.reshape(shapes[0]).astype(np.float32)
+            else:
+                off = 0
+                for part, (sh, n) in enumerate(zip(shapes, sizes)):
+                    out[f"eoc/{name}/{s}/{part}"] = D[off:off + n].reshape(sh).astype(np.float32)
+                    off += n
+        del P
+    return out
+
+
+def build_plan(cal: Calibration, model: ErrorModel, schedule: Schedule, method: str, target, sidecar_file: str = DEFAULT_SIDECAR):
+    """Turn a schedule into the plan dict of docs/plan-format.md and its sidecar arrays.
+
+    Args:
+        cal: calibration (model, sampler and provenance sections come from its header).
+        model: the error model pricing ``predicted_error``.
+        schedule: the schedule.
+        method: ``budget.method``.
+        target: requested fraction, or None (then the realised fraction is the target).
+        sidecar_file: file name recorded in ``sidecar.file`` when there are EOC tensors.
+    Returns:
+        ``(plan, sidecar)``: plain dict (ints, floats rounded to 8 significant digits, str, lists, None)
+        and ``{key: float32 array}`` (empty when no EOC correction).
+    """
+    h = cal.header
+    S = cal.steps
+    realised = realised_fraction(schedule.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops)
+    err = schedule_error(model, schedule)
+    arrays = sidecar_arrays(cal, schedule)
+    units = []
+    for u, name in enumerate(cal.unit_names):
+        comp = {}
+        for s in sorted(schedule.coeffs[u]):
+            entry = {"coeffs": [round_sig(a) for a in schedule.coeffs[u][s]]}
+            al = schedule.eoc_alpha[u].get(s, 0.0)
+            if al:
+                entry["eoc_alpha"] = round_sig(al)
+            comp[int(s)] = entry
+        units.append({
+            "name": name,
+            "flops": float(cal.unit_flops[u]),
+            "actions": "".join("C" if c else "." for c in schedule.compute[u]),
+            "compensation": comp,
+        })
+    sig = h["sigmas"]
+    plan = {
+        "cachec_plan": PLAN_VERSION,
+        "model": {
+            "class": str(h["model"]["class"]),
+            "fingerprint": str(h["model"]["fingerprint"]),
+            "adapters": [str(a) for a in h["model"].get("adapters", [])],
+        },
+        "sampler": {
+            "scheduler": str(h["scheduler"]["class"]),
+            "steps": int(S),
+            "timesteps": [float(t) for t in h["timesteps"]],
+            "sigmas": None if sig is None else [float(x) for x in sig],
+            "guidance": {
+                "mode": str(h["guidance"]["mode"]),
+                "scale": float(h["guidance"]["scale"]),
+                "branches": int(h["guidance"]["branches"]),
+            },
+            "resolution": [int(x) for x in h["resolution"]],
+        },
+        "budget": {
+            "method": method,
+            "target": round_sig(realised) if target is None else float(target),
+            "realised": round_sig(realised),
+            "full_step_flops": float(cal.full_step_flops),
+            "fixed_step_flops": float(cal.fixed_step_flops),
+            "options": {k: schedule.options[k] for k in sorted(schedule.options)},
+        },
+        "predicted_error": round_sig(err),
+        "history": schedule.history,
+        "units": units,
+        "sidecar": (
+            {"file": sidecar_file, "sha256": hashlib.sha256(encode_sidecar(arrays)).hexdigest()} if arrays else None
+        ),
+        "provenance": {
+            "calibration_sha256": cal.sha256,
+            "conditions": len(h["conditions"]),
+            "samples": int(sum(cal.samples)),
+            "cachec_version": _version(),
+            "created": str(h["created"]),
+        },
+    }
+    return plan, arrays
+
+
+def make_plan(calibration: Calibration, budget: float | None, method: str = "cachec", *, sidecar_file: str = DEFAULT_SIDECAR,
+              ridge: float = 1e-3, predictors=PREDICTORS, **options):
+    """Compile a plan for ``calibration`` at a FLOPs ``budget`` with ``method``.
+
+    Args:
+        calibration: loaded statistics (:func:`cachec.planner.load_calibration`).
+        budget: fraction (0, 1] of a full run's FLOPs, fixed (never-cached) FLOPs included; may be None
+            for FORA-based methods with an explicit ``interval``.
+        method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
+        sidecar_file: name recorded in ``sidecar.file`` when the plan has EOC tensors.
+        ridge, predictors: error-model options (cachec's fitted predictors).
+        **options: cachec: ``family`` ("free" | "step"), ``max_staleness`` (default 8), ``keep_last``
+            (default 0); fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper:
+            ``lam`` (1.2).
+    Returns:
+        ``(plan, sidecar)``: the plan dict (docs/plan-format.md) and ``{key: float32 array}``.
+    Raises:
+        ValueError: unknown method/option, budget outside (0, 1], budget below the method's minimum
+            (the message names the minimum).
+    """
+    return Planner(calibration, ridge=ridge, predictors=predictors).plan(budget, method, sidecar_file=sidecar_file, **options)
+
+
+def sweep(calibration: Calibration, budgets, method: str = "cachec", *, ridge: float = 1e-3, predictors=PREDICTORS,
+          sidecar_file: str = DEFAULT_SIDECAR, **options):
+    """Plans at several budgets, sharing the error model, segment table and frontier.
+
+    Returns:
+        ``(plans, table)``: list of ``(plan, sidecar)`` in the order of ``budgets``, and a list of
+        ``{"target", "realised", "predicted_error"}`` dicts (floats).
+    Raises:
+        ValueError: as :func:`make_plan`, for the first failing budget.
+    """
+    planner = Planner(calibration, ridge=ridge, predictors=predictors)
+    plans, rows = [], []
+    for b in budgets:
+        plan, side = planner.plan(b, method, sidecar_file=sidecar_file, **options)
+        plans.append((plan, side))
+        rows.append({"target": plan["budget"]["target"], "realised": plan["budget"]["realised"],
+                     "predicted_error": plan["predicted_error"]})
+    return plans, rows

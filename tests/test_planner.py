@@ -1,0 +1,545 @@
+"""Planner tests: error formulas vs brute force on explicit features, solver vs enumeration, budgets,
+baselines, plan shape, determinism. numpy only; each test runs in well under a second."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from cachec.planner import (
+    CalibrationError, ErrorModel, Planner, Schedule, load_calibration, make_plan, minimum_budget, schedule_error,
+    segment_table, sweep,
+)
+from cachec.planner.calibration import calibration_from_tensors
+from cachec.planner.errors import EOC, LS2, PREDICTORS, eoc_error, predictor_error
+from cachec.planner.solver import allocate
+from cachec.planner.synthetic import (
+    calibration_from_features, calibration_tensors, save_calibration, synthetic_calibration, synthetic_features,
+)
+
+RTOL = 1e-9
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def random_features(U=3, N=6, B=2, S=7, D=5, seed=0, smooth=True):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for u in range(U):
+        if smooth:  # random walk: consecutive steps correlated, as real features are
+            F = np.cumsum(rng.normal(size=(N, B, S, D)) * 0.3, axis=2) + rng.normal(size=(N, B, 1, D))
+        else:
+            F = rng.normal(size=(N, B, S, D))
+        out[f"blocks.{u}.ff"] = F
+    return out
+
+
+def make_cal(feats, flops=None, sens=None, seed=0, **kw):
+    names = list(feats)
+    S = feats[names[0]].shape[2]
+    rng = np.random.default_rng(seed + 100)
+    flops = np.asarray(flops if flops is not None else rng.uniform(1.0, 3.0, len(names)))
+    sens = sens if sens is not None else rng.uniform(0.2, 2.0, (len(names), S))
+    return calibration_from_features(feats, flops, float(flops.sum()) * 1.05, None, sens, **kw)
+
+
+def split(F, k):
+    return F[k::2]
+
+
+def brute_schedule_error(feats, cal, sched: Schedule, prior=None):
+    """sum over held-out outputs of ||sum_run sqrt(w_s)(F_s - F_hat_s)||^2 / (n1 * B), simulated per sample."""
+    names = list(feats)
+    total = 0.0
+    for u, n in enumerate(names):
+        F = split(feats[n], 1)  # (N1, B, S, D)
+        S = F.shape[2]
+        used = np.zeros_like(F)
+        computed = []
+        run = None
+        for s in range(S):
+            if sched.compute[u, s]:
+                used[:, :, s] = F[:, :, s]
+                computed.insert(0, s)
+                if run is not None:
+                    total += float((run**2).sum())
+                    run = None
+                continue
+            a = sched.coeffs[u][s]
+            if sched.history == "computed":
+                pred = sum(aj * F[:, :, computed[j]] for j, aj in enumerate(a))
+            else:
+                pred = sum(aj * used[:, :, s - 1 - j] for j, aj in enumerate(a))
+            al = sched.eoc_alpha[u].get(s, 0.0)
+            if al:
+                D = prior[u][s] - prior[u][sched.eoc_ref[u][s]]
+                pred = pred * (1 + al * D)
+            used[:, :, s] = pred
+            delta = np.sqrt(cal.sensitivity[u, s]) * (F[:, :, s] - pred)
+            run = delta if run is None else run + delta
+        if run is not None:
+            total += float((run**2).sum())
+    N1, B = feats[names[0]][1::2].shape[:2]
+    return total / (N1 * B)
+
+
+def enumerate_masks(S, K, keep_last=0):
+    """All per-unit compute masks with step 0 computed, runs of skipped steps <= K, last steps computed."""
+    out = []
+    for bits in itertools.product([True, False], repeat=S - 1):
+        m = np.array((True,) + bits)
+        if keep_last and not m[S - keep_last:].all():
+            continue
+        run, ok = 0, True
+        for c in m:
+            run = 0 if c else run + 1
+            ok &= run <= K
+        if ok:
+            out.append(m)
+    return out
+
+
+def mask_cost(table, u, m):
+    """Sum of segment costs of a mask from the table (independent of the DP)."""
+    S = len(m)
+    comp = np.flatnonzero(m)
+    total = 0.0
+    for i, p in enumerate(comp):
+        d = 0 if i == 0 else p - comp[i - 1]
+        nxt = comp[i + 1] if i + 1 < len(comp) else S
+        total += table.cost[u, p, d, nxt - p - 1]
+    return total
+
+
+# ---- error formulas vs brute force ---------------------------------------------------------------
+def test_predictor_error_matches_features():
+    feats = random_features(smooth=False)
+    cal = make_cal(feats)
+    G = cal.gram.sum(axis=1)
+    rng = np.random.default_rng(1)
+    for u, n in enumerate(feats):
+        for k in range(2):
+            F = split(feats[n], k)
+            for s, steps in [(3, [2]), (5, [3, 1]), (6, [4, 2, 0]), (1, [0])]:
+                a = rng.normal(size=len(steps))
+                brute = float(((F[:, :, s] - sum(aj * F[:, :, t] for aj, t in zip(a, steps))) ** 2).sum())
+                assert predictor_error(G[u, k], s, steps, a) == pytest.approx(brute, rel=RTOL)
+
+
+def test_eoc_error_and_alpha_match_features():
+    feats = random_features(smooth=True, seed=3)
+    cal = make_cal(feats)
+    for u, n in enumerate(feats):
+        F = feats[n]
+        P = F.mean(axis=(0, 1))
+        for s, j in [(2, 1), (4, 2), (6, 1)]:
+            p = s - j
+            D = P[s] - P[p]
+            Gk = cal.gram.sum(axis=1)[u]
+            for k in range(2):
+                Fk = split(F, k)
+                reuse = predictor_error(Gk[k], s, [p], [1.0])
+                for alpha in (0.0, 0.37, -1.3):
+                    brute = float(((Fk[:, :, s] - Fk[:, :, p] * (1 + alpha * D)) ** 2).sum())
+                    got = eoc_error(reuse, cal.eoc_lin[u, k, s, j - 1], cal.eoc_quad[u, k, s, j - 1], alpha)
+                    assert got == pytest.approx(brute, rel=RTOL)
+            # closed-form alpha on split 0 is the least-squares optimum
+            F0 = split(F, 0)
+            X = (F0[:, :, p] * D).ravel()
+            y = (F0[:, :, s] - F0[:, :, p]).ravel()
+            a_ls = float(X @ y / (X @ X))
+            model = ErrorModel(cal)
+            a1, a2, al, ok = model.fit_candidates(np.array(u), np.array(s), np.array(p), np.array(p), np.array(False))
+            assert ok[EOC] and al[EOC] == pytest.approx(a_ls, rel=RTOL)
+
+
+def test_least_squares_candidate_matches_lstsq():
+    feats = random_features(smooth=True, seed=5)
+    cal = make_cal(feats)
+    model = ErrorModel(cal, ridge=0.0)
+    u, s, p, q = 1, 6, 4, 2
+    F0 = split(feats[list(feats)[u]], 0)
+    X = np.stack([F0[:, :, p].ravel(), F0[:, :, q].ravel()], axis=1)
+    coef = np.linalg.lstsq(X, F0[:, :, s].ravel(), rcond=None)[0]
+    a1, a2, al, ok = model.fit_candidates(np.array(u), np.array(s), np.array(p), np.array(q), np.array(True))
+    assert ok[LS2]
+    np.testing.assert_allclose([a1[LS2], a2[LS2]], coef, rtol=1e-8)
+
+
+def test_coherent_schedule_error_matches_simulation():
+    feats = random_features(U=3, S=9, seed=7)
+    cal = make_cal(feats)
+    model = ErrorModel(cal)
+    prior = [cal.prior(u) for u in range(cal.n_units)]
+    rng = np.random.default_rng(8)
+    S = 9
+    for history in ("computed", "used"):
+        compute = np.zeros((3, S), dtype=bool)
+        compute[:, 0] = True
+        compute[0, [3, 6]] = True
+        compute[1, [1, 2, 5]] = True
+        compute[2, [4]] = True
+        coeffs, alphas, refs = [], [], []
+        for u in range(3):
+            c, a, r = {}, {}, {}
+            ncomp = 0
+            for s in range(S):
+                if compute[u, s]:
+                    ncomp += 1
+                    continue
+                depth = ncomp if history == "computed" else s
+                m = int(rng.integers(1, min(2, depth) + 1))
+                c[s] = tuple(rng.normal(size=m) * 0.5 + (1.0 if m == 1 else 0.0))
+            coeffs.append(c)
+            alphas.append(a)
+            refs.append(r)
+        # one isolated EOC-corrected step on plain reuse (single-step run: exact)
+        if history == "computed":
+            coeffs[1][3] = (1.0,)
+            compute[1, 4] = True
+            coeffs[1].pop(4, None)
+            alphas[1][3], refs[1][3] = 0.8, 2
+        sched = Schedule(compute=compute, coeffs=coeffs, eoc_alpha=alphas, eoc_ref=refs, history=history)
+        got = schedule_error(model, sched)
+        assert got == pytest.approx(brute_schedule_error(feats, cal, sched, prior), rel=RTOL)
+
+
+def test_segment_table_prices_solved_schedules_consistently():
+    cal = synthetic_calibration(blocks=3, steps=12, seed=2)
+    planner = Planner(cal)
+    for b in (0.3, 0.5):
+        sched = planner.schedule(b, "cachec", max_staleness=4)
+        tab = planner.table(4)
+        table_total = sum(mask_cost(tab, u, sched.compute[u]) for u in range(cal.n_units))
+        assert schedule_error(planner.model, sched) == pytest.approx(table_total, rel=1e-6)
+
+
+def test_compensation_only_where_it_beats_reuse_on_held_out():
+    cal = synthetic_calibration(blocks=3, steps=12, seed=4)
+    model = ErrorModel(cal)
+    tab = segment_table(model, 4)
+    # every chosen single-step compensation has held-out error <= plain reuse
+    U, S = model.U, model.S
+    for u in range(U):
+        for p in range(1, S - 1):
+            for d in range(1, min(p, 5) + 1):
+                if tab.use_reuse[u, p, d, 1] or not np.isfinite(tab.cost[u, p, d, 1]):
+                    continue
+                (k, a, al), = tab.run(u, p, d, 1)
+                steps = [p] if len(a) == 1 else [p, p - d]
+                e = model.step_error(u, p + 1, steps, a, al)
+                assert e <= model.step_error(u, p + 1, [p], [1.0]) * (1 + 1e-12)
+
+
+# ---- solver vs enumeration ------------------------------------------------------------------------
+def test_handmade_known_optimum():
+    """Unit 0 jumps at step 3, unit 1 is constant: one extra compute must go to unit 0 at step 3."""
+    S, N, B, D = 6, 4, 1, 3
+    a = np.ones((N, B, 1, D))
+    jump = np.concatenate([np.repeat(a, 3, axis=2), np.repeat(5 * a, 3, axis=2)], axis=2)
+    feats = {"b.0.ff": jump, "b.1.ff": np.repeat(2 * a, S, axis=2)}
+    cal = calibration_from_features(feats, [1.0, 1.0], 2.0, 0.0, np.ones((2, S)))
+    plan, _ = make_plan(cal, 3 / 12, "cachec", max_staleness=5, predictors=("reuse",))
+    assert [u["actions"] for u in plan["units"]] == ["C..C..", "C....."]
+    assert plan["predicted_error"] == 0.0
+    assert plan["budget"]["realised"] == 0.25
+    # with only step 0 affordable the jump is paid: 3 steps * ||4a||^2 coherently = (3 * 4)^2 * D
+    plan, _ = make_plan(cal, 2 / 12, "cachec", max_staleness=5, predictors=("reuse",))
+    assert plan["predicted_error"] == pytest.approx((3 * 4) ** 2 * D)
+
+
+@pytest.mark.parametrize("budget", [0.35, 0.5, 0.7])
+def test_solver_matches_brute_force_reuse_only(budget):
+    feats = random_features(U=2, S=6, seed=11)
+    cal = make_cal(feats, flops=[1.0, 2.0], seed=11)
+    planner = Planner(cal, predictors=("reuse",))
+    sched = planner.schedule(budget, "cachec", max_staleness=5)
+    masks = enumerate_masks(6, 5)
+    cap = budget * 6 * cal.full_step_flops - 6 * cal.fixed_step_flops
+    best = np.inf
+    for m0, m1 in itertools.product(masks, masks):
+        if m0.sum() * 1.0 + m1.sum() * 2.0 > cap:
+            continue
+        coeffs = [{int(s): (1.0,) for s in np.flatnonzero(~m)} for m in (m0, m1)]
+        s = Schedule(compute=np.stack([m0, m1]), coeffs=coeffs)
+        best = min(best, brute_schedule_error(feats, cal, s))
+    assert schedule_error(planner.model, sched) == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["free", "step"])
+def test_solver_matches_enumeration_of_table_costs(family):
+    feats = random_features(U=3, S=7, seed=13)
+    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=13)
+    planner = Planner(cal)
+    K = 3
+    tab = planner.table(K)
+    masks = enumerate_masks(7, K)
+    costs = np.array([[mask_cost(tab, u, m) for m in masks] for u in range(3)])
+    cnt = np.array([m.sum() for m in masks])
+    for budget in (0.35, 0.45, 0.6, 0.8):
+        cap = budget * 7 * cal.full_step_flops * (1 - 1e-12) - 7 * cal.fixed_step_flops
+        sched = planner.schedule(budget, "cachec", max_staleness=K, family=family)
+        got = sum(mask_cost(tab, u, sched.compute[u]) for u in range(3))
+        if family == "step":
+            ok = cnt * cal.unit_flops.sum() <= cap
+            best = costs.sum(axis=0)[ok].min()
+            assert (sched.compute == sched.compute[0]).all()
+        else:
+            tot_c = cnt[:, None, None] * 1.0 + cnt[None, :, None] * 1.5 + cnt[None, None, :] * 2.5
+            tot_e = costs[0][:, None, None] + costs[1][None, :, None] + costs[2][None, None, :]
+            best = tot_e[tot_c <= cap].min()
+        assert got == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_lagrangian_allocation_close_to_exact():
+    """The large-problem path (Lagrangian + repair + local knapsack) against exact enumeration."""
+    for seed in range(3):
+        cal = synthetic_calibration(blocks=3, steps=8, seed=seed)
+        front = Planner(cal).frontier(4, 0, "free")
+        U = cal.n_units
+        for budget in (0.3, 0.4, 0.55, 0.7, 0.85):
+            cap = budget * 8 * cal.full_step_flops - 8 * cal.fixed_step_flops
+            exact = allocate(front.err, cal.unit_flops, cap, exact_limit=10**9)
+            fast = allocate(front.err, cal.unit_flops, cap, exact_limit=0)
+            assert (fast * cal.unit_flops).sum() <= cap
+            assert front.err[np.arange(U), fast].sum() == pytest.approx(front.err[np.arange(U), exact].sum(), rel=1e-12)
+
+
+# ---- budgets ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synth():
+    return synthetic_calibration(blocks=8, steps=20, seed=0)
+
+
+@pytest.fixture(scope="module")
+def synth_planner(synth):
+    return Planner(synth)
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.40, 0.60])
+def test_realised_within_one_percent_below_budget(synth_planner, budget):
+    plan, _ = synth_planner.plan(budget, "cachec")
+    assert budget - 0.01 <= plan["budget"]["realised"] <= budget
+    assert plan["budget"]["target"] == budget
+
+
+def test_predicted_error_decreases_with_budget(synth):
+    _, rows = sweep(synth, [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    errs = [r["predicted_error"] for r in rows]
+    assert all(b < a for a, b in zip(errs, errs[1:-1]))
+    assert errs[-1] == 0.0
+
+
+def test_cachec_beats_every_baseline_at_their_realised_flops(synth_planner):
+    baselines = [("fora", {"interval": n}) for n in (2, 3, 4, 6)]
+    baselines += [("eoc-paper", {"interval": 2}), ("eoc-paper", {"interval": 3}), ("goc-paper", {"interval": 2}),
+                  ("goc-paper", {"interval": 3})]
+    baselines += [("uniform", {"budget": b}) for b in (0.3, 0.5)]
+    for method, opt in baselines:
+        b = opt.pop("budget", None)
+        plan, _ = synth_planner.plan(b, method, **opt)
+        r = plan["budget"]["realised"]
+        mine, _ = synth_planner.plan(r, "cachec")
+        assert mine["budget"]["realised"] <= r
+        assert mine["predicted_error"] <= plan["predicted_error"], (method, opt, r)
+
+
+def test_budget_below_floor_names_minimum(synth):
+    minb = minimum_budget(synth.unit_flops, synth.full_step_flops, synth.fixed_step_flops, synth.steps, 8)
+    with pytest.raises(ValueError, match=f"minimum {minb:.6g}"):
+        make_plan(synth, minb * 0.99, "cachec")
+    plan, _ = make_plan(synth, minb, "cachec")
+    assert plan["budget"]["realised"] <= minb
+    with pytest.raises(ValueError, match="minimum"):
+        make_plan(synth, 0.01, "fora")
+    with pytest.raises(ValueError, match="minimum"):
+        make_plan(synth, 0.01, "uniform")
+
+
+def test_constraints_staleness_keep_last_and_step_family(synth_planner):
+    sched = synth_planner.schedule(0.4, "cachec", max_staleness=3, keep_last=2)
+    for row in sched.compute:
+        assert row[0] and row[-2:].all()
+        run = 0
+        for c in row:
+            run = 0 if c else run + 1
+            assert run <= 3
+    plan, _ = synth_planner.plan(0.3, "cachec", family="step")
+    assert len({u["actions"] for u in plan["units"]}) == 1
+    assert plan["budget"]["realised"] <= 0.3
+    assert plan["budget"]["options"]["family"] == "step"
+
+
+# ---- baselines ------------------------------------------------------------------------------------------
+def test_fora_interval_from_budget(synth):
+    plan, _ = make_plan(synth, 0.4, "fora")
+    # N=3 spends ~35%, N=2 ~50%: the closest schedule at or under 40% is N=3
+    assert plan["budget"]["options"] == {"interval": 3}
+    assert plan["units"][0]["actions"] == "C..C..C..C..C..C..C."
+    plan2, _ = make_plan(synth, None, "fora", interval=3)
+    assert plan2["units"] == plan["units"] and plan2["budget"]["target"] == plan2["budget"]["realised"]
+
+
+def test_paper_baselines(synth):
+    goc, side = make_plan(synth, None, "goc-paper", interval=2)
+    assert goc["history"] == "used" and side == {}
+    from cachec.planner.baselines import goc_gate
+
+    gate = goc_gate(synth)
+    for s, c in goc["units"][0]["compensation"].items():
+        assert c["coeffs"] == ([2.2, -1.2] if gate[s] else [1.0])
+    eoc, side = make_plan(synth, None, "eoc-paper", interval=2)
+    assert eoc["history"] == "used"
+    skipped = [(u["name"], s) for u in eoc["units"] for s in u["compensation"]]
+    assert sorted(side) == sorted(f"eoc/{n}/{s}" for n, s in skipped)
+    assert all(c["eoc_alpha"] == 0.01 for u in eoc["units"] for c in u["compensation"].values())
+    P = synth.prior(0)
+    name = synth.unit_names[0]
+    np.testing.assert_allclose(side[f"eoc/{name}/3"], (P[3] - P[2]).astype(np.float32))
+    uni, _ = make_plan(synth, 0.5, "uniform")
+    per_step = np.array([[c == "C" for c in u["actions"]] for u in uni["units"]]).sum(axis=0)
+    assert per_step[0] == synth.n_units and per_step[1:].max() - per_step[1:].min() <= 1
+
+
+# ---- plan shape, files, determinism -------------------------------------------------------------------
+def test_plan_shape_and_tuple_sidecar():
+    feats = random_features(U=2, S=6, D=10, seed=21)
+    shapes = {"blocks.0.ff": [[2, 3], [4]], "blocks.1.ff": [[5, 2]]}
+    cal = make_cal(feats, shapes=shapes)
+    plan, side = make_plan(cal, None, "eoc-paper", interval=3)
+    assert list(plan) == ["cachec_plan", "model", "sampler", "budget", "predicted_error", "history", "units",
+                          "sidecar", "provenance"]
+    assert list(plan["budget"]) == ["method", "target", "realised", "full_step_flops", "fixed_step_flops", "options"]
+    assert plan["sampler"]["steps"] == 6 and len(plan["sampler"]["timesteps"]) == 6
+    assert plan["provenance"]["calibration_sha256"] == cal.sha256 and plan["provenance"]["samples"] == 6
+    for u in plan["units"]:
+        assert u["actions"][0] == "C" and len(u["actions"]) == 6
+        assert sorted(u["compensation"]) == [s for s, c in enumerate(u["actions"]) if c == "."]
+    assert side["eoc/blocks.0.ff/1/0"].shape == (2, 3) and side["eoc/blocks.0.ff/1/1"].shape == (4,)
+    assert side["eoc/blocks.1.ff/2"].shape == (5, 2) and side["eoc/blocks.1.ff/2"].dtype == np.float32
+    assert plan["sidecar"]["file"] == "plan.eoc.safetensors" and len(plan["sidecar"]["sha256"]) == 64
+    P = cal.prior(0)
+    np.testing.assert_allclose(side["eoc/blocks.0.ff/2/1"], (P[2] - P[1])[6:].astype(np.float32))
+    spent = 6 * cal.fixed_step_flops + sum(u["actions"].count("C") * u["flops"] for u in plan["units"])
+    realised = spent / (6 * cal.full_step_flops)
+    assert plan["budget"]["realised"] == pytest.approx(realised, rel=1e-7)
+
+
+def test_determinism(tmp_path):
+    feats = synthetic_features(blocks=3, steps=12, seed=9)
+    names = list(feats)
+    flops = np.array([3.0 if n.endswith("attn1") else 5.0 for n in names])
+    header, tensors = calibration_tensors(feats, flops, 8.0 * 3 * 1.01, None, np.ones((6, 12)))
+    path = tmp_path / "cal.safetensors"
+    save_calibration(str(path), header, tensors)
+    outs = []
+    for _ in range(2):
+        cal = load_calibration(str(path))
+        for method in ("cachec", "eoc-paper"):
+            plan, side = make_plan(cal, 0.45, method)
+            from cachec.planner import encode_sidecar
+
+            outs.append((method, yaml.safe_dump(plan, sort_keys=False), encode_sidecar(side) if side else b""))
+    assert outs[:2] == outs[2:]
+
+
+def test_load_calibration_roundtrip_and_errors(tmp_path):
+    feats = random_features(U=2, S=5, seed=31)
+    flops = np.array([1.0, 2.0])
+    header, tensors = calibration_tensors(feats, flops, 3.5, None, np.ones((2, 5)))
+    path = tmp_path / "c.safetensors"
+    save_calibration(str(path), header, tensors)
+    cal = load_calibration(str(path))
+    mem = calibration_from_features(feats, flops, 3.5, None, np.ones((2, 5)))
+    assert cal.sha256 == mem.sha256
+    np.testing.assert_array_equal(cal.gram, mem.gram)
+    np.testing.assert_array_equal(cal.eoc_lin, mem.eoc_lin)
+    np.testing.assert_allclose(cal.prior(1), feats["blocks.1.ff"].mean(axis=(0, 1)), rtol=1e-12)
+
+    def broken(h=None, drop=None, **changes):
+        hh = json.loads(json.dumps(header))
+        hh.update(changes)
+        if h:
+            h(hh)
+        tt = {k: v for k, v in tensors.items() if k != drop}
+        return calibration_from_tensors(hh, tt.__getitem__, set(tt), "x")
+
+    with pytest.raises(CalibrationError, match="format_version"):
+        broken(format_version=2)
+    with pytest.raises(CalibrationError, match="header.format"):
+        broken(format="other")
+    with pytest.raises(CalibrationError, match="gram/blocks.1.ff: missing"):
+        broken(drop="gram/blocks.1.ff")
+    with pytest.raises(CalibrationError, match="header.eoc_lags: missing"):
+        broken(h=lambda hh: hh.pop("eoc_lags"))
+    with pytest.raises(CalibrationError, match=r"sensitivity: expected shape"):
+        t2 = dict(tensors, sensitivity=np.ones((2, 4)))
+        calibration_from_tensors(header, t2.__getitem__, set(t2), "x")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CalibrationError):
+        load_calibration(str(bad))
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CalibrationError, match="not a cachec calibration"):
+        load_calibration(str(tmp_path / "plain.safetensors"))
+
+
+def test_options_validation(synth):
+    with pytest.raises(ValueError, match="unknown options"):
+        make_plan(synth, 0.4, "fora", family="step")
+    with pytest.raises(ValueError, match="method"):
+        make_plan(synth, 0.4, "magic")
+    with pytest.raises(ValueError, match="budget"):
+        make_plan(synth, 1.5, "cachec")
+    with pytest.raises(ValueError, match="family"):
+        make_plan(synth, 0.4, "cachec", family="blocks")
+    with pytest.raises(ValueError, match="predictors"):
+        make_plan(synth, 0.4, "cachec", predictors=("magic",))
+    assert set(PREDICTORS) >= {"reuse", "ls2", "eoc"}
+
+
+def test_planner_never_imports_torch():
+    code = "import sys, cachec.planner as p; p.synthetic_calibration(blocks=1, steps=4); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cachec_eoc_sidecar_is_prior_difference_from_last_computed(synth_planner, synth):
+    sched = synth_planner.schedule(0.3, "cachec")
+    plan, side = synth_planner.plan(0.3, "cachec")
+    pairs = [(u, s) for u in range(synth.n_units) for s in sched.eoc_alpha[u]]
+    assert pairs, "the synthetic calibration has steps where EOC beats the other predictors"
+    assert sorted(side) == sorted(f"eoc/{synth.unit_names[u]}/{s}" for u, s in pairs)
+    for u, s in pairs[:5]:
+        p = max(t for t in range(s) if sched.compute[u, t])
+        assert sched.eoc_ref[u][s] == p and sched.coeffs[u][s] == (1.0,)
+        P = synth.prior(u)
+        np.testing.assert_allclose(side[f"eoc/{synth.unit_names[u]}/{s}"], (P[s] - P[p]).astype(np.float32))
+        comp = plan["units"][u]["compensation"][s]
+        assert comp == {"coeffs": [1.0], "eoc_alpha": sched.eoc_alpha[u][s]}
+    # plans without EOC have no sidecar
+    plan, side = make_plan(synth, 0.3, "cachec", predictors=("reuse", "ls2"))
+    assert side == {} and plan["sidecar"] is None
+
+
+def test_sweep_table_matches_plans(synth):
+    plans, rows = sweep(synth, [0.3, 0.5], family="step")
+    assert [r["target"] for r in rows] == [0.3, 0.5]
+    for (plan, _), r in zip(plans, rows):
+        assert r["realised"] == plan["budget"]["realised"] <= r["target"]
+        assert r["predicted_error"] == plan["predicted_error"]
+        assert plan["budget"]["options"]["family"] == "step"
+
+
+def test_explicit_interval_over_budget_is_an_error(synth):
+    with pytest.raises(ValueError, match="over the budget"):
+        make_plan(synth, 0.3, "fora", interval=2)
+    plan, _ = make_plan(synth, 0.6, "goc-paper", interval=2)
+    assert plan["budget"]["target"] == 0.6 and plan["budget"]["options"]["interval"] == 2
