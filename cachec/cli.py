@@ -118,16 +118,201 @@ def sample(model, classes, per_class, steps, guidance, seed, cfg, device, dtype,
     seeds = [seed + i for i in range(len(conds))]
     steps = steps or driver.default_steps
     bar, cb = _step_bar(steps, 1, f"sampling {driver.name}")
+    from .flops import count_flops
+
     t0 = time.perf_counter()
-    images = driver.generate(conds, seeds, steps=steps, guidance=guidance, cfg=cfg, callback=cb)
+    images, total_flops, _ = count_flops(driver.generate, conds, seeds, steps=steps, guidance=guidance, cfg=cfg,
+                                         callback=cb)
     wall = time.perf_counter() - t0
     bar.close()
     save_png(make_grid(images, ncols=per_class if per_class > 1 else 10), out)
     raw = out.with_suffix(".safetensors")
     meta = {"model": driver.name, "steps": steps, "guidance": guidance if guidance is not None else driver.default_guidance,
-            "cfg": cfg, "plan": None, "wall_s": wall}
+            "cfg": cfg, "plan": None, "wall_s": wall, "flops_per_image": total_flops / len(conds)}
     save_samples(raw, images, torch.tensor(conds), torch.tensor(seeds), meta)
     click.echo(f"{len(conds)} samples from {driver.name} ({steps} steps, {wall:.1f} s) -> {out}, {raw}")
+
+
+class _DefaultRunGroup(click.Group):
+    """A group whose first argument is a subcommand (show, merge) or else the options of ``run``."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultRunGroup)
+def calibrate():
+    """Record calibration statistics by real uncached sampling (default subcommand: run).
+
+    \b
+    cachec calibrate [MODEL] [--classes 0-9 | --prompts FILE] -o calib.safetensors
+    cachec calibrate show calib.safetensors
+    cachec calibrate merge shard0.safetensors shard1.safetensors -o calib.safetensors
+    """
+
+
+@calibrate.command("run")
+@click.argument("model", required=False)
+@click.option("--classes", default=None, help="Class labels, e.g. '0-9' or '1,3,5' (default: all classes).")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="UTF-8 file, one prompt per line.")
+@click.option("--samples-per-condition", type=int, default=4, show_default=True)
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
+@click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample n uses seed SEED + n.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--shard", default="0/1", show_default=True, help="i/n: calibrate every n-th batch starting at i.")
+@click.option("--eoc-lags", type=int, default=2, show_default=True, help="Lags kept for EOC's inner products.")
+@click.option("--sensitivity", type=click.Choice(["full", "factored", "none"]), default="full", show_default=True,
+              help="How the final-sample sensitivity per unit and step is measured (docs/calibration.md).")
+@click.option("--sensitivity-samples", type=int, default=4, show_default=True)
+@click.option("--cfg", type=click.Choice(["batched", "split"]), default="batched", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--restart", is_flag=True, help="Discard a partial run of another configuration instead of refusing.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Calibration .safetensors file.")
+@friendly
+def calibrate_run(model, classes, prompts, samples_per_condition, steps, guidance, seed, batch_size, shard, eoc_lags,
+                  sensitivity, sensitivity_samples, cfg, device, dtype, restart, output):
+    """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run."""
+    from .calibrate.calfile import read_header
+    from .calibrate.run import calibrate as run_calibration
+    from .loading import load_model
+
+    if not Path(output).parent.is_dir():
+        raise click.ClickException(f"output folder {Path(output).parent} does not exist; create it first")
+    if steps is not None and steps <= 0:
+        raise click.ClickException(f"--steps must be positive, got {steps}")
+    driver = load_model(model, device=_device(device), dtype=_dtype(dtype))
+    conds = _conditions(driver, classes, prompts)
+    t0 = time.perf_counter()
+    path = run_calibration(driver, conds, output=output, samples_per_condition=samples_per_condition, steps=steps,
+                           guidance=guidance, seed=seed, batch_size=batch_size, shard=shard, eoc_lags=eoc_lags,
+                           sensitivity=sensitivity, sensitivity_samples=sensitivity_samples, cfg=cfg, restart=restart)
+    h = read_header(path)
+    S, B = h["steps"], h["guidance"]["branches"]
+    full_run = h["flops"]["full_step"] * S * B
+    click.echo(f"calibrated {h['model']['class']} ({driver.name}): {len(h['units'])} units, {S} steps, "
+               f"{sum(h['samples'])} samples x {B} branches, {time.perf_counter() - t0:.1f} s; "
+               f"full run {full_run / 1e9:.3f} GFLOPs per sample; "
+               f"{Path(path).stat().st_size / 2**20:.1f} MiB -> {path}")
+
+
+@calibrate.command("show")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@friendly
+def calibrate_show(file):
+    """Print the header and a few statistics of a calibration file."""
+    from .calibrate.calfile import show
+
+    click.echo(show(file))
+
+
+@calibrate.command("merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@friendly
+def calibrate_merge(files, output):
+    """Merge calibration shards (exact: sums add) into one file."""
+    from .calibrate import merge
+
+    click.echo(f"merged {len(files)} files -> {merge(list(files), output)}")
+
+
+@main.command()
+@click.argument("calibration", type=click.Path(exists=True, dir_okay=False))
+@click.option("--budget", default=None, help="FLOPs budget: fraction of a full run's FLOPs (never-cached parts "
+              "included), as 40% or 0.4.")
+@click.option("--sweep", "sweep_range", default=None, help="A family of plans, e.g. 20%..80% (step 10%) or 20%..80%:5%.")
+@click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
+              show_default=True, help="cachec = solved schedule; the others are the published baselines.")
+@click.option("--interval", type=click.IntRange(min=1), default=None, help="FORA interval N (fora/eoc-paper/goc-paper).")
+@click.option("--family", type=click.Choice(["free", "step"]), default="free", show_default=True,
+              help="cachec: free per-unit schedules, or one shared mask per step.")
+@click.option("--max-staleness", type=click.IntRange(min=1), default=None, help="cachec: most consecutive skipped steps.")
+@click.option("--keep-last", type=click.IntRange(min=0), default=None, help="cachec: always compute the last N steps.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.yaml", show_default=True,
+              help="Plan YAML (with --sweep: NAME-<percent>.yaml per budget).")
+@friendly
+def plan(calibration, budget, sweep_range, method, interval, family, max_staleness, keep_last, output):
+    """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
+    from .planner import load_calibration, sweep
+    from .planner.budget import parse_budget, parse_sweep
+    from .runtime.plan import parse_plan, write_plan
+
+    if (budget is None) == (sweep_range is None) and interval is None:
+        raise click.ClickException("give exactly one of --budget B or --sweep LO..HI")
+    out = Path(output)
+    if not out.parent.exists():
+        raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
+    options = {}
+    if method == "cachec":
+        options["family"] = family
+        if max_staleness is not None:
+            options["max_staleness"] = max_staleness
+        if keep_last is not None:
+            options["keep_last"] = keep_last
+    elif interval is not None:
+        options["interval"] = interval
+    budgets = parse_sweep(sweep_range) if sweep_range else [parse_budget(budget) if budget else None]
+    cal = load_calibration(calibration)
+    plans, rows = sweep(cal, budgets, method, sidecar_file="", **options)
+    for (plan_dict, side), row in zip(plans, rows):
+        path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{round(100 * row['target'])}{out.suffix}")
+        if plan_dict.get("sidecar"):
+            plan_dict["sidecar"] = {"file": f"{path.stem}.eoc.safetensors", "sha256": "0" * 64}
+        written = write_plan(parse_plan(plan_dict), path, side or None)
+        row["file"] = str(path)
+        click.echo(f"{method} plan: target {100 * row['target']:.1f}%, realised {100 * row['realised']:.2f}% of full "
+                   f"FLOPs, predicted error {row['predicted_error']:.6g} -> {path}"
+                   + (f" (+ {written.sidecar.file})" if written.sidecar else ""))
+    if len(budgets) > 1:
+        click.echo("\n target  realised  predicted error")
+        for row in rows:
+            click.echo(f"{100 * row['target']:6.1f}% {100 * row['realised']:8.2f}%  {row['predicted_error']:.6g}")
+
+
+@main.command()
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Write a units × steps heatmap PNG.")
+@friendly
+def inspect(plan_file, png):
+    """Summarise a plan: identity, budget, actions and per-step compute fraction (optionally a heatmap)."""
+    from .plan_summary import heatmap_png, summary
+    from .runtime.plan import load_plan
+
+    p = load_plan(plan_file)
+    click.echo(summary(p))
+    if png:
+        click.echo(f"heatmap -> {heatmap_png(p, png)}")
+
+
+@main.command("eval")
+@click.argument("candidate", type=click.Path(exists=True, dir_okay=False))
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Uncached sample set with the same labels and seeds (default: CANDIDATE itself).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@friendly
+def eval_(candidate, reference, json_out):
+    """Quality of a sample set (.safetensors from `cachec sample`/`cachec run`) against the uncached set.
+
+    Reports PSNR and SSIM per image pair (mean ± std), class accuracy judged by the pretrained digit
+    classifier, the Fréchet distance in that classifier's features to held-out real digits, FLOPs per
+    image and wall time.
+    """
+    from .quality import compare_sample_files, format_table, to_jsonable
+
+    result = compare_sample_files(candidate, reference or candidate, name=Path(candidate).stem)
+    click.echo(format_table(result))
+    if json_out:
+        _write_json(json_out, result)
+
+
+def _write_json(path, obj) -> None:
+    from .quality import to_jsonable
+
+    Path(path).write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,84 @@
+"""CLI behaviour a user sees: help everywhere, version, and one-line errors (exit != 0, no traceback)."""
+
+import pytest
+from click.testing import CliRunner
+
+from cachec import __version__
+from cachec.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_digits_dir(tmp_path_factory):
+    from conftest import build_tiny_digits_folder
+
+    return build_tiny_digits_folder(tmp_path_factory.mktemp("cli_digits"))
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_version_and_help():
+    code, out = run("--version")
+    assert code == 0 and __version__ in out
+    for cmd in ([], ["sample"], ["calibrate"], ["calibrate", "show"], ["calibrate", "merge"], ["plan"], ["inspect"],
+                ["eval"]):
+        code, out = run(*cmd, "--help")
+        assert code == 0, (cmd, out)
+        assert "Usage:" in out
+
+
+def _assert_one_line_error(code, out, *needles):
+    assert code != 0
+    assert "Traceback" not in out
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), out
+    for n in needles:
+        assert n in lines[0], (n, out)
+
+
+def test_unknown_model_name(tmp_path):
+    _assert_one_line_error(*run("sample", "no-such-model", "--out", str(tmp_path / "x.png")), "unknown model", "no-such-model")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "junk.txt").write_text("hello")
+    _assert_one_line_error(*run("sample", str(tmp_path), "--out", str(tmp_path / "x.png")), "not a diffusers model folder")
+
+
+def test_class_out_of_range(tiny_digits_dir, tmp_path):
+    _assert_one_line_error(*run("sample", str(tiny_digits_dir), "--classes", "3,12", "--out", str(tmp_path / "x.png")),
+                           "out of range", "12")
+
+
+def test_negative_steps(tiny_digits_dir, tmp_path):
+    _assert_one_line_error(*run("sample", str(tiny_digits_dir), "--steps", "-3", "--out", str(tmp_path / "x.png")),
+                           "steps", "-3")
+
+
+def test_output_folder_missing(tmp_path):
+    _assert_one_line_error(*run("sample", "--out", str(tmp_path / "missing" / "x.png")), "does not exist")
+
+
+def test_sample_writes_grid_and_raw_samples(tiny_digits_dir, tmp_path):
+    from cachec.quality import load_samples
+
+    out = tmp_path / "grid.png"
+    code, text = run("sample", str(tiny_digits_dir), "--classes", "0-2", "--per-class", "2", "--steps", "3",
+                     "--out", str(out))
+    assert code == 0, text
+    assert out.stat().st_size > 0
+    s = load_samples(out.with_suffix(".safetensors"))
+    assert s.images.shape == (6, 1, 32, 32)
+    assert s.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert s.seeds.tolist() == [0, 1, 2, 3, 4, 5]
+    assert s.meta["flops_per_image"] > 0
+
+
+@pytest.mark.parametrize("budget", ["-5%", "0", "abc"])
+def test_plan_rejects_bad_budget(tmp_path, budget):
+    cal = tmp_path / "c.safetensors"
+    cal.write_bytes(b"")
+    code, out = run("plan", str(cal), "--budget", budget, "-o", str(tmp_path / "p.yaml"))
+    assert code != 0 and "Traceback" not in out
