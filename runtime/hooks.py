@@ -40,21 +40,30 @@ class UnitHandler(Protocol):
         """The feature to use instead of computing unit ``index``."""
 
 
+def timestep_arg(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature):
+    """The raw ``timestep`` argument of a transformer call (a tensor, a Python number, ...).
+
+    Raises:
+        ValueError: the call carries no ``timestep`` argument.
+    """
+    if "timestep" in kwargs and kwargs["timestep"] is not None:
+        return kwargs["timestep"]
+    try:
+        t = forward_signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+    except TypeError:
+        t = None
+    if t is None:
+        raise ValueError("the transformer was called without a `timestep`; cachec reads the step from it")
+    return t
+
+
 def timestep_of(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature) -> float:
     """The scalar timestep of a transformer call (first element if a batch of timesteps is passed).
 
     Raises:
         ValueError: the call carries no ``timestep`` argument.
     """
-    if "timestep" in kwargs and kwargs["timestep"] is not None:
-        t = kwargs["timestep"]
-    else:
-        try:
-            t = forward_signature.bind_partial(*args, **kwargs).arguments.get("timestep")
-        except TypeError:
-            t = None
-        if t is None:
-            raise ValueError("the transformer was called without a `timestep`; cachec reads the step from it")
+    t = timestep_arg(args, kwargs, forward_signature)
     if isinstance(t, torch.Tensor):
         return float(t.reshape(-1)[0].item())
     return float(t)
@@ -86,17 +95,25 @@ class HookHandle:
             transformer.register_forward_hook(self._post, always_call=True),
         ]
         modules = dict(model.named_modules())
-        for index, spec in enumerate(units):
-            if spec.name not in modules:
-                self.remove()
-                raise KeyError(f"unit {spec.name!r} not found in {type(model).__name__}")
-            self._wrap(modules[spec.name], index, spec)
+        try:
+            for index, spec in enumerate(units):
+                if spec.name not in modules:
+                    raise KeyError(f"unit {spec.name!r} not found in {type(model).__name__}")
+                self._wrap(modules[spec.name], index, spec)
+        except BaseException:
+            self.remove()
+            raise
 
     def _pre(self, module, args, kwargs):
         self.handler.begin_call(args, kwargs)
 
     def _post(self, module, args, output):
-        self.handler.end_call()
+        # with always_call=True torch calls this hook with output None when the forward raised; a handler
+        # that defines ``abort_call`` is told so (a partial call must not update its state)
+        if output is None and hasattr(self.handler, "abort_call"):
+            self.handler.abort_call()
+        else:
+            self.handler.end_call()
 
     def _wrap(self, module, index: int, spec: UnitSpec) -> None:
         original = module.forward
@@ -116,12 +133,15 @@ class HookHandle:
                 return _rebuild(handler.predict(index), layout["as_tuple"])
 
         else:
-            signature = inspect.signature(original)
-            names = spec.residual_inputs
+            # positions of the residual inputs, resolved once (no inspect in the hot path: torch.compile traces it)
+            params = list(inspect.signature(original).parameters)
+            missing = [n for n in spec.residual_inputs if n not in params]
+            if missing:
+                raise KeyError(f"unit {spec.name!r}: forward has no argument(s) {missing} to take the residual of")
+            where = tuple((n, params.index(n)) for n in spec.residual_inputs)
 
             def forward(*args, **kwargs):
-                bound = signature.bind_partial(*args, **kwargs).arguments
-                inputs = tuple(bound[n] for n in names)
+                inputs = tuple(kwargs[n] if n in kwargs else args[i] for n, i in where)
                 if handler.should_compute(index):
                     out = original(*args, **kwargs)
                     parts = out if isinstance(out, tuple) else (out,)

@@ -1,0 +1,222 @@
+"""``apply(pipe, plan)``: run an ordinary pipeline under a cache plan (module ``handle``: a submodule named
+``apply`` would shadow the function ``cachec.runtime.apply``).
+
+>>> handle = apply(pipe, "plan.yaml")          # a diffusers pipeline, a cachec Driver or a transformer
+>>> images = pipe(prompt, num_inference_steps=25).images
+>>> handle.report.flops_fraction               # what the last run spent, relative to uncached
+>>> handle.remove()                            # or: with apply(pipe, plan): ...
+
+``torch.compile``: compile the transformer as usual (``pipe.transformer = torch.compile(pipe.transformer,
+fullgraph=True)``) **before** applying, so the hooks land on the outer compiled module. The step is
+resolved in a forward pre-hook on that outer module, outside the graph; the unit decisions the graph reads
+are a tuple of booleans and coefficient tensors, so the transformer recompiles once per distinct step
+pattern of the plan (which units are skipped, with how many coefficients, with or without EOC:
+``handle.executor.step_signatures()``); a plan with P patterns compiles P graphs per input shape.
+:func:`apply` raises ``torch._dynamo.config.recompile_limit`` (and the older ``cache_size_limit``) to at
+least P + 8 so those compilations are not cut off; set it higher yourself if
+other code compiles the same function for other shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from .executor import PlanExecutor, RunReport
+from .fingerprint import weights_fingerprint
+from .hooks import HookHandle, install
+from .plan import Plan, load_plan
+from .units import find_units, unwrap
+
+_HANDLE_ATTR = "_cachec_plan_handle"
+
+
+class PlanMismatchError(ValueError):
+    """The plan was made for another model (class, weights or units)."""
+
+
+@dataclass
+class _Target:
+    transformer: Any
+    scheduler: Any | None
+    holder: Any | None  # the pipeline (or Driver) whose .transformer is hooked
+
+
+def _resolve(target) -> _Target:
+    import torch
+
+    pipe = getattr(target, "pipe", None)  # cachec Driver
+    if pipe is not None and getattr(pipe, "transformer", None) is not None:
+        return _Target(pipe.transformer, getattr(pipe, "scheduler", None), pipe)
+    if isinstance(target, torch.nn.Module):
+        return _Target(target, None, None)
+    transformer = getattr(target, "transformer", None)
+    if transformer is not None:
+        return _Target(transformer, getattr(target, "scheduler", None), target)
+    raise TypeError(
+        f"apply() needs a diffusers pipeline with a transformer, a cachec Driver or a transformer module; "
+        f"got {type(target).__name__}"
+    )
+
+
+class CacheHandle:
+    """A plan applied to a transformer.
+
+    Attributes:
+        plan: the applied :class:`Plan`.
+        transformer: the hooked transformer (as given, possibly compiled).
+        executor: the :class:`~cachec.runtime.executor.PlanExecutor`.
+    """
+
+    def __init__(self, plan: Plan, transformer, executor: PlanExecutor, hooks: HookHandle, scheduler=None):
+        self.plan = plan
+        self.transformer = transformer
+        self.executor = executor
+        self._hooks = hooks
+        self._scheduler = scheduler
+        self._removed = False
+        if scheduler is not None:
+            original = scheduler.set_timesteps
+
+            # wraps: pipelines inspect set_timesteps' signature (e.g. whether it accepts `sigmas`)
+            @functools.wraps(original)
+            def set_timesteps(*args, **kwargs):
+                executor.new_run()
+                return original(*args, **kwargs)
+
+            scheduler.set_timesteps = set_timesteps
+
+    @property
+    def reports(self) -> list[RunReport]:
+        """One :class:`RunReport` per sampling run since the plan was applied (the last one may be running)."""
+        return self.executor.reports
+
+    @property
+    def report(self) -> RunReport | None:
+        """The report of the most recent run (None before the first transformer call)."""
+        return self.executor.reports[-1] if self.executor.reports else None
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    def remove(self) -> None:
+        """Restore the transformer (and the scheduler) exactly; idempotent."""
+        if self._removed:
+            return
+        self._hooks.remove()
+        if self._scheduler is not None and "set_timesteps" in self._scheduler.__dict__:
+            del self._scheduler.set_timesteps
+        model = unwrap(self.transformer)
+        if model.__dict__.get(_HANDLE_ATTR) is self:
+            del model.__dict__[_HANDLE_ATTR]
+        self._removed = True
+
+    def __enter__(self) -> "CacheHandle":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"<CacheHandle {state}: {len(self.plan.units)} units, {self.plan.steps} steps, {len(self.reports)} runs>"
+
+
+def _raise_recompile_limit(patterns: int) -> None:
+    import torch._dynamo.config as cfg
+
+    want = patterns + 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < want:
+            setattr(cfg, name, want)
+
+
+def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap: str = "error") -> CacheHandle:
+    """Make ``target``'s transformer follow ``plan`` in every later sampling run.
+
+    Args:
+        target: a diffusers pipeline with a ``transformer`` (``DiTPipeline``, ``PixArtSigmaPipeline``,
+            ``StableDiffusion3Pipeline``, ``FluxPipeline``, ...), a :class:`cachec.loading.Driver`, or the
+            transformer module itself (possibly ``torch.compile``-d). With a pipeline or Driver, each call of
+            its ``scheduler.set_timesteps`` marks the start of a new run.
+        plan: a :class:`Plan` or the path of a plan YAML.
+        force: apply even if the weight fingerprint differs from the plan's (a warning instead of an error;
+            e.g. after fusing a LoRA you know the plan still suits).
+        remap: what to do with a timestep that is not in the plan's schedule: ``"error"`` (default),
+            ``"nearest"`` (follow the nearest plan step) or ``"off"`` (compute such runs in full, one warning).
+
+    Returns:
+        A :class:`CacheHandle` (``.remove()``, context manager, ``.report``, ``.reports``).
+
+    Raises:
+        UnsupportedModelError: the transformer class has no unit registry entry.
+        PlanMismatchError: the plan is for another transformer class, its fingerprint differs (without
+            ``force``), it names units the model does not have, or its units cover 0 FLOPs.
+        RuntimeError: a plan is already applied to this transformer (remove it first).
+        PlanError: the plan file is invalid.
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    tgt = _resolve(target)
+    transformer = tgt.transformer
+    model = unwrap(transformer)
+    model_units = {u.name: u for u in find_units(transformer)}
+    cls = type(model).__name__
+    if plan.model.cls != cls:
+        raise PlanMismatchError(f"the plan is for a {plan.model.cls}, but the transformer is a {cls}")
+    unknown = [u.name for u in plan.units if u.name not in model_units]
+    if unknown:
+        modules = dict(model.named_modules())
+        detail = [f"{n} ({'not a cacheable unit' if n in modules else 'no such module'})" for n in unknown]
+        raise PlanMismatchError(
+            f"the plan names {len(unknown)} unit(s) this {cls} does not have: {', '.join(detail)}; "
+            f"the model's units are {', '.join(list(model_units)[:8])}{' …' if len(model_units) > 8 else ''}"
+        )
+    if sum(u.flops for u in plan.units) <= 0:
+        raise PlanMismatchError(
+            "the plan's units cover 0 FLOPs, so it could not save anything; it was probably made from a FLOP "
+            "count without attention/matmul FLOPs (count with sdpa_kernel(SDPBackend.MATH) on CPU)"
+        )
+    existing = model.__dict__.get(_HANDLE_ATTR)
+    if existing is not None and not existing.removed:
+        raise RuntimeError(f"a cache plan is already applied to this {cls}: call .remove() on its handle first")
+    fingerprint = weights_fingerprint(model)
+    if fingerprint != plan.model.fingerprint:
+        message = (
+            f"the plan was made for other weights (plan fingerprint {plan.model.fingerprint[:19]}…, this "
+            f"{cls} has {fingerprint[:19]}…)"
+        )
+        if not force:
+            raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True to use it anyway")
+        warnings.warn(message + "; applying it anyway (force=True)", RuntimeWarning, stacklevel=2)
+
+    units = [model_units[u.name] for u in plan.units]
+    executor = PlanExecutor(
+        plan,
+        units,
+        transformer,
+        remap=remap,
+        eoc_tensors=plan.load_sidecar() if plan.eoc_keys() else None,
+        run_signal=tgt.scheduler is not None,
+    )
+    if transformer is not model:  # torch.compile wrapper
+        _raise_recompile_limit(len(set(executor.step_signatures())))
+    hooks = install(transformer, units, executor)
+    handle = CacheHandle(plan, transformer, executor, hooks, tgt.scheduler)
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+def applied_plan(target) -> CacheHandle | None:
+    """The active :class:`CacheHandle` of ``target``'s transformer, if any."""
+    model = unwrap(_resolve(target).transformer)
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    return None if handle is None or handle.removed else handle
+
+
+__all__ = ["apply", "applied_plan", "CacheHandle", "PlanMismatchError"]
