@@ -211,6 +211,7 @@ def build_plan(cal: Calibration, model: ErrorModel, schedule: Schedule, method: 
             "class": str(h["model"]["class"]),
             "fingerprint": str(h["model"]["fingerprint"]),
             "adapters": [str(a) for a in h["model"].get("adapters", [])],
+            "source": h["model"].get("source"),
         },
         "sampler": {
             "scheduler": str(h["scheduler"]["class"]),

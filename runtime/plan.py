@@ -54,11 +54,14 @@ class ModelInfo:
         cls: transformer class name (YAML key ``class``), e.g. ``"DiTTransformer2DModel"``.
         fingerprint: ``"sha256:<64 hex>"`` from :func:`cachec.runtime.fingerprint.weights_fingerprint`.
         adapters: names of LoRA/adapters fused into the weights.
+        source: where the model is loaded from (shipped name, folder or hub id), or None; used by
+            ``cachec run``/``cachec eval`` when no model is given (YAML key ``source``, optional).
     """
 
     cls: str
     fingerprint: str
     adapters: list[str] = field(default_factory=list)
+    source: str | None = None
 
 
 @dataclass
@@ -408,6 +411,7 @@ def parse_plan(data: Any) -> Plan:
         cls=_str(m.get("class"), "model.class"),
         fingerprint=_str(m.get("fingerprint"), "model.fingerprint"),
         adapters=[_str(a, f"model.adapters[{i}]") for i, a in enumerate(adapters_raw)],
+        source=_str(m.get("source", optional=True), "model.source", nullable=True),
     )
     m.done()
     if not model.cls:
@@ -666,6 +670,7 @@ def to_dict(plan: Plan) -> dict:
             "class": plan.model.cls,
             "fingerprint": plan.model.fingerprint,
             "adapters": list(plan.model.adapters),
+            "source": plan.model.source,
         },
         "sampler": {
             "scheduler": s.scheduler,
