@@ -289,24 +289,117 @@ def inspect(plan_file, png):
 
 
 @main.command("eval")
-@click.argument("candidate", type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False)
 @click.option("--reference", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Uncached sample set with the same labels and seeds (default: CANDIDATE itself).")
+              help="Sample-set mode: the uncached set with the same labels and seeds (default: TARGET itself).")
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Plan mode: held-out samples per class.")
+@click.option("--seed", type=int, default=None, help="Plan mode: first held-out seed (default 1000000; never the "
+              "calibration seeds).")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Plan mode: side-by-side PNG (uncached | cached).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
 @friendly
-def eval_(candidate, reference, json_out):
-    """Quality of a sample set (.safetensors from `cachec sample`/`cachec run`) against the uncached set.
+def eval_(target, model, reference, per_class, seed, png, json_out):
+    """Quality of a plan (TARGET.yaml) or of a sample set (TARGET.safetensors) against uncached sampling.
 
-    Reports PSNR and SSIM per image pair (mean ± std), class accuracy judged by the pretrained digit
-    classifier, the Fréchet distance in that classifier's features to held-out real digits, FLOPs per
-    image and wall time.
+    \b
+    Plan mode: runs the plan and the uncached MODEL (default: the model the plan was calibrated on) on
+    held-out conditions and seeds, and reports PSNR/SSIM vs uncached, class accuracy, the Fréchet distance
+    in digit-classifier features, counted FLOPs fraction and wall-clock speed-up.
+    Sample-set mode: compares two files written by `cachec sample` / `cachec run`.
     """
-    from .quality import compare_sample_files, format_table, to_jsonable
+    from .quality import compare_sample_files, format_table
 
-    result = compare_sample_files(candidate, reference or candidate, name=Path(candidate).stem)
-    click.echo(format_table(result))
+    if target.endswith((".yaml", ".yml")):
+        from .evaluation import EVAL_SEED, evaluate_plan, held_out
+        from .images import save_png, side_by_side
+        from .loading import load_model
+        from .pipeline_job import job_table
+        from .runtime.plan import load_plan
+
+        plan = load_plan(target)
+        driver = load_model(model or plan.model.source)
+        conds, seeds = held_out(driver, per_class, EVAL_SEED if seed is None else seed)
+        result = evaluate_plan(driver, plan, conds, seeds, name=Path(target).stem)
+        click.echo(job_table(result.result))
+        if png:
+            save_png(side_by_side(result.reference, result.cached, ncols=per_class), png)
+        out = result.result
+    else:
+        out = compare_sample_files(target, reference or target, name=Path(target).stem)
+        click.echo(format_table(out))
     if json_out:
-        _write_json(json_out, result)
+        _write_json(json_out, out)
+
+
+@main.command()
+@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False)
+@click.option("--classes", default=None, help="Class labels, e.g. '0-9' (class-conditional models).")
+@click.option("--prompt", multiple=True, help="A prompt (text models); repeat for several.")
+@click.option("--per-class", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed SEED + i.")
+@click.option("--force", is_flag=True, help="Apply even if the weights' fingerprint differs from the plan's.")
+@click.option("--out", type=click.Path(dir_okay=False), default="cached.png", show_default=True,
+              help="PNG grid; raw samples go to the same name with .safetensors.")
+@friendly
+def run(plan_file, model, classes, prompt, per_class, seed, force, out):
+    """Sample with a plan applied and print the runtime's report (FLOPs fraction, counts, wall time)."""
+    import torch
+
+    from .images import make_grid, save_png
+    from .loading import load_model
+    from .quality import save_samples
+    from .runtime import apply
+    from .runtime.plan import load_plan
+
+    out = Path(out)
+    if not out.parent.exists():
+        raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
+    plan = load_plan(plan_file)
+    driver = load_model(model or plan.model.source)
+    conds = [c for c in _conditions(driver, classes, None, prompt) for _ in range(per_class)]
+    seeds = [seed + i for i in range(len(conds))]
+    with apply(driver, plan, force=force) as handle:
+        images = driver.generate(conds, seeds, steps=plan.steps, guidance=plan.sampler.guidance.scale)
+        rep = handle.report
+    save_png(make_grid(images, ncols=per_class if per_class > 1 else 10), out)
+    if driver.condition_kind == "class":
+        meta = {"model": driver.name, "steps": plan.steps, "guidance": plan.sampler.guidance.scale, "plan": str(plan_file),
+                "wall_s": rep.wall_time_s, "flops_per_image": None, "flops_fraction": rep.flops_fraction}
+        save_samples(out.with_suffix(".safetensors"), images, torch.tensor(conds), torch.tensor(seeds), meta)
+    click.echo(f"{len(conds)} samples with {plan.budget.method} plan: FLOPs {100 * rep.flops_fraction:.1f}% of uncached, "
+               f"wall {rep.wall_time_s:.2f} s; unit calls computed {rep.computed}, skipped {rep.skipped} "
+               f"(compensated {rep.compensated}) -> {out}")
+    click.echo("per-step compute %: " + " ".join(f"{100 * f:.0f}" for f in rep.step_fractions))
+
+
+@main.command("compile")
+@click.argument("model", required=False)
+@click.option("--budget", default="40%", show_default=True, help="FLOPs budget: fraction of a full run's FLOPs.")
+@click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
+              show_default=True)
+@click.option("--family", type=click.Choice(["auto", "free", "step"]), default="auto", show_default=True,
+              help="cachec: schedule family; auto = closed-loop choice on validation seeds.")
+@click.option("--samples-per-condition", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True, help="Evaluation samples per class.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="cachec-out", show_default=True)
+@friendly
+def compile_(model, budget, method, family, samples_per_condition, per_class, out_dir):
+    """The main job: calibrate MODEL, plan at BUDGET, evaluate against uncached sampling on held-out seeds.
+
+    Writes OUT_DIR/calib.safetensors, plan.yaml, eval.json and side_by_side.png (uncached | cached) and
+    prints one table.
+    """
+    from .pipeline_job import job_table, run_job
+    from .planner.budget import parse_budget
+
+    b = parse_budget(budget)
+    job = run_job(model, b, out_dir, method=method, family=family, samples_per_condition=samples_per_condition,
+                  eval_per_class=per_class, log=lambda m: click.echo(m, err=True))
+    click.echo(job_table(job.result))
+    click.echo(f"plan -> {job.plan}; side-by-side (uncached | cached) -> {job.side_by_side}")
 
 
 def _write_json(path, obj) -> None:

@@ -1,0 +1,83 @@
+"""Runtime benchmark (issue 5): overhead of a 100% plan and speed-up of real plans, measured side by side.
+
+    python bench/bench_runtime.py [--model digits-flow] [--batch 16] [--repeats 3] [--calibration FILE]
+
+Prints, for a realistic batch (16 images, batched CFG, so 32 rows per transformer call):
+(a) runtime overhead = wall(plan at 100%) / wall(no runtime)          target <= 1.02
+(b) for plans at 40% and 25%: speed-up / ideal, ideal = 1 / (counted FLOPs fraction)   target >= 0.85
+Timings alternate between the variants within each repeat (same process, same machine load), and the
+median over repeats is reported. FLOPs are counted with torch.utils.flop_counter over whole calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cachec.calibrate.run import calibrate
+from cachec.flops import count_flops
+from cachec.loading import load_model
+from cachec.pipeline_job import _write_plan
+from cachec.planner import Planner, load_calibration
+from cachec.runtime import apply, full_plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="digits-flow")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calibration", type=Path, default=None, help="reuse a calibration file of the same model")
+    args = ap.parse_args()
+    driver = load_model(args.model)
+    steps, guidance = driver.default_steps, driver.default_guidance
+    conds = [i % driver.num_classes for i in range(args.batch)]
+    seeds = list(range(2_000_000, 2_000_000 + args.batch))
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = args.calibration
+        if calib is None:
+            calib = calibrate(driver, list(range(driver.num_classes)), output=Path(tmp) / "calib.safetensors",
+                              samples_per_condition=1, sensitivity="none", progress=False, steps=steps,
+                              guidance=guidance)
+        planner = Planner(load_calibration(calib))
+        plans = {"100%": full_plan(driver, steps=steps)}
+        for b in (0.40, 0.25):
+            d, side = planner.plan(b, "cachec")
+            plans[f"{b:.0%}"] = _write_plan(d, side, Path(tmp) / f"plan{int(100 * b)}.yaml")
+
+        def run(plan):
+            if plan is None:
+                return driver.generate(conds, seeds, steps=steps, guidance=guidance)
+            with apply(driver, plan):
+                return driver.generate(conds, seeds, steps=steps, guidance=guidance)
+
+        variants = {"uncached": None, **plans}
+        flops = {k: count_flops(run, p)[1] for k, p in variants.items()}
+        run(None)  # warm-up
+        times = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for k, p in variants.items():
+                t0 = time.perf_counter()
+                run(p)
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.model}: batch {args.batch} + CFG, {steps} steps, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved repeats")
+    print(f"{'variant':10s} {'FLOPs frac':>10s} {'wall s':>8s} {'speed-up':>9s} {'ideal':>6s} {'ratio':>6s}")
+    for k in variants:
+        frac = flops[k] / flops["uncached"]
+        speed = med["uncached"] / med[k]
+        print(f"{k:10s} {frac:10.4f} {med[k]:8.3f} {speed:9.3f} {1 / frac:6.2f} {speed * frac:6.3f}")
+    print(f"(a) runtime overhead, 100% plan / no runtime: {med['100%'] / med['uncached']:.3f}  (target <= 1.02)")
+    for k in ("40%", "25%"):
+        frac = flops[k] / flops["uncached"]
+        print(f"(b) {k} plan: speed-up / ideal = {(med['uncached'] / med[k]) * frac:.3f}  (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The main job: calibrate → plan → closed-loop check → evaluate, for one model and one FLOPs budget.
+
+``cachec compile`` runs it. Every stage writes its file into one output folder, and a re-run reuses
+what is already there (the calibration resumes or is reused when its file exists with the same settings).
+Family choice (``family="auto"``): the planner solves both a free per-unit schedule and a step-synchronous
+one; both run closed-loop on *validation* seeds (disjoint from the calibration and evaluation seeds) and
+the one closer to the uncached output wins (ARCHITECTURE.md, lesson 6: predicted errors rank plans but
+propagation can reorder free vs structured schedules).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
+
+
+@dataclass
+class JobResult:
+    """Files and numbers of one main-job run."""
+
+    calibration: Path
+    plan: Path
+    result: dict
+    side_by_side: Path
+    candidates: list[dict]
+
+
+def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: int, conditions: list) -> bool:
+    from .calibrate.calfile import read_header
+    from .runtime.fingerprint import weights_fingerprint
+
+    try:
+        h = read_header(path)
+    except Exception:
+        return False
+    return (h["model"]["fingerprint"] == weights_fingerprint(driver.transformer) and h["steps"] == steps
+            and abs(h["guidance"]["scale"] - guidance) < 1e-9 and h["samples_per_condition"] == spc
+            and list(h["conditions"]) == list(conditions))
+
+
+def _write_plan(plan_dict, sidecar, path: Path):
+    from .runtime.plan import parse_plan, write_plan
+
+    if plan_dict.get("sidecar"):
+        plan_dict["sidecar"] = {"file": f"{path.stem}.eoc.safetensors", "sha256": "0" * 64}
+    return write_plan(parse_plan(plan_dict), path, sidecar or None)
+
+
+def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
+            method: str = "cachec", family: str = "auto", samples_per_condition: int = 4,
+            eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "full",
+            progress: bool = True, log=print) -> JobResult:
+    """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
+
+    Args:
+        model: shipped name, folder or hub id (default: the embedded ``digits-flow``).
+        budget: fraction (0, 1] of a full run's FLOPs.
+        out_dir: folder for calib.safetensors, plan.yaml, eval.json and side_by_side.png (created).
+        method: planner method (``cachec`` or a baseline).
+        family: ``"free"``, ``"step"`` or ``"auto"`` (closed-loop choice on validation seeds; cachec only).
+        samples_per_condition: calibration samples per class (calibration seeds 0..N−1).
+        eval_per_class: evaluation samples per class (seeds from :data:`EVAL_SEED`).
+        validation_per_class: samples per class of the family choice (seeds from :data:`VALIDATION_SEED`).
+        sensitivity: calibration sensitivity method.
+        log: where progress lines go.
+
+    Returns:
+        :class:`JobResult`.
+
+    Raises:
+        ValueError: bad budget/model/options (the message says which), as the stages raise them.
+    """
+    from .calibrate.run import calibrate
+    from .images import save_png, side_by_side
+    from .loading import load_model
+    from .planner import Planner, load_calibration
+    from .quality import to_jsonable
+    from .runtime.plan import load_plan
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    driver = load_model(model)
+    if driver.condition_kind != "class":
+        raise ValueError(f"{driver.name} is text-conditional; `cachec compile` runs on class-conditional models "
+                         "(use the stage commands with --prompts for text models)")
+    conditions = list(range(driver.num_classes))
+    steps, guidance = driver.default_steps, driver.default_guidance
+    calib = out / "calib.safetensors"
+    if calib.exists() and _calibration_matches(calib, driver, steps, guidance, samples_per_condition, conditions):
+        log(f"[1/4] calibration: reusing {calib}")
+    else:
+        log(f"[1/4] calibrating {driver.name}: {len(conditions)} classes x {samples_per_condition} samples, "
+            f"{steps} steps, guidance {guidance}")
+        calibrate(driver, conditions, output=calib, samples_per_condition=samples_per_condition, steps=steps,
+                  guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
+    cal = load_calibration(calib)
+    planner = Planner(cal)
+    families = (["free", "step"] if family == "auto" else [family]) if method == "cachec" else [None]
+    candidates = []
+    for fam in families:
+        opts = {"family": fam} if fam else {}
+        plan_dict, side = planner.plan(budget, method, **opts)
+        path = out / (f"plan-{fam}.yaml" if len(families) > 1 else "plan.yaml")
+        candidates.append({"family": fam, "path": path, "plan": _write_plan(plan_dict, side, path)})
+    log(f"[2/4] planned {method} at {100 * budget:.0f}%: "
+        + ", ".join(f"{c['family'] or method} realised {100 * c['plan'].budget.realised:.2f}%" for c in candidates))
+    if len(candidates) > 1:
+        vconds, vseeds = held_out(driver, validation_per_class, VALIDATION_SEED)
+        for c in candidates:
+            c["validation_psnr"] = evaluate_plan(driver, c["plan"], vconds, vseeds).result["psnr_of_mean_mse_db"]
+        best = max(candidates, key=lambda c: c["validation_psnr"])
+        log("[3/4] closed-loop check on validation seeds: "
+            + ", ".join(f"{c['family']} {c['validation_psnr']:.2f} dB" for c in candidates) + f" -> {best['family']}")
+    else:
+        best = candidates[0]
+        log("[3/4] closed-loop check skipped (one candidate)")
+    plan_path = out / "plan.yaml"
+    if best["path"] != plan_path:
+        chosen = load_plan(best["path"])
+        best["plan"] = _write_plan(_plan_dict(chosen), chosen.load_sidecar() if chosen.sidecar else None, plan_path)
+    conds, seeds = held_out(driver, eval_per_class, EVAL_SEED)
+    log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
+    run = evaluate_plan(driver, best["plan"], conds, seeds, name=f"{method} {100 * budget:.0f}%")
+    run.result.update(model=driver.name, family=best["family"],
+                      candidates=[{k: (str(v) if isinstance(v, Path) else v) for k, v in c.items() if k != "plan"}
+                                  for c in candidates])
+    png = save_png(side_by_side(run.reference, run.cached, ncols=eval_per_class), out / "side_by_side.png")
+    (out / "eval.json").write_text(json.dumps(to_jsonable(run.result), indent=2, allow_nan=False) + "\n")
+    return JobResult(calib, plan_path, run.result, png, candidates)
+
+
+def _plan_dict(plan) -> dict:
+    from .runtime.plan import to_dict
+
+    return to_dict(plan)
+
+
+def job_table(result: dict) -> str:
+    """The one-table summary of a main-job (or plan evaluation) result."""
+    def f(v, spec):
+        return "n/a" if v is None else (v if isinstance(v, str) else format(v, spec))
+
+    acc = result.get("class_accuracy") or {}
+    fd = result.get("frechet_distance") or {}
+    psnr = result.get("psnr_db") or {}
+    ssim = result.get("ssim") or {}
+    head = ["budget", "realised FLOPs", "speed-up", "PSNR dB", "SSIM", "class acc (ref)", "Fréchet (ref)"]
+    row = [
+        f"{100 * result['budget_target']:.0f}%",
+        f"{100 * result['flops_fraction']:.1f}%",
+        f"{f(result.get('speedup'), '.2f')}x",
+        f"{f(psnr.get('mean'), '.2f')} ± {f(psnr.get('std'), '.2f')}",
+        f"{f(ssim.get('mean'), '.4f')}",
+        f"{f(acc.get('candidate'), '.1%')} ({f(acc.get('reference'), '.1%')})",
+        f"{f(fd.get('candidate'), '.1f')} ({f(fd.get('reference'), '.1f')})",
+    ]
+    widths = [max(len(h), len(r)) for h, r in zip(head, row)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), line(row)])
