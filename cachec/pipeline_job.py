@@ -51,7 +51,7 @@ def _write_plan(plan_dict, sidecar, path: Path):
 
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
             method: str = "cachec", family: str = "auto", samples_per_condition: int = 4,
-            eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "full",
+            eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "factored",
             progress: bool = True, log=print) -> JobResult:
     """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
 

@@ -1,0 +1,294 @@
+"""Recording unit features from an unmodified pipeline call through the runtime hook core.
+
+Steps and branches are read from the calls themselves, never from a call counter
+(docs/calibration-format.md, ARCHITECTURE.md "Steps and branches"):
+
+- the **step** is the position of the call's ``timestep`` in the schedule. During the first run the
+  received values are recorded in order (a new value opens the next step); later runs must present the
+  same values in the same order, or the run fails with the step and both values named;
+- the **branch**: a call with ``2N`` rows for a batch of N samples is batched CFG — its two halves are the
+  conditional and the unconditional branch (in the pipeline's order, see :func:`batched_cond_first`); a
+  call with N rows is branch 0, and a further call with the *same* timestep as the previous call is the
+  next branch (split CFG, the conditional call first). One call per step with N rows is no guidance
+  (B = 1).
+
+Second-order schedulers that call the model twice with the same timestep (Heun) look like split CFG and
+are not supported; a repeated timestep inside batched CFG is reported as an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cachec.runtime.hooks import Feature, batch_size_of, timestep_of
+from cachec.runtime.units import UnitSpec, unwrap
+
+#: pipelines whose batched-CFG call puts the conditional half first (others put the unconditional first)
+COND_FIRST_PIPELINES = ("DigitsPipeline", "DiTPipeline")
+
+
+def batched_cond_first(pipe) -> bool:
+    """Whether a pipeline's batched-CFG transformer call holds the conditional half first.
+
+    ``DigitsPipeline`` and diffusers' ``DiTPipeline`` concatenate ``[labels, null]``; the text pipelines
+    (PixArt, SD3, …) concatenate ``[negative, prompt]`` and ``chunk(2)`` as ``uncond, cond``.
+    """
+    return type(pipe).__name__ in COND_FIRST_PIPELINES
+
+
+@dataclass
+class CallInfo:
+    """Where the current transformer call sits.
+
+    Attributes:
+        step: step index s (0 = first, noisiest).
+        call: index of this call within the step (0, or 1 for the second split-CFG call).
+        rows: batch rows of the call.
+        parts: ``[(branch, row_slice), ...]``: which rows of the call hold which guidance branch.
+    """
+
+    step: int
+    call: int
+    rows: int
+    parts: list[tuple[int, slice]]
+
+
+class StepTracker:
+    """Maps each transformer call of a run to (step, branch rows).
+
+    Args:
+        transformer: the (possibly compiled) transformer; its ``forward`` signature locates ``timestep``.
+        steps: S, the number of steps a run must make.
+        cond_first: batched-CFG halves order (see :func:`batched_cond_first`).
+        schedule: the timesteps of an earlier run (None: record them during the first run).
+        rel_tol: tolerance when comparing a received timestep to the schedule.
+    """
+
+    def __init__(self, transformer, steps: int, cond_first: bool = True, schedule: list[float] | None = None,
+                 rel_tol: float = 1e-6):
+        self.signature = inspect.signature(unwrap(transformer).forward)
+        self.S = int(steps)
+        self.cond_first = cond_first
+        self.schedule: list[float] | None = list(schedule) if schedule is not None else None
+        self.rel_tol = rel_tol
+        self.mode: str | None = None  # batched | split | none, fixed by the first run
+        self._recording: list[float] = []
+        self.n = 0
+        self.info: CallInfo | None = None
+
+    def start_run(self, n_samples: int) -> None:
+        """A pipeline call over ``n_samples`` samples begins."""
+        self.n = int(n_samples)
+        self._last_t: float | None = None
+        self._step = -1
+        self._call = 0
+        self._calls_per_step: list[int] = []
+        self._rows: set[int] = set()
+        self.info = None
+        if self.schedule is None:
+            self._recording = []
+
+    def on_call(self, args: tuple, kwargs: dict[str, Any]) -> CallInfo:
+        """Classify one transformer call.
+
+        Raises:
+            ValueError: a timestep that does not match the schedule, more steps than S, a batch that is
+                neither N nor 2N rows, or a third call at one timestep.
+        """
+        t = timestep_of(args, kwargs, self.signature)
+        rows = batch_size_of(args, kwargs)
+        if self._last_t is not None and t == self._last_t:
+            self._call += 1
+            self._calls_per_step[-1] += 1
+        else:
+            self._step += 1
+            self._call = 0
+            self._calls_per_step.append(1)
+            s = self._step
+            if s >= self.S:
+                raise ValueError(f"the pipeline made more than steps={self.S} transformer steps (timestep {t:g} would be step {s})")
+            if self.schedule is None:
+                self._recording.append(t)
+            else:
+                expected = self.schedule[s]
+                if not math.isclose(t, expected, rel_tol=self.rel_tol, abs_tol=1e-9):
+                    raise ValueError(
+                        f"step {s} received timestep {t:g} but the schedule recorded in the first batch has {expected:g}: "
+                        "the sampler's schedule changed between batches"
+                    )
+        self._last_t = t
+        n = self.n
+        if rows == 2 * n:
+            if self._call > 0:
+                raise ValueError(
+                    f"a second transformer call with timestep {t:g} in a batched-CFG layout: second-order schedulers "
+                    "(repeated timesteps) are not supported"
+                )
+            first, second = (0, 1) if self.cond_first else (1, 0)
+            parts = [(first, slice(0, n)), (second, slice(n, 2 * n))]
+        elif rows == n:
+            if self._call > 1:
+                raise ValueError(f"{self._call + 1} transformer calls with timestep {t:g}: at most 2 (split CFG) are supported")
+            parts = [(self._call, slice(0, n))]
+        else:
+            raise ValueError(f"a transformer call has {rows} rows for a batch of {n} samples: cachec expects {n} or {2 * n}")
+        self._rows.add(rows)
+        self.info = CallInfo(self._step, self._call, rows, parts)
+        return self.info
+
+    def finish_run(self) -> None:
+        """Check the run made S steps with the same branch layout at every step; fixes ``mode``/``schedule``.
+
+        Raises:
+            ValueError: too few steps, a varying number of calls per step, or a layout that changed.
+        """
+        steps_seen = self._step + 1
+        if steps_seen != self.S:
+            raise ValueError(f"the pipeline made {steps_seen} transformer steps but steps={self.S} were requested")
+        calls = set(self._calls_per_step)
+        if len(calls) != 1 or len(self._rows) != 1:
+            raise ValueError(f"the guidance layout varied between steps (calls per step {sorted(calls)}, rows {sorted(self._rows)})")
+        rows = next(iter(self._rows))
+        mode = "batched" if rows == 2 * self.n else ("split" if calls == {2} else "none")
+        if self.mode is not None and mode != self.mode:
+            raise ValueError(f"the guidance layout changed between batches ({self.mode} then {mode})")
+        self.mode = mode
+        if self.schedule is None:
+            self.schedule = list(self._recording)
+
+    @property
+    def branches(self) -> int:
+        """B: 2 for batched or split CFG, 1 without guidance (valid after the first run)."""
+        return 1 if self.mode == "none" else 2
+
+
+class Switch:
+    """A :class:`~cachec.runtime.hooks.UnitHandler` that forwards to a replaceable delegate.
+
+    The hook core remembers each unit's output layout from its first real computation within one
+    installation, so calibration installs the hooks once and switches between recording and the
+    sensitivity replays. With no delegate every unit computes and nothing is recorded.
+    """
+
+    def __init__(self):
+        self.target = None
+
+    def begin_call(self, args, kwargs):
+        if self.target is not None:
+            self.target.begin_call(args, kwargs)
+
+    def end_call(self):
+        if self.target is not None:
+            self.target.end_call()
+
+    def should_compute(self, index: int) -> bool:
+        return True if self.target is None else self.target.should_compute(index)
+
+    def store(self, index: int, feature: Feature) -> None:
+        if self.target is not None:
+            self.target.store(index, feature)
+
+    def predict(self, index: int) -> Feature:
+        if self.target is None:
+            raise RuntimeError("no calibration handler is active, yet a unit was skipped")
+        return self.target.predict(index)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Recorder:
+    """Records every unit's feature trajectory of one batch (the hook core's handler; it always computes).
+
+    For each unit u and branch b it fills ``traj[u][b]``, a float32 tensor (N, S, D_u) on the features'
+    device: row i is the batch's i-th sample, D_u the concatenation of the flattened tuple parts.
+
+    Args:
+        units: the unit specs (order = unit index).
+        tracker: the :class:`StepTracker`.
+        device: the transformer's device (for synchronised latency timing on CUDA).
+
+    Attributes:
+        shapes: per unit, the per-sample shapes of its tuple parts (fixed by the first stored feature).
+        lat_sum, lat_count: summed seconds and number of timed unit calls.
+        timing: when True, unit calls of steps >= 1 (all steps if S == 1) are timed.
+        capture: when True, the first transformer call's (args, kwargs) are kept in ``captured``.
+        on_step: optional callable, called once per step (at its first transformer call).
+    """
+
+    def __init__(self, units: list[UnitSpec], tracker: StepTracker, device=None):
+        self.units = units
+        self.tracker = tracker
+        self.device = torch.device(device or "cpu")
+        self.shapes: list[list[tuple[int, ...]] | None] = [None] * len(units)
+        self.traj: list[dict[int, torch.Tensor]] = [dict() for _ in units]
+        self.lat_sum = [0.0] * len(units)
+        self.lat_count = [0] * len(units)
+        self.timing = False
+        self.capture = False
+        self.captured: tuple[tuple, dict] | None = None
+        self._t0 = 0.0
+        self._timed = False
+        self.on_step = None  # called at the first call of every step (progress bars)
+
+    def start_run(self, n_samples: int) -> None:
+        self.tracker.start_run(n_samples)
+
+    def finish_run(self) -> None:
+        self.tracker.finish_run()
+
+    # ---- UnitHandler ------------------------------------------------------------------------------
+    def begin_call(self, args, kwargs) -> None:
+        info = self.tracker.on_call(args, kwargs)
+        if info.call == 0 and self.on_step is not None:
+            self.on_step()
+        if self.capture and self.captured is None:
+            self.captured = (args, dict(kwargs))
+        self._timed = self.timing and (info.step >= 1 or self.tracker.S == 1)
+
+    def end_call(self) -> None:
+        pass
+
+    def should_compute(self, index: int) -> bool:
+        if self._timed:
+            _sync(self.device)
+            self._t0 = time.perf_counter()
+        return True
+
+    def store(self, index: int, feature: Feature) -> None:
+        if self._timed:
+            _sync(self.device)
+            self.lat_sum[index] += time.perf_counter() - self._t0
+            self.lat_count[index] += 1
+        info = self.tracker.info
+        shapes = [tuple(p.shape[1:]) for p in feature]
+        if self.shapes[index] is None:
+            self.shapes[index] = shapes
+        elif shapes != self.shapes[index]:
+            raise ValueError(
+                f"unit {self.units[index].name} changed its per-sample output shapes from {self.shapes[index]} to {shapes}"
+            )
+        n, S = self.tracker.n, self.tracker.S
+        D = sum(math.prod(s) for s in shapes)
+        for branch, rows in info.parts:
+            buf = self.traj[index].get(branch)
+            if buf is None or buf.shape[0] != n or buf.device != feature[0].device:
+                buf = torch.empty(n, S, D, dtype=torch.float32, device=feature[0].device)
+                self.traj[index][branch] = buf
+            dst = buf[:, info.step]
+            off = 0
+            for p in feature:
+                size = math.prod(p.shape[1:])
+                dst[:, off:off + size].copy_(p[rows].reshape(n, size))
+                off += size
+
+    def predict(self, index: int) -> Feature:
+        raise RuntimeError("the calibration recorder never skips a unit")
