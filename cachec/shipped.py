@@ -8,13 +8,14 @@ still produces the shipped schedules.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 #: shipped model -> budgets (fractions)
 BUDGETS = {"digits-flow": (0.25, 0.40, 0.60), "digits-ddim": (0.25, 0.40, 0.60)}
 #: calibration settings of the shipped plans (seeds 0..N-1; sensitivity on the first samples)
 CALIBRATION = dict(samples_per_condition=2, sensitivity="factored", sensitivity_samples=2, batch_size=10, seed=0)
-PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
+PLANS_DIR = Path(importlib.import_module("cachec.plans").__file__).parent
 
 
 def plan_name(model: str, budget: float) -> str:
