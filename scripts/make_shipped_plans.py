@@ -19,10 +19,13 @@ from cachec.loading import load_model
 from cachec.pipeline_job import _write_plan
 from cachec.planner import Planner, load_calibration
 from cachec.quality import to_jsonable
-from cachec.shipped import BUDGETS, PLANS_DIR, calibrate_reference, plan_name
+import torch
+
+from cachec.shipped import BUDGETS, CALIBRATION_THREADS, PLANS_DIR, calibrate_reference, plan_name
 
 
 def main(models: list[str]) -> None:
+    torch.set_num_threads(CALIBRATION_THREADS)
     results = json.loads((PLANS_DIR / "results.json").read_text()) if (PLANS_DIR / "results.json").exists() else {}
     for model in models:
         driver = load_model(model)
@@ -64,4 +67,4 @@ def main(models: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["digits-flow", "digits-ddim"])
+    main(sys.argv[1:] or sorted(BUDGETS))

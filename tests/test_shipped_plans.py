@@ -5,7 +5,9 @@ import math
 import pytest
 
 from cachec.runtime.plan import load_plan, parse_plan
-from cachec.shipped import BUDGETS, PLANS_DIR, calibrate_reference, plan_name, replan
+import torch
+
+from cachec.shipped import BUDGETS, CALIBRATION_THREADS, PLANS_DIR, calibrate_reference, plan_name, replan
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -16,7 +18,12 @@ def test_shipped_plans_match_a_fresh_replan(model, tmp_path):
     if not all(p.exists() for p in paths.values()):
         pytest.fail(f"shipped plans missing for {model}: run scripts/make_shipped_plans.py {model}")
     shipped = {b: load_plan(p) for b, p in paths.items()}
-    calib = calibrate_reference(model, tmp_path / "calib.safetensors")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CALIBRATION_THREADS)
+    try:
+        calib = calibrate_reference(model, tmp_path / "calib.safetensors")
+    finally:
+        torch.set_num_threads(threads)
     fresh = replan(calib, model, {b: p.budget.options["family"] for b, p in shipped.items()})
     for b, (plan_dict, _) in fresh.items():
         new, old = parse_plan(plan_dict), shipped[b]
