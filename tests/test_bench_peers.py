@@ -1,0 +1,164 @@
+"""Smoke test of the peer-comparison benchmark (bench/peers.py, bench/compare.py) on a tiny random DiT.
+
+Every adapter runs one operating point on two samples; its FLOPs are counted over the whole ``generate``
+call and compared with the uncached count; nothing may stay installed afterwards. Also: the cache-context
+wrapper's step/branch bookkeeping, error capture, and the table's "interpolate only between measured points"
+rule.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import compare, peers  # noqa: E402
+
+STEPS = 6
+CONDS, SEEDS = [1, 7], [123, 456]
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_digits, tmp_path_factory):
+    return peers.BenchContext(
+        driver=tiny_digits, steps=STEPS, guidance=3.0, calib_conditions=[0, 1, 2, 3], calib_seeds=[0, 1, 2, 3],
+        workdir=str(tmp_path_factory.mktemp("bench")), batch_size=4, sensitivity="none", log=lambda m: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(ctx):
+    from cachec.flops import count_flops
+
+    images, flops, _ = count_flops(ctx.generate, CONDS, SEEDS)
+    return images, flops
+
+
+def _methods():
+    return peers.all_methods(STEPS, quick=True)
+
+
+@pytest.mark.parametrize("method", _methods(), ids=lambda m: m.name)
+def test_each_adapter_runs_and_is_counted(ctx, reference, method):
+    from cachec.flops import count_flops
+
+    ref_images, ref_flops = reference
+    if isinstance(method, peers.CacheDitMethod) and not peers.cache_dit_status()[0]:
+        with pytest.raises(RuntimeError, match="cache-dit"):
+            method.prepare(ctx)
+        return
+    method.prepare(ctx)
+    p = method.grid(ctx, quick=True)[-1]
+    session = method.session(ctx, p)
+    try:
+        session.begin()
+        try:
+            images, flops, _ = count_flops(ctx.generate, CONDS, SEEDS)
+        finally:
+            session.end()
+    finally:
+        session.close()
+    assert images.shape == ref_images.shape and torch.isfinite(images).all()
+    frac = flops / ref_flops
+    assert 0.0 < frac <= 1.0 + 1e-9, f"{method.name}: realised FLOPs fraction {frac}"
+    if method.diagnostic:
+        assert frac == pytest.approx(1.0)  # the no-op configurations really do nothing here
+        assert torch.equal(images, ref_images)
+    elif not isinstance(method, peers.FirstBlockCacheMethod):
+        assert frac < 1.0, f"{method.name} skipped nothing at {method.label(p)}"
+    assert peers.leftover_state(ctx.driver) == []
+    again, flops2, _ = count_flops(ctx.generate, CONDS, SEEDS)
+    assert flops2 == ref_flops and torch.equal(again, ref_images)
+
+
+def test_fast_counter_matches_count_flops(ctx, reference):
+    from cachec.flops import count_flops
+
+    images, flops = peers.fast_count_flops(ctx.generate, CONDS, SEEDS)
+    assert flops == reference[1] and torch.equal(images, reference[0])
+    m = peers.FirstBlockCacheMethod()
+    s = m.session(ctx, 0.3)
+    s.begin()
+    try:
+        _, fast = peers.fast_count_flops(ctx.generate, CONDS, SEEDS)
+    finally:
+        s.end()
+    s.begin()
+    try:
+        _, slow, _ = count_flops(ctx.generate, CONDS, SEEDS)
+    finally:
+        s.end()
+    s.close()
+    assert fast == slow
+
+
+def test_cache_context_wrapper_names_steps_and_branches(ctx):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    seen = []
+    sess = peers.HookSession(ctx, lambda tr, w: apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=0.0)))
+    sess.begin()
+    try:
+        ctx.generate(CONDS, SEEDS)
+        seen = list(sess.wrapper.contexts)
+    finally:
+        sess.close()
+    assert seen == [("cond_uncond", i) for i in range(STEPS)]
+    assert peers.leftover_state(ctx.driver) == []
+
+
+def test_sigma_is_a_noise_level(ctx, tiny_digits_ddim):
+    flow = ctx.driver.scheduler
+    flow.set_timesteps(STEPS)
+    s0 = peers._scheduler_sigma(flow, 0, float(flow.timesteps[0]))
+    assert s0 == pytest.approx(float(flow.sigmas[0]))
+    ddim = tiny_digits_ddim.scheduler
+    ddim.set_timesteps(STEPS)
+    sig = [peers._scheduler_sigma(ddim, i, float(t)) for i, t in enumerate(ddim.timesteps)]
+    assert all(0.0 <= s <= 1.0 for s in sig) and sig == sorted(sig, reverse=True)
+
+
+def test_magcache_ratios_are_parsed():
+    text = "noise\n\n[MagCache] Calibration Complete. Copy these values to MagCacheConfig(mag_ratios=...):\n[1.0, 0.98, 1.02]\n\n"
+    assert peers.parse_magcache_ratios(text + text) == [[1.0, 0.98, 1.02]] * 2
+
+
+def test_a_raising_method_is_recorded_not_raised(ctx, reference):
+    class Broken(peers.Method):
+        name, group, knob = "broken", "test", "x"
+
+        def grid(self, ctx, quick=False):
+            return [1]
+
+        def session(self, ctx, p):
+            raise ValueError("this peer cannot run here\nsecond line")
+
+    cfg = compare.Config.__new__(compare.Config)
+    cfg.ctx, cfg.driver, cfg.counter, cfg.timing_size = ctx, ctx.driver, "fast", 2
+    cfg.batches = [(CONDS, SEEDS)]
+    cfg.eval_conditions = CONDS
+    rec = compare.run_point(cfg, Broken(), 1, {"images": reference[0], "flops": reference[1], "flops_batch0": reference[1]})
+    assert rec["error"] == "ValueError: this peer cannot run here"
+
+
+def _entry(points, diagnostic=False):
+    return {"method": "m", "group": "diffusers", "diagnostic": diagnostic,
+            "points": [{"label": f"p{i}", "flops_fraction": f, "psnr_db": p, "frechet": d}
+                       for i, (f, p, d) in enumerate(points)]}
+
+
+def test_table_interpolates_only_between_measured_points():
+    e = _entry([(0.2, 20.0, 10.0), (0.3, 30.0, 5.0), (0.52, 35.0, 4.0), (1.0, "inf", 3.0)])
+    v = compare.at_budget(e, 0.25)
+    assert v["how"] == "interp" and v["psnr"] == pytest.approx(25.0) and v["frechet"] == pytest.approx(7.5)
+    assert compare.at_budget(e, 0.30)["how"] == "exact"
+    v = compare.at_budget(e, 0.60)  # bracketed by an infinite PSNR: no interpolation, nearest point below
+    assert v["how"] == "below" and v["psnr"] == 35.0
+    v = compare.at_budget(_entry([(0.5, 30.0, 1.0)]), 0.25)
+    assert v["psnr"] is None and "lowest realised FLOPs 50.0%" in v["note"]
+    assert compare.at_budget(_entry([(0.1, 30.0, 1.0)]), 0.6)["psnr"] is None
+    assert compare.at_budget(_entry([(1.0, "inf", 1.0)], diagnostic=True), 0.6)["psnr"] is None
