@@ -22,6 +22,11 @@ seeds), in one process:
 
 A method that raises is recorded with its error message; a method that never skips shows realised FLOPs
 of 100 %. Nothing in the outputs is typed by hand.
+
+Cost: dominated by the ≈ 45 operating points × 3 configurations, each a sampling run of the evaluation set
+(default 20 images) plus a timing run of 5 images. Timings of every stage are printed and stored. On a
+machine shared with other jobs pass ``--threads 1`` (two torch threads competing with other processes
+were several times slower than one). ``--quick`` is a smoke run (10 images, 1–3 points per method).
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ import torch  # noqa: E402
 from bench import peers  # noqa: E402
 
 TABLE_BUDGETS = (0.25, 0.40, 0.60)
-#: threshold sweeps are extended until they also bracket the ends of cachec's budget sweep
-EXTEND_TO = (0.20, 0.80)
+#: threshold sweeps are extended until they also bracket the low end of cachec's budget sweep
+EXTEND_TO = (0.20,)
 #: steps per shipped model (the issue: digits-flow 25, digits-ddim 20 and 50)
 DEFAULT_STEPS = {"digits-flow": [25], "digits-ddim": [20, 50]}
 EVAL_SEED0 = 1_000_000  # evaluation seeds EVAL_SEED0 + i; calibration uses 0 .. n-1
 EXACT_TOL = 0.005  # a point within 0.5 % FLOPs of a budget is "at" it
 MAX_GAP = 0.10  # threshold sweeps bisect brackets wider than this
+CHECK_SIZE = 2  # samples on which the fast FLOP counter is checked against cachec.flops.count_flops
 BELOW_TOL = 0.10  # without a bracket, a point at most this far below a budget is shown (marked)
 
 
@@ -157,8 +163,8 @@ def summarise(ev: dict) -> dict:
 def run_point(cfg: Config, method: peers.Method, p, ref: dict, check: dict | None = None) -> dict:
     """Measure one operating point; never raises (errors are recorded).
 
-    ``check`` (per method): on the method's first measured point the fast FLOP count of the first batch is
-    compared with :func:`cachec.flops.count_flops`; on a mismatch the point is recounted and the method
+    ``check`` (per method): on the method's first measured point the fast FLOP count of the first
+    ``CHECK_SIZE`` samples is compared with :func:`cachec.flops.count_flops`; on a mismatch the point is recounted and the method
     counted with ``count_flops`` from then on (``check["counter"] = "torch"``).
     """
     from cachec.quality import evaluate, to_jsonable
@@ -174,11 +180,14 @@ def run_point(cfg: Config, method: peers.Method, p, ref: dict, check: dict | Non
         per_batch: list[int] = []
         images, flops = counted_generate(cfg, session, batches, per_batch, counter=counter)
         if counter == "fast" and "checked" not in check:
-            _, torch_flops = counted_generate(cfg, session, batches[:1], counter="torch")
-            check["checked"] = {"label": rec["label"], "fast": per_batch[0], "count_flops": torch_flops,
-                                "equal": per_batch[0] == torch_flops}
+            # both counters on the same small batch (same inputs, so the same caching decisions)
+            small = [(c[:CHECK_SIZE], s[:CHECK_SIZE]) for c, s in batches[:1]]
+            _, fast_flops = counted_generate(cfg, session, small, counter="fast")
+            _, torch_flops = counted_generate(cfg, session, small, counter="torch")
+            check["checked"] = {"label": rec["label"], "samples": CHECK_SIZE, "fast": fast_flops,
+                                "count_flops": torch_flops, "equal": fast_flops == torch_flops}
             rec["flop_counter_check"] = check["checked"]
-            if per_batch[0] != torch_flops:
+            if fast_flops != torch_flops:
                 check["counter"] = "torch"
                 images, flops = counted_generate(cfg, session, batches, counter="torch")
         rec["flop_counter"] = check.get("counter", cfg.counter)
@@ -299,7 +308,8 @@ def sweep_method(cfg: Config, method: peers.Method, ref: dict, quick: bool, max_
     return points
 
 
-def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra: int) -> dict:
+def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra: int,
+               progress: Any = None) -> dict:
     from cachec.quality import evaluate
 
     log(f"\n=== {cfg.name}: {len(cfg.eval_conditions)} evaluation images in {len(cfg.batches)} batches, "
@@ -310,10 +320,12 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
     ref_images, ref_flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)
     counter_check = None
     if cfg.counter == "fast":
-        _, torch0 = counted_generate(cfg, None, cfg.batches[:1], counter="torch")
-        counter_check = {"fast": per_batch[0], "count_flops": torch0, "equal": per_batch[0] == torch0}
-        if per_batch[0] != torch0:
-            log(f"  fast FLOP counter disagrees with cachec.flops.count_flops ({per_batch[0]} vs {torch0}): "
+        small = [(c[:CHECK_SIZE], s[:CHECK_SIZE]) for c, s in cfg.batches[:1]]
+        _, fast0 = counted_generate(cfg, None, small, counter="fast")
+        _, torch0 = counted_generate(cfg, None, small, counter="torch")
+        counter_check = {"samples": CHECK_SIZE, "fast": fast0, "count_flops": torch0, "equal": fast0 == torch0}
+        if fast0 != torch0:
+            log(f"  fast FLOP counter disagrees with cachec.flops.count_flops ({fast0} vs {torch0}): "
                 "counting everything with count_flops")
             cfg.counter = "torch"
             per_batch = []
@@ -359,6 +371,8 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
                 r["wall_ratio"] = r["wall_s_timing_batch"] / denom
         entry["seconds"] = time.perf_counter() - t
         results.append(entry)
+        if progress is not None:
+            progress({"name": cfg.name, "methods": results})
     out = {
         "name": cfg.name,
         "model": cfg.model,
@@ -564,7 +578,8 @@ def counter_note(results: dict) -> str:
         return "counted with `cachec.flops.count_flops`."
     if not bad:
         return (f"a bare dispatch-mode counter with those formulas was used and matched `cachec.flops.count_flops` "
-                f"exactly in all {checks} checks (the uncached run and the first batch of every method).")
+                f"exactly in all {checks} checks (the uncached run and the first point of every method, on the first "
+                f"{CHECK_SIZE} samples).")
     return (f"a bare dispatch-mode counter was checked against `cachec.flops.count_flops` ({checks} checks); where it "
             f"disagreed ({', '.join(bad)}) everything of that method was recounted with `count_flops`.")
 
@@ -716,7 +731,7 @@ def parse_args(argv=None):
                     help="comma-separated step counts for every model (default: digits-flow 25, digits-ddim 20 and 50, "
                          "otherwise the model's default)")
     ap.add_argument("--out", default="docs", help="folder for benchmarks.md / .json / .png (default: docs)")
-    ap.add_argument("--per-class", type=int, default=None, help="evaluation images per class (default 3; quick 1)")
+    ap.add_argument("--per-class", type=int, default=None, help="evaluation images per class (default 2; quick 1)")
     ap.add_argument("--cal-per-class", type=int, default=None, help="calibration samples per class (default 2; quick 1)")
     ap.add_argument("--batch-size", type=int, default=10, help="samples per generate call (default 10)")
     ap.add_argument("--sensitivity", choices=["full", "factored", "none"], default=None,
@@ -727,7 +742,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--flop-counter", choices=["fast", "torch"], default="fast",
                     help="fast: flop_counter formulas in a bare dispatch mode, checked against cachec.flops.count_flops "
-                         "on the reference and on every method's first batch; torch: count_flops everywhere (≈2× slower)")
+                         "on the reference and on every method's first point; torch: count_flops everywhere (≈2× slower)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 10 images, few points, no adaptive sweep")
     return ap.parse_args(argv)
 
@@ -738,7 +753,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    per_class = args.per_class or (1 if args.quick else 3)
+    per_class = args.per_class or (1 if args.quick else 2)
     cal_per_class = args.cal_per_class or (1 if args.quick else 2)
     sensitivity = args.sensitivity or ("none" if args.quick else "factored")
     out_dir = Path(args.out)
@@ -759,6 +774,11 @@ def main(argv=None) -> int:
     log(f"cachec benchmark: torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers "
         f"{diffusers.__version__}, cache-dit {cd_msg}")
     configs = []
+    partial = out_dir / "benchmarks.partial.json"
+
+    def progress(current: dict) -> None:  # survives an interrupted run; removed at the end
+        partial.write_text(json.dumps(to_jsonable({"configs": configs, "current": current}), allow_nan=False))
+
     with tempfile.TemporaryDirectory(prefix="cachec-bench-") as work:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             t = time.perf_counter()
@@ -774,7 +794,7 @@ def main(argv=None) -> int:
                 cfg.counter = args.flop_counter
                 methods = peers.all_methods(steps, quick=args.quick,
                                             only=args.methods.split(",") if args.methods else None)
-                res = run_config(cfg, methods, args.quick, args.max_extra)
+                res = run_config(cfg, methods, args.quick, args.max_extra, progress)
                 res["headline"] = headline(res)
                 configs.append(res)
     results = {
@@ -792,6 +812,7 @@ def main(argv=None) -> int:
     json_path.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     write_plot(results, png_path)
     write_markdown(results, md_path, json_path.name, png_path.name)
+    partial.unlink(missing_ok=True)
     log(f"\nwrote {md_path}, {json_path}, {png_path} in {results['seconds'] / 60:.1f} min")
     for cfg in configs:
         for b, h in cfg["headline"].items():

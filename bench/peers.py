@@ -568,7 +568,7 @@ class FirstBlockCacheMethod(Method):
     adaptive = True
 
     def grid(self, ctx, quick=False):
-        return [0.05, 0.2] if quick else [0.05, 0.15, 0.4]
+        return [0.05, 0.2] if quick else [0.1, 0.25, 0.5]
 
     def session(self, ctx, p):
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
@@ -715,7 +715,7 @@ class MagCacheMethod(Method):
     def grid(self, ctx, quick=False):
         if quick:
             return [0.06, 0.24]
-        return [0.02, 0.06, 0.15] if self.max_skip_steps <= 3 else [0.06, 0.2]
+        return [0.06, 0.2] if self.max_skip_steps <= 3 else [0.1, 0.3]
 
     def session(self, ctx, p):
         from diffusers.hooks import MagCacheConfig, apply_mag_cache
@@ -799,7 +799,7 @@ class SeaCacheMethod(Method):
             return [0.25]
         if quick:
             return [0.1, 0.5]
-        return [0.1, 0.25, 0.6] if self.max_consecutive_cached else [0.5, 1.5]
+        return [0.1, 0.3] if self.max_consecutive_cached else [0.3, 0.8]
 
     def session(self, ctx, p):
         from diffusers.hooks import SeaCacheConfig, apply_sea_cache
@@ -899,7 +899,7 @@ class CacheDitMethod(Method):
         self.settings["max_warmup_steps"] = self.warmup(ctx)
 
     def grid(self, ctx, quick=False):
-        return [0.08, 0.32] if quick else [0.05, 0.15, 0.4]
+        return [0.08, 0.32] if quick else [0.1, 0.3]
 
     def session(self, ctx, p):
         return CacheDitSession(ctx, float(p), self.taylorseer, self.fn, self.bn, self.warmup(ctx))
@@ -916,14 +916,14 @@ def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = No
         quick: fewer operating points (smoke run).
         only: keep methods whose name contains one of these strings (case-insensitive).
     """
-    budgets = [0.2, 0.25, 0.4, 0.6, 0.8]
+    budgets = [0.2, 0.25, 0.4, 0.6]
     intervals = [2, 3, 4, 5]
     methods: list[Method] = [
         PlanMethod("cachec", "cachec", budgets=budgets, quick_points=[0.25, 0.4, 0.6]),
         PlanMethod("cachec (step family)", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.4], family="step"),
         PlanMethod("FORA", "fora", intervals=intervals, quick_points=[2, 4]),
-        PlanMethod("EOC (paper)", "eoc-paper", intervals=intervals, quick_points=[2, 4]),
-        PlanMethod("GOC (paper)", "goc-paper", intervals=intervals, quick_points=[2, 4]),
+        PlanMethod("EOC (paper)", "eoc-paper", intervals=intervals[:3], quick_points=[2, 4]),
+        PlanMethod("GOC (paper)", "goc-paper", intervals=intervals[:3], quick_points=[2, 4]),
         FirstBlockCacheMethod(),
         PABMethod(),
         TaylorSeerMethod(default_identifiers=False),
