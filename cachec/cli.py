@@ -228,14 +228,16 @@ def calibrate_merge(files, output):
 @click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
               show_default=True, help="cachec = solved schedule; the others are the published baselines.")
 @click.option("--interval", type=click.IntRange(min=1), default=None, help="FORA interval N (fora/eoc-paper/goc-paper).")
-@click.option("--family", type=click.Choice(["free", "step"]), default="free", show_default=True,
-              help="cachec: free per-unit schedules, or one shared mask per step.")
+@click.option("--family", type=click.Choice(["free", "step", "group"]), default="free", show_default=True,
+              help="cachec: free per-unit schedules, one shared mask per step, or one mask per group of blocks.")
+@click.option("--groups", type=click.IntRange(min=1), default=None,
+              help="cachec --family group: number of contiguous block groups (default 4).")
 @click.option("--max-staleness", type=click.IntRange(min=1), default=None, help="cachec: most consecutive skipped steps.")
 @click.option("--keep-last", type=click.IntRange(min=0), default=None, help="cachec: always compute the last N steps.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.yaml", show_default=True,
               help="Plan YAML (with --sweep: NAME-<percent>.yaml per budget).")
 @friendly
-def plan(calibration, budget, sweep_range, method, interval, family, max_staleness, keep_last, output):
+def plan(calibration, budget, sweep_range, method, interval, family, groups, max_staleness, keep_last, output):
     """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
     from .planner import load_calibration, sweep
     from .planner.budget import parse_budget, parse_sweep
@@ -247,8 +249,12 @@ def plan(calibration, budget, sweep_range, method, interval, family, max_stalene
     if not out.parent.exists():
         raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
     options = {}
+    if groups is not None and (method != "cachec" or family != "group"):
+        raise click.ClickException("--groups is only used with --family group")
     if method == "cachec":
         options["family"] = family
+        if groups is not None:
+            options["groups"] = groups
         if max_staleness is not None:
             options["max_staleness"] = max_staleness
         if keep_last is not None:
@@ -380,7 +386,7 @@ def run(plan_file, model, classes, prompt, per_class, seed, force, out):
 @click.option("--budget", default="40%", show_default=True, help="FLOPs budget: fraction of a full run's FLOPs.")
 @click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
               show_default=True)
-@click.option("--family", type=click.Choice(["auto", "free", "step"]), default="auto", show_default=True,
+@click.option("--family", type=click.Choice(["auto", "free", "step", "group"]), default="auto", show_default=True,
               help="cachec: schedule family; auto = closed-loop choice on validation seeds.")
 @click.option("--samples-per-condition", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True, help="Evaluation samples per class.")

@@ -2,9 +2,9 @@
 
 ``cachec compile`` runs it. Every stage writes its file into one output folder, and a re-run reuses
 what is already there (the calibration resumes or is reused when its file exists with the same settings).
-Family choice (``family="auto"``): the planner solves both a free per-unit schedule and a step-synchronous
-one; both run closed-loop on *validation* seeds (disjoint from the calibration and evaluation seeds) and
-the one closer to the uncached output wins (ARCHITECTURE.md, lesson 6: predicted errors rank plans but
+Family choice (``family="auto"``): the planner solves a free per-unit schedule, a step-synchronous one and
+a block-group one; each runs closed-loop on *validation* seeds (disjoint from the calibration and
+evaluation seeds) and the one closest to the uncached output wins (ARCHITECTURE.md, lesson 6: predicted errors rank plans but
 propagation can reorder free vs structured schedules).
 """
 
@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
+from .evaluation import EVAL_SEED, VALIDATION_SEED, choose_plan, evaluate_plan, held_out
 
 
 @dataclass
@@ -60,7 +60,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         budget: fraction (0, 1] of a full run's FLOPs.
         out_dir: folder for calib.safetensors, plan.yaml, eval.json and side_by_side.png (created).
         method: planner method (``cachec`` or a baseline).
-        family: ``"free"``, ``"step"`` or ``"auto"`` (closed-loop choice on validation seeds; cachec only).
+        family: ``"free"``, ``"step"``, ``"group"`` or ``"auto"`` (closed-loop choice among them on
+            validation seeds; cachec only).
         samples_per_condition: calibration samples per class (calibration seeds 0..N−1).
         eval_per_class: evaluation samples per class (seeds from :data:`EVAL_SEED`).
         validation_per_class: samples per class of the family choice (seeds from :data:`VALIDATION_SEED`).
@@ -76,7 +77,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     from .calibrate.run import calibrate
     from .images import save_png, side_by_side
     from .loading import load_model
-    from .planner import Planner, load_calibration
+    from .planner import FAMILIES, Planner, load_calibration
     from .quality import to_jsonable
     from .runtime.plan import load_plan
 
@@ -98,7 +99,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
                   guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
     cal = load_calibration(calib)
     planner = Planner(cal)
-    families = (["free", "step"] if family == "auto" else [family]) if method == "cachec" else [None]
+    families = (list(FAMILIES) if family == "auto" else [family]) if method == "cachec" else [None]
     candidates = []
     for fam in families:
         opts = {"family": fam} if fam else {}
@@ -109,9 +110,10 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         + ", ".join(f"{c['family'] or method} realised {100 * c['plan'].budget.realised:.2f}%" for c in candidates))
     if len(candidates) > 1:
         vconds, vseeds = held_out(driver, validation_per_class, VALIDATION_SEED)
+        pick, scores = choose_plan(driver, {c["family"]: c["plan"] for c in candidates}, vconds, vseeds)
         for c in candidates:
-            c["validation_psnr"] = evaluate_plan(driver, c["plan"], vconds, vseeds).result["psnr_of_mean_mse_db"]
-        best = max(candidates, key=lambda c: c["validation_psnr"])
+            c["validation_psnr"] = scores[c["family"]]
+        best = next(c for c in candidates if c["family"] == pick)
         log("[3/4] closed-loop check on validation seeds: "
             + ", ".join(f"{c['family']} {c['validation_psnr']:.2f} dB" for c in candidates) + f" -> {best['family']}")
     else:

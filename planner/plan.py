@@ -16,7 +16,7 @@ from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
 from .errors import PREDICTORS, ErrorModel, SegmentTable, schedule_error, segment_table
 from .schedule import Schedule, realised_fraction, round_sig
-from .solver import FAMILIES, Frontier, frontier, solve
+from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, frontier, group_costs, solve
 
 PLAN_VERSION = 1
 METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
@@ -24,7 +24,7 @@ DEFAULT_MAX_STALENESS = 8
 DEFAULT_SIDECAR = "plan.eoc.safetensors"
 
 _METHOD_OPTIONS = {
-    "cachec": {"family", "max_staleness", "keep_last", "ridge", "predictors"},
+    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors"},
     "fora": {"interval"},
     "eoc-paper": {"interval", "alpha"},
     "goc-paper": {"interval", "lam"},
@@ -76,12 +76,21 @@ class Planner:
             self._tables[K] = segment_table(self.model, K)
         return self._tables[K]
 
-    def frontier(self, max_staleness: int, keep_last: int, family: str) -> Frontier:
+    def groups(self, n_groups: int):
+        """(U,) group ids of the ``group`` family with ``n_groups`` block groups (:func:`block_groups`)."""
+        return block_groups(self.cal.unit_names, n_groups)
+
+    def frontier(self, max_staleness: int, keep_last: int, family: str, n_groups: int = DEFAULT_GROUPS) -> Frontier:
         """Frontier of the DP for the table, ``keep_last`` and family (computed once)."""
         tab = self.table(max_staleness)
-        key = (tab.max_staleness, int(keep_last), family)
+        key = (tab.max_staleness, int(keep_last), family, int(n_groups) if family == "group" else 0)
         if key not in self._fronts:
-            cost = tab.cost.sum(axis=0, keepdims=True) if family == "step" else tab.cost
+            if family == "step":
+                cost = tab.cost.sum(axis=0, keepdims=True)
+            elif family == "group":
+                cost = group_costs(tab.cost, self.cal.unit_flops, self.groups(n_groups))[0]
+            else:
+                cost = tab.cost
             self._fronts[key] = frontier(cost, int(keep_last))
         return self._fronts[key]
 
@@ -109,9 +118,15 @@ class Planner:
             keep_last = int(options.get("keep_last", 0))
             if K < 0 or keep_last < 0:
                 raise ValueError("max_staleness and keep_last must be >= 0")
+            n_groups = options.get("groups", DEFAULT_GROUPS)
+            if "groups" in options and family != "group":
+                raise ValueError(f"option groups is only used by family 'group', not {family!r}")
+            if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)) or n_groups < 1:
+                raise ValueError(f"groups must be an int >= 1, got {n_groups!r}")
             sched = solve(
                 self.table(K), cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops, float(budget),
-                family=family, keep_last=keep_last, front=self.frontier(K, keep_last, family),
+                family=family, keep_last=keep_last, front=self.frontier(K, keep_last, family, n_groups),
+                groups=self.groups(n_groups) if family == "group" else None,
             )
             sched.options.update(ridge=self.model.ridge, predictors=list(self.model.predictors))
             return sched
@@ -261,8 +276,8 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
         method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
         sidecar_file: name recorded in ``sidecar.file`` when the plan has EOC tensors.
         ridge, predictors: error-model options (cachec's fitted predictors).
-        **options: cachec: ``family`` ("free" | "step"), ``max_staleness`` (default 8), ``keep_last``
-            (default 0); fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper:
+        **options: cachec: ``family`` ("free" | "step" | "group"), ``groups`` (block groups of the
+            ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0); fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper:
             ``lam`` (1.2).
     Returns:
         ``(plan, sidecar)``: the plan dict (docs/plan-format.md) and ``{key: float32 array}``.

@@ -82,3 +82,36 @@ def test_plan_rejects_bad_budget(tmp_path, budget):
     cal.write_bytes(b"")
     code, out = run("plan", str(cal), "--budget", budget, "-o", str(tmp_path / "p.yaml"))
     assert code != 0 and "Traceback" not in out
+
+
+def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
+    """The main job on a tiny model folder, then the stage commands on its calibration."""
+    import json
+
+    from cachec.runtime import load_plan
+
+    out = tmp_path / "job"
+    code, text = run("compile", tiny_digits_dir, "--budget", "50%", "--samples-per-condition", "1", "--per-class", "1",
+                     "--out-dir", str(out))
+    assert code == 0, text
+    assert "PSNR" in text and "realised" in text.lower()
+    result = json.loads((out / "eval.json").read_text())
+    plan = load_plan(out / "plan.yaml")
+    assert result["family"] == plan.budget.options["family"] in ("free", "step", "group")
+    assert {c["family"] for c in result["candidates"]} == {"free", "step", "group"}
+    assert 0.49 <= plan.budget.realised <= 0.5 or result["family"] == "step"
+    assert abs(result["flops_fraction"] - plan.budget.realised) < 0.01  # counted FLOPs agree with the plan
+    assert (out / "side_by_side.png").stat().st_size > 0
+
+    calib = str(out / "calib.safetensors")
+    code, text = run("plan", calib, "--budget", "40%", "--family", "group", "--groups", "2", "-o", str(tmp_path / "g.yaml"))
+    assert code == 0, text
+    g = load_plan(tmp_path / "g.yaml")
+    assert g.budget.options["family"] == "group" and g.budget.options["groups"] == 2
+    group_step = max(sum(u.flops for u in g.units[:2]), sum(u.flops for u in g.units[2:])) / (g.steps * g.budget.full_step_flops)
+    assert 0.4 - group_step <= g.budget.realised <= 0.4  # within one group-step of the budget
+    assert len({u.actions for u in g.units}) <= 2  # one mask per block group
+    code, text = run("inspect", str(tmp_path / "g.yaml"))
+    assert code == 0 and "group" in text, text
+    code, text = run("plan", calib, "--budget", "40%", "--groups", "2", "-o", str(tmp_path / "x.yaml"))
+    _assert_one_line_error(code, text, "--groups", "--family group")

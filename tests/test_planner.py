@@ -18,7 +18,7 @@ from cachec.planner import (
 )
 from cachec.planner.calibration import calibration_from_tensors
 from cachec.planner.errors import EOC, LS2, PREDICTORS, eoc_error, predictor_error
-from cachec.planner.solver import allocate
+from cachec.planner.solver import allocate, block_groups
 from cachec.planner.synthetic import (
     calibration_from_features, calibration_tensors, save_calibration, synthetic_calibration, synthetic_features,
 )
@@ -294,6 +294,45 @@ def test_solver_matches_enumeration_of_table_costs(family):
             tot_e = costs[0][:, None, None] + costs[1][None, :, None] + costs[2][None, None, :]
             best = tot_e[tot_c <= cap].min()
         assert got == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_block_groups_hand_cases():
+    names = [f"transformer_blocks.{i}.{b}" for i in range(5) for b in ("attn1", "ff")]
+    assert block_groups(names, 2).tolist() == [0] * 6 + [1] * 4  # 5 blocks -> 3 + 2
+    assert block_groups(names, 1).tolist() == [0] * 10
+    assert block_groups(names, 9).tolist() == [i // 2 for i in range(10)]  # capped at one group per block
+    flux = ["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+            "single_transformer_blocks.0.attn", "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.attn"]
+    assert block_groups(flux, 3).tolist() == [0, 0, 0, 1, 1, 2]
+    with pytest.raises(ValueError, match="groups"):
+        block_groups(names, 0)
+
+
+def test_group_family_matches_enumeration_and_keeps_groups_in_sync():
+    """Two groups of units (blocks {0}, {1, 2}) share masks; the solver's choice is the enumerated optimum."""
+    feats = random_features(U=3, S=7, seed=21)
+    feats = {n: f for n, f in zip(["blocks.0.attn1", "blocks.1.attn1", "blocks.1.ff"], feats.values())}
+    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=21)
+    planner = Planner(cal)
+    K = 3
+    tab = planner.table(K)
+    masks = enumerate_masks(7, K)
+    cnt = np.array([m.sum() for m in masks])
+    g0 = np.array([mask_cost(tab, 0, m) for m in masks])
+    g1 = np.array([mask_cost(tab, 1, m) + mask_cost(tab, 2, m) for m in masks])
+    for budget in (0.4, 0.55, 0.7):
+        cap = budget * 7 * cal.full_step_flops * (1 - 1e-12) - 7 * cal.fixed_step_flops
+        sched = planner.schedule(budget, "cachec", max_staleness=K, family="group", groups=2)
+        assert (sched.compute[1] == sched.compute[2]).all()
+        assert sched.options["groups"] == 2
+        got = sum(mask_cost(tab, u, sched.compute[u]) for u in range(3))
+        tot_c = cnt[:, None] * 1.0 + cnt[None, :] * 4.0
+        best = (g0[:, None] + g1[None, :])[tot_c <= cap].min()
+        assert got == pytest.approx(best, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="only used by family 'group'"):
+        planner.schedule(0.5, "cachec", family="free", groups=2)
+    with pytest.raises(ValueError, match="groups must be an int"):
+        planner.schedule(0.5, "cachec", family="group", groups=0)
 
 
 def test_lagrangian_allocation_close_to_exact():

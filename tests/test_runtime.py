@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import warnings
 
 import numpy as np
+
 import pytest
 import torch
 import yaml
@@ -71,6 +73,24 @@ def test_full_plan_is_bitwise_noop_on_digits(tiny_digits, cfg):
     assert r.calls == STEPS * (2 if cfg == "split" else 1) and r.complete and r.wall_time_s > 0
     assert r.steps == list(range(STEPS)) and r.step_fractions == [1.0] * STEPS and r.computed == r.calls * 4
     assert len(handle.reports) == 1 and handle.reports[0] is r
+
+
+@pytest.mark.parametrize("model", ["digits-flow", "digits-ddim"])
+def test_full_plan_is_bitwise_noop_on_reference_models(model):
+    """The 100 % plan of each shipped reference model at its default steps and guidance reproduces uncached
+    sampling bit for bit (batched CFG, 3 samples)."""
+    from cachec.loading import load_model
+
+    driver = load_model(model)
+    steps = driver.default_steps
+    plan = full_plan(driver, steps=steps)
+    assert plan.budget.realised == 1.0 and len(plan.units) == 24 and plan.sampler.steps == steps
+    conds, seeds = [0, 4, 9], [11, 12, 13]
+    ref = driver.generate(conds, seeds, steps=steps)
+    with apply(driver, plan) as handle:
+        out = driver.generate(conds, seeds, steps=steps)
+    assert torch.equal(ref, out)
+    assert handle.report.complete and handle.report.skipped == 0 and handle.report.computed == steps * 24
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
@@ -174,6 +194,24 @@ def test_plan_matches_hand_rolled_loop_exactly(tiny_digits, cfg):
         out = tiny_digits.generate([3, 7], [0, 1], steps=STEPS, cfg=cfg)
     assert torch.equal(out, expected)
     assert handle.report.skipped == 5 * (2 if cfg == "split" else 1)
+
+
+def test_choose_plan_prefers_the_closer_plan_and_scores_psnr(tiny_digits):
+    from cachec.evaluation import choose_plan
+
+    full = base_plan(tiny_digits)
+    skip = schedule_plan(full, SCHEDULE)
+    conds, seeds = [3, 7, 1], [5, 6, 7]
+    pick, scores = choose_plan(tiny_digits, {"skip": skip, "full": full}, conds, seeds, batch_size=2)
+    assert pick == "full" and scores["full"] == float("inf")
+    ref = tiny_digits.generate(conds, seeds, steps=STEPS).double()
+    with apply(tiny_digits, skip):
+        out = tiny_digits.generate(conds, seeds, steps=STEPS).double()
+    assert scores["skip"] == pytest.approx(-10 * math.log10(float((out - ref).pow(2).mean())), rel=1e-9)
+    with pytest.raises(ValueError, match="different"):
+        choose_plan(tiny_digits, {"a": full, "b": base_plan(tiny_digits, steps=STEPS - 1)}, conds, seeds)
+    with pytest.raises(ValueError, match="at least one"):
+        choose_plan(tiny_digits, {}, conds, seeds)
 
 
 def test_history_used_matches_hand_rolled_loop(tiny_digits):
