@@ -1,6 +1,9 @@
 """Runtime benchmark (issue 5): overhead of a 100% plan and speed-up of real plans, measured side by side.
 
-    python bench/bench_runtime.py [--model digits-flow] [--batch 16] [--repeats 3] [--calibration FILE]
+    python bench/bench_runtime.py [--model digits-flow] [--batch 16] [--repeats 3] [--calibration FILE] [--family F]
+
+The 40% and 25% plans are the shipped ones under plans/ when the model has them (what users run);
+otherwise (or with --calibration / --family) they are solved from a quick calibration.
 
 Prints, for a realistic batch (16 images, batched CFG, so 32 rows per transformer call):
 (a) runtime overhead = wall(plan at 100%) / wall(no runtime)          target <= 1.02
@@ -24,7 +27,8 @@ from cachec.flops import count_flops
 from cachec.loading import load_model
 from cachec.pipeline_job import _write_plan
 from cachec.planner import Planner, load_calibration
-from cachec.runtime import apply, full_plan
+from cachec.runtime import apply, full_plan, load_plan
+from cachec.shipped import PLANS_DIR, plan_name
 
 
 def main() -> None:
@@ -33,22 +37,36 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calibration", type=Path, default=None, help="reuse a calibration file of the same model")
+    ap.add_argument("--family", choices=["free", "step", "group"], default=None,
+                    help="solve the plans with this family instead of using the shipped plans")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     driver = load_model(args.model)
     steps, guidance = driver.default_steps, driver.default_guidance
     conds = [i % driver.num_classes for i in range(args.batch)]
     seeds = list(range(2_000_000, 2_000_000 + args.batch))
+    shipped = {b: PLANS_DIR / plan_name(args.model, b) for b in (0.40, 0.25)}
+    use_shipped = args.calibration is None and args.family is None and all(p.exists() for p in shipped.values())
     with tempfile.TemporaryDirectory() as tmp:
-        calib = args.calibration
-        if calib is None:
-            calib = calibrate(driver, list(range(driver.num_classes)), output=Path(tmp) / "calib.safetensors",
-                              samples_per_condition=1, sensitivity="none", progress=False, steps=steps,
-                              guidance=guidance)
-        planner = Planner(load_calibration(calib))
         plans = {"100%": full_plan(driver, steps=steps)}
-        for b in (0.40, 0.25):
-            d, side = planner.plan(b, "cachec")
-            plans[f"{b:.0%}"] = _write_plan(d, side, Path(tmp) / f"plan{int(100 * b)}.yaml")
+        if use_shipped:
+            for b, path in shipped.items():
+                plans[f"{b:.0%}"] = load_plan(path)
+            source = "shipped plans " + ", ".join(p.name for p in shipped.values())
+        else:
+            calib = args.calibration
+            if calib is None:
+                calib = calibrate(driver, list(range(driver.num_classes)), output=Path(tmp) / "calib.safetensors",
+                                  samples_per_condition=1, sensitivity="factored", sensitivity_samples=1,
+                                  progress=False, steps=steps, guidance=guidance)
+            planner = Planner(load_calibration(calib))
+            family = args.family or "free"
+            for b in (0.40, 0.25):
+                d, side = planner.plan(b, "cachec", family=family)
+                plans[f"{b:.0%}"] = _write_plan(d, side, Path(tmp) / f"plan{int(100 * b)}.yaml")
+            source = f"plans solved now ({family} family)"
 
         def run(plan):
             if plan is None:
@@ -67,7 +85,7 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.model}: batch {args.batch} + CFG, {steps} steps, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved repeats")
+          f"median of {args.repeats} interleaved repeats; {source}")
     print(f"{'variant':10s} {'FLOPs frac':>10s} {'wall s':>8s} {'speed-up':>9s} {'ideal':>6s} {'ratio':>6s}")
     for k in variants:
         frac = flops[k] / flops["uncached"]

@@ -9,7 +9,9 @@ Methods (``all_methods``), by group:
 
 - **cachec**: plans solved by :mod:`cachec.planner` from a calibration the benchmark makes itself
   (:func:`cachec.calibrate.run.calibrate` on its own conditions and seeds), executed by
-  :func:`cachec.runtime.apply`. Line ``cachec`` (default solver family ``free``) and ``cachec (step family)``.
+  :func:`cachec.runtime.apply`. Line ``cachec`` is the shipped procedure (every schedule family solved, the one
+  closest to uncached sampling on validation seeds kept, as ``cachec compile`` does); lines ``cachec (free |
+  step | group family)`` show each family alone.
 - **planner baselines**: FORA (interval N), EOC as published (FORA + α = 0.01), GOC as published (FORA +
   λ = 1.2 with the inflection gate), built by the same planner and run by the same runtime.
 - **diffusers 0.42.1 hooks** (``diffusers.hooks.apply_*`` on the transformer): FirstBlockCache,
@@ -146,6 +148,7 @@ class BenchContext:
         batch_size: samples per ``generate`` call.
         sensitivity: cachec calibration sensitivity method (``full`` | ``factored`` | ``none``).
         sensitivity_samples: samples of cachec's sensitivity probes.
+        validation_per_class: validation samples per class of cachec's closed-loop family choice.
         log: progress printer.
         cache: per-configuration results shared between methods (the calibration file, MagCache ratios).
     """
@@ -159,6 +162,7 @@ class BenchContext:
     batch_size: int = 10
     sensitivity: str = "factored"
     sensitivity_samples: int = 4
+    validation_per_class: int = 2
     log: Callable[[str], None] = print
     cache: dict = field(default_factory=dict)
 
@@ -515,14 +519,36 @@ def _planner(ctx: BenchContext):
     return ctx.cache["planner"]
 
 
+def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tuple[dict, dict, dict]:
+    """cachec's shipped procedure: solve every schedule family, keep the one closest to uncached sampling on
+    validation seeds (``VALIDATION_SEED``, disjoint from calibration and evaluation seeds).
+
+    Returns:
+        ``(plan, sidecar, {"chosen", "validation_psnr_db", "validation_images"})``.
+    """
+    from cachec.evaluation import VALIDATION_SEED, choose_plan, held_out
+    from cachec.pipeline_job import _write_plan
+    from cachec.planner import FAMILIES
+
+    if "validation" not in ctx.cache:
+        ctx.cache["validation"] = held_out(ctx.driver, ctx.validation_per_class, VALIDATION_SEED)
+    vconds, vseeds = ctx.cache["validation"]
+    made = {fam: planner.plan(budget, "cachec", family=fam) for fam in FAMILIES}
+    cands = {fam: _write_plan(pd, side, path.with_name(f"{path.stem}-{fam}.yaml")) for fam, (pd, side) in made.items()}
+    pick, scores = choose_plan(ctx.driver, cands, vconds, vseeds, batch_size=ctx.batch_size)
+    plan, side = made[pick]
+    return plan, side, {"chosen": pick, "validation_psnr_db": scores, "validation_images": len(vconds)}
+
+
 class PlanMethod(Method):
     """A plan built by :mod:`cachec.planner` (``method``) and executed by :mod:`cachec.runtime`."""
 
     group = "cachec"
 
     def __init__(self, name: str, method: str, budgets: Sequence[float] = (), intervals: Sequence[int] = (),
-                 quick_points: Sequence = (), **options) -> None:
+                 quick_points: Sequence = (), choose_family: bool = False, **options) -> None:
         super().__init__()
+        self.choose_family = choose_family
         self.name = name
         self.method = method
         self.budgets = list(budgets)
@@ -533,6 +559,8 @@ class PlanMethod(Method):
         if method != "cachec":
             self.group = "planner baseline"
         self.settings = {"planner_method": method, **options}
+        if choose_family:
+            self.settings["family"] = "chosen closed-loop on validation seeds (as cachec compile does)"
 
     def prepare(self, ctx: BenchContext) -> None:
         _planner(ctx)
@@ -549,12 +577,17 @@ class PlanMethod(Method):
 
     def session(self, ctx: BenchContext, p) -> Session:
         planner = _planner(ctx)
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.name}-{p}").strip("-")
+        path = Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml"
+        if self.choose_family:
+            plan, side, choice = choose_family(ctx, planner, float(p), path)
+            session = PlanSession(ctx, plan, side, path)
+            session.info["family_choice"] = choice
+            return session
         if self.budgets:
             plan, side = planner.plan(float(p), self.method, **self.options)
         else:
             plan, side = planner.plan(None, self.method, interval=int(p), **self.options)
-        tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.name}-{p}").strip("-")
-        path = Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml"
         return PlanSession(ctx, plan, side, path)
 
 
@@ -908,19 +941,25 @@ class CacheDitMethod(Method):
 # ------------------------------------------------------------------------------------- registry
 
 
-def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = None) -> list[Method]:
+def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = None,
+                families: bool = False) -> list[Method]:
     """Every method of the comparison, in table order.
 
     Args:
         steps: sampling steps (FORA intervals and plan budgets do not depend on it; kept for symmetry).
         quick: fewer operating points (smoke run).
         only: keep methods whose name contains one of these strings (case-insensitive).
+        families: also one line per cachec schedule family (free, step, group) without the closed-loop choice.
     """
     budgets = [0.2, 0.25, 0.4, 0.6]
     intervals = [2, 3, 4, 5]
     methods: list[Method] = [
-        PlanMethod("cachec", "cachec", budgets=budgets, quick_points=[0.25, 0.4, 0.6]),
-        PlanMethod("cachec (step family)", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.4], family="step"),
+        PlanMethod("cachec", "cachec", budgets=budgets, quick_points=[0.25, 0.4, 0.6], choose_family=True),
+    ]
+    if families:
+        methods += [PlanMethod(f"cachec ({fam} family)", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.4], family=fam)
+                    for fam in ("free", "step", "group")]
+    methods += [
         PlanMethod("FORA", "fora", intervals=intervals, quick_points=[2, 4]),
         PlanMethod("EOC (paper)", "eoc-paper", intervals=intervals[:3], quick_points=[2, 4]),
         PlanMethod("GOC (paper)", "goc-paper", intervals=intervals[:3], quick_points=[2, 4]),

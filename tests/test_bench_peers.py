@@ -39,7 +39,7 @@ def reference(ctx):
 
 
 def _methods():
-    return peers.all_methods(STEPS, quick=True)
+    return peers.all_methods(STEPS, quick=True, families=True)
 
 
 @pytest.mark.parametrize("method", _methods(), ids=lambda m: m.name)
