@@ -691,7 +691,8 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                 choice = (r.get("info") or {}).get("family_choice")
                 if choice:
                     sc = " / ".join(f"{k} {_fmt(v)}" for k, v in choice["validation_psnr_db"].items())
-                    note += f"; family {choice['chosen']} (validation PSNR on {choice['validation_images']} images: {sc} dB)"
+                    note += (f"; chosen {choice['chosen']}/refine{choice['refine']} (validation PSNR on "
+                             f"{choice['validation_images']} images: {sc} dB)")
                 L.append(f"| {e['method']} | {r['label']} | {r['flops_fraction']:.1%} | {_fmt(r.get('psnr_db'))} | "
                          f"{_fmt(r.get('ssim'), '.4f')} | {_fmt(r.get('class_accuracy'), '.3f')} | "
                          f"{_fmt(r.get('frechet'), '.1f')} | {_fmt(r.get('wall_ratio'), '.2f')} | {note.replace('|', '/')} |")
@@ -747,6 +748,8 @@ def parse_args(argv=None):
     ap.add_argument("--flop-counter", choices=["fast", "torch"], default="fast",
                     help="fast: flop_counter formulas in a bare dispatch mode, checked against cachec.flops.count_flops "
                          "on the reference and on every method's first point; torch: count_flops everywhere (≈2× slower)")
+    ap.add_argument("--refine", type=int, default=None,
+                    help="trajectory refinements per family in cachec's plan search (default 1; quick 0)")
     ap.add_argument("--families", action="store_true",
                     help="also one line per cachec schedule family (free, step, group) besides the closed-loop choice")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 10 images, few points, no adaptive sweep")
@@ -798,6 +801,7 @@ def main(argv=None) -> int:
                 cfg = Config(driver, model, steps, per_class, cal_per_class, args.batch_size, wd, sensitivity,
                              args.sensitivity_samples)
                 cfg.counter = args.flop_counter
+                cfg.ctx.refine = args.refine if args.refine is not None else (0 if args.quick else 1)
                 methods = peers.all_methods(steps, quick=args.quick, families=args.families,
                                             only=args.methods.split(",") if args.methods else None)
                 res = run_config(cfg, methods, args.quick, args.max_extra, progress)

@@ -9,9 +9,9 @@ Methods (``all_methods``), by group:
 
 - **cachec**: plans solved by :mod:`cachec.planner` from a calibration the benchmark makes itself
   (:func:`cachec.calibrate.run.calibrate` on its own conditions and seeds), executed by
-  :func:`cachec.runtime.apply`. Line ``cachec`` is the shipped procedure (every schedule family solved, the one
-  closest to uncached sampling on validation seeds kept, as ``cachec compile`` does); lines ``cachec (free |
-  step | group family)`` show each family alone.
+  :func:`cachec.runtime.apply`. Line ``cachec`` is the shipped procedure (every schedule family solved and
+  refined along its own cached trajectory, the plan closest to uncached sampling on validation seeds kept, as
+  ``cachec compile`` does); lines ``cachec (free | step | group family)`` show each family alone, unrefined.
 - **planner baselines**: FORA (interval N), EOC as published (FORA + α = 0.01), GOC as published (FORA +
   λ = 1.2 with the inflection gate), built by the same planner and run by the same runtime.
 - **diffusers 0.42.1 hooks** (``diffusers.hooks.apply_*`` on the transformer): FirstBlockCache,
@@ -149,6 +149,7 @@ class BenchContext:
         sensitivity: cachec calibration sensitivity method (``full`` | ``factored`` | ``none``).
         sensitivity_samples: samples of cachec's sensitivity probes.
         validation_per_class: validation samples per class of cachec's closed-loop family choice.
+        refine: trajectory refinements per family of cachec's plan search.
         log: progress printer.
         cache: per-configuration results shared between methods (the calibration file, MagCache ratios).
     """
@@ -163,6 +164,7 @@ class BenchContext:
     sensitivity: str = "factored"
     sensitivity_samples: int = 4
     validation_per_class: int = 2
+    refine: int = 1
     log: Callable[[str], None] = print
     cache: dict = field(default_factory=dict)
 
@@ -520,24 +522,33 @@ def _planner(ctx: BenchContext):
 
 
 def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tuple[dict, dict, dict]:
-    """cachec's shipped procedure: solve every schedule family, keep the one closest to uncached sampling on
-    validation seeds (``VALIDATION_SEED``, disjoint from calibration and evaluation seeds).
+    """cachec's shipped procedure (``cachec compile``): solve every schedule family, refine each
+    ``ctx.refine`` times along its own cached trajectory (:mod:`cachec.refine`, on the calibration samples),
+    keep the plan closest to uncached sampling on validation seeds (``VALIDATION_SEED``, disjoint from the
+    calibration and evaluation seeds).
 
     Returns:
-        ``(plan, sidecar, {"chosen", "validation_psnr_db", "validation_images"})``.
+        ``(plan, sidecar, {"chosen", "refine", "validation_psnr_db", "validation_images"})``.
     """
-    from cachec.evaluation import VALIDATION_SEED, choose_plan, held_out
-    from cachec.pipeline_job import _write_plan
+    from cachec.evaluation import VALIDATION_SEED, held_out
     from cachec.planner import FAMILIES
+    from cachec.refine import choose, refined_plans
 
     if "validation" not in ctx.cache:
         ctx.cache["validation"] = held_out(ctx.driver, ctx.validation_per_class, VALIDATION_SEED)
     vconds, vseeds = ctx.cache["validation"]
-    made = {fam: planner.plan(budget, "cachec", family=fam) for fam in FAMILIES}
-    cands = {fam: _write_plan(pd, side, path.with_name(f"{path.stem}-{fam}.yaml")) for fam, (pd, side) in made.items()}
-    pick, scores = choose_plan(ctx.driver, cands, vconds, vseeds, batch_size=ctx.batch_size)
-    plan, side = made[pick]
-    return plan, side, {"chosen": pick, "validation_psnr_db": scores, "validation_images": len(vconds)}
+    calib = ensure_calibration(ctx)
+    opts = dict(conditions=list(ctx.calib_conditions), samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
+                seed=int(ctx.calib_seeds[0]), batch_size=ctx.batch_size)
+    cands = []
+    for fam in FAMILIES:
+        cands += refined_plans(ctx.driver, calib, budget, family=fam, iterations=ctx.refine,
+                               workdir=path.parent / f"{path.stem}-candidates", calibrate_options=opts)
+    best = choose(ctx.driver, cands, vconds, vseeds)
+    return dict(best.plan_dict), best.sidecar, {
+        "chosen": best.family, "refine": best.iteration,
+        "validation_psnr_db": {c.name: c.validation_psnr for c in cands}, "validation_images": len(vconds),
+    }
 
 
 class PlanMethod(Method):
@@ -560,7 +571,8 @@ class PlanMethod(Method):
             self.group = "planner baseline"
         self.settings = {"planner_method": method, **options}
         if choose_family:
-            self.settings["family"] = "chosen closed-loop on validation seeds (as cachec compile does)"
+            self.settings["family"] = ("free/step/group, each refined along its own trajectory, chosen closed-loop on "
+                                       "validation seeds (as cachec compile does)")
 
     def prepare(self, ctx: BenchContext) -> None:
         _planner(ctx)

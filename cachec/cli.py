@@ -113,6 +113,8 @@ def sample(model, classes, per_class, steps, guidance, seed, cfg, device, dtype,
         raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
     if steps is not None and steps <= 0:
         raise click.ClickException(f"--steps must be positive, got {steps}")
+    if along and not sensitivity_from:
+        raise click.ClickException("--along needs --sensitivity-from CALIB (the uncached calibration the plan was made from)")
     driver = load_model(model, device=_device(device), dtype=_dtype(dtype))
     conds = [c for c in _conditions(driver, classes, None) for _ in range(per_class)]
     seeds = [seed + i for i in range(len(conds))]
@@ -171,10 +173,14 @@ def calibrate():
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--restart", is_flag=True, help="Discard a partial run of another configuration instead of refusing.")
+@click.option("--along", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Sample along this plan's cached trajectory (units computed in shadow); needs --sensitivity-from.")
+@click.option("--sensitivity-from", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Copy the sensitivity from this calibration of the same model instead of measuring it.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Calibration .safetensors file.")
 @friendly
 def calibrate_run(model, classes, prompts, samples_per_condition, steps, guidance, seed, batch_size, shard, eoc_lags,
-                  sensitivity, sensitivity_samples, cfg, device, dtype, restart, output):
+                  sensitivity, sensitivity_samples, cfg, device, dtype, restart, along, sensitivity_from, output):
     """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run."""
     from .calibrate.calfile import read_header
     from .calibrate.run import calibrate as run_calibration
@@ -184,12 +190,16 @@ def calibrate_run(model, classes, prompts, samples_per_condition, steps, guidanc
         raise click.ClickException(f"output folder {Path(output).parent} does not exist; create it first")
     if steps is not None and steps <= 0:
         raise click.ClickException(f"--steps must be positive, got {steps}")
+    if along and not sensitivity_from:
+        raise click.ClickException("--along needs --sensitivity-from CALIB (the uncached calibration the plan was made from)")
     driver = load_model(model, device=_device(device), dtype=_dtype(dtype))
     conds = _conditions(driver, classes, prompts)
     t0 = time.perf_counter()
     path = run_calibration(driver, conds, output=output, samples_per_condition=samples_per_condition, steps=steps,
                            guidance=guidance, seed=seed, batch_size=batch_size, shard=shard, eoc_lags=eoc_lags,
-                           sensitivity=sensitivity, sensitivity_samples=sensitivity_samples, cfg=cfg, restart=restart)
+                           sensitivity="none" if (along or sensitivity_from) else sensitivity,
+                           sensitivity_samples=sensitivity_samples, cfg=cfg, restart=restart, along=along,
+                           sensitivity_from=sensitivity_from)
     h = read_header(path)
     S, B = h["steps"], h["guidance"]["branches"]
     full_run = h["flops"]["full_step"] * S * B
@@ -390,10 +400,13 @@ def run(plan_file, model, classes, prompt, per_class, seed, force, out):
               help="cachec: schedule family; auto = closed-loop choice on validation seeds.")
 @click.option("--samples-per-condition", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True, help="Evaluation samples per class.")
+@click.option("--refine", type=click.IntRange(min=0), default=2, show_default=True,
+              help="cachec: re-calibrations along each plan's own cached trajectory (each iterate is a candidate).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="cachec-out", show_default=True)
 @friendly
-def compile_(model, budget, method, family, samples_per_condition, per_class, out_dir):
-    """The main job: calibrate MODEL, plan at BUDGET, evaluate against uncached sampling on held-out seeds.
+def compile_(model, budget, method, family, samples_per_condition, per_class, refine, out_dir):
+    """The main job: calibrate MODEL, plan at BUDGET (schedule families, refined along their own cached
+    trajectories, chosen closed-loop on validation seeds), evaluate against uncached sampling on held-out seeds.
 
     Writes OUT_DIR/calib.safetensors, plan.yaml, eval.json and side_by_side.png (uncached | cached) and
     prints one table.
@@ -403,7 +416,7 @@ def compile_(model, budget, method, family, samples_per_condition, per_class, ou
 
     b = parse_budget(budget)
     job = run_job(model, b, out_dir, method=method, family=family, samples_per_condition=samples_per_condition,
-                  eval_per_class=per_class, log=lambda m: click.echo(m, err=True))
+                  eval_per_class=per_class, refine=refine, log=lambda m: click.echo(m, err=True))
     click.echo(job_table(job.result))
     click.echo(f"plan -> {job.plan}; side-by-side (uncached | cached) -> {job.side_by_side}")
 

@@ -2,10 +2,12 @@
 
 ``cachec compile`` runs it. Every stage writes its file into one output folder, and a re-run reuses
 what is already there (the calibration resumes or is reused when its file exists with the same settings).
-Family choice (``family="auto"``): the planner solves a free per-unit schedule, a step-synchronous one and
-a block-group one; each runs closed-loop on *validation* seeds (disjoint from the calibration and
-evaluation seeds) and the one closest to the uncached output wins (ARCHITECTURE.md, lesson 6: predicted errors rank plans but
-propagation can reorder free vs structured schedules).
+Plan search (``family="auto"``, ``refine=2``): the planner solves a free per-unit schedule, a
+step-synchronous one and a block-group one; each is refined twice along its own cached trajectory
+(:mod:`cachec.refine`); every one of these plans runs closed-loop on *validation* seeds (disjoint from the
+calibration and evaluation seeds) and the one closest to the uncached output wins (ARCHITECTURE.md,
+lesson 6: predicted errors rank plans of one family, but error propagation can reorder free and structured
+schedules).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluation import EVAL_SEED, VALIDATION_SEED, choose_plan, evaluate_plan, held_out
+from .evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
+from .refine import Candidate, choose, refined_plans
 
 
 @dataclass
@@ -25,7 +28,7 @@ class JobResult:
     plan: Path
     result: dict
     side_by_side: Path
-    candidates: list[dict]
+    candidates: list  # of cachec.refine.Candidate
 
 
 def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: int, conditions: list) -> bool:
@@ -52,7 +55,7 @@ def _write_plan(plan_dict, sidecar, path: Path):
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
             method: str = "cachec", family: str = "auto", samples_per_condition: int = 4,
             eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "factored",
-            progress: bool = True, log=print) -> JobResult:
+            refine: int = 2, progress: bool = True, log=print) -> JobResult:
     """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
 
     Args:
@@ -66,6 +69,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         eval_per_class: evaluation samples per class (seeds from :data:`EVAL_SEED`).
         validation_per_class: samples per class of the family choice (seeds from :data:`VALIDATION_SEED`).
         sensitivity: calibration sensitivity method.
+        refine: trajectory refinements per family (:mod:`cachec.refine`); every iterate is a candidate of
+            the closed-loop choice (cachec only; 0 = plans from the uncached calibration only).
         log: where progress lines go.
 
     Returns:
@@ -79,7 +84,6 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     from .loading import load_model
     from .planner import FAMILIES, Planner, load_calibration
     from .quality import to_jsonable
-    from .runtime.plan import load_plan
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,47 +101,41 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             f"{steps} steps, guidance {guidance}")
         calibrate(driver, conditions, output=calib, samples_per_condition=samples_per_condition, steps=steps,
                   guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
-    cal = load_calibration(calib)
-    planner = Planner(cal)
-    families = (list(FAMILIES) if family == "auto" else [family]) if method == "cachec" else [None]
-    candidates = []
-    for fam in families:
-        opts = {"family": fam} if fam else {}
-        plan_dict, side = planner.plan(budget, method, **opts)
-        path = out / (f"plan-{fam}.yaml" if len(families) > 1 else "plan.yaml")
-        candidates.append({"family": fam, "path": path, "plan": _write_plan(plan_dict, side, path)})
-    log(f"[2/4] planned {method} at {100 * budget:.0f}%: "
-        + ", ".join(f"{c['family'] or method} realised {100 * c['plan'].budget.realised:.2f}%" for c in candidates))
+    if method == "cachec":
+        families = list(FAMILIES) if family == "auto" else [family]
+        cal_opts = dict(conditions=conditions, samples_per_condition=samples_per_condition, steps=steps,
+                        guidance=guidance)
+        candidates = []
+        for fam in families:
+            candidates += refined_plans(driver, calib, budget, family=fam, iterations=refine, workdir=out / "candidates",
+                                        calibrate_options=cal_opts, log=log)
+    else:
+        plan_dict, side = Planner(load_calibration(calib)).plan(budget, method)
+        path = out / "candidates" / "plan.yaml"
+        path.parent.mkdir(exist_ok=True)
+        candidates = [Candidate(method, 0, path, _write_plan(plan_dict, side, path), plan_dict, side)]
+    log(f"[2/4] planned {method} at {100 * budget:.0f}%: {len(candidates)} candidate(s) ("
+        + ", ".join(f"{c.name} {100 * c.plan.budget.realised:.2f}%" for c in candidates) + ")")
     if len(candidates) > 1:
         vconds, vseeds = held_out(driver, validation_per_class, VALIDATION_SEED)
-        pick, scores = choose_plan(driver, {c["family"]: c["plan"] for c in candidates}, vconds, vseeds)
-        for c in candidates:
-            c["validation_psnr"] = scores[c["family"]]
-        best = next(c for c in candidates if c["family"] == pick)
+        best = choose(driver, candidates, vconds, vseeds)
         log("[3/4] closed-loop check on validation seeds: "
-            + ", ".join(f"{c['family']} {c['validation_psnr']:.2f} dB" for c in candidates) + f" -> {best['family']}")
+            + ", ".join(f"{c.name} {c.validation_psnr:.2f} dB" for c in candidates) + f" -> {best.name}")
     else:
         best = candidates[0]
         log("[3/4] closed-loop check skipped (one candidate)")
     plan_path = out / "plan.yaml"
-    if best["path"] != plan_path:
-        chosen = load_plan(best["path"])
-        best["plan"] = _write_plan(_plan_dict(chosen), chosen.load_sidecar() if chosen.sidecar else None, plan_path)
+    chosen = _write_plan(dict(best.plan_dict), best.sidecar, plan_path)
     conds, seeds = held_out(driver, eval_per_class, EVAL_SEED)
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
-    run = evaluate_plan(driver, best["plan"], conds, seeds, name=f"{method} {100 * budget:.0f}%")
-    run.result.update(model=driver.name, family=best["family"],
-                      candidates=[{k: (str(v) if isinstance(v, Path) else v) for k, v in c.items() if k != "plan"}
+    run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")
+    run.result.update(model=driver.name, family=best.family, refine=best.iteration,
+                      candidates=[{"family": c.family, "refine": c.iteration, "path": str(c.path),
+                                   "realised": c.plan.budget.realised, "validation_psnr": c.validation_psnr}
                                   for c in candidates])
     png = save_png(side_by_side(run.reference, run.cached, ncols=eval_per_class), out / "side_by_side.png")
     (out / "eval.json").write_text(json.dumps(to_jsonable(run.result), indent=2, allow_nan=False) + "\n")
     return JobResult(calib, plan_path, run.result, png, candidates)
-
-
-def _plan_dict(plan) -> dict:
-    from .runtime.plan import to_dict
-
-    return to_dict(plan)
 
 
 def job_table(result: dict) -> str:

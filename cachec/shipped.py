@@ -1,9 +1,10 @@
 """The plans shipped under ``plans/`` for the reference models, and how to rebuild them.
 
-Each shipped plan is rebuilt by: calibrating the model with :data:`CALIBRATION` settings, then planning
-with the family recorded in the plan (``budget.options.family``, chosen closed-loop on validation seeds
-when the plans were made). ``tests/test_shipped_plans.py`` re-runs both steps and checks that the planner
-still produces the shipped schedules.
+Each shipped plan is rebuilt by: calibrating the model with :data:`CALIBRATION` settings, planning with the
+family recorded in the plan (``budget.options.family``) and, when the plan records ``refine = k``, k
+trajectory refinements (:mod:`cachec.refine`: calibrate along the previous plan with the same settings,
+re-plan). Family and refinement were chosen closed-loop on validation seeds when the plans were made.
+``tests/test_shipped_plans.py`` re-runs all of it and checks that the shipped schedules come out again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 from pathlib import Path
 
 #: shipped model -> budgets (fractions)
-BUDGETS = {"digits-flow": (0.25, 0.40, 0.60)}
+BUDGETS = {"digits-flow": (0.25, 0.40, 0.60), "digits-ddim": (0.25, 0.40, 0.60)}
 #: torch intra-op threads the shipped plans were calibrated with (matmul reductions differ in the last bits
 #: across thread counts, so the re-plan test calibrates with the same number)
 CALIBRATION_THREADS = 2
@@ -36,9 +37,22 @@ def calibrate_reference(model: str, output: Path, progress: bool = False) -> Pat
                      **CALIBRATION)
 
 
-def replan(calibration_path: Path, model: str, families: dict[float, str]) -> dict[float, tuple[dict, dict]]:
-    """Plans of ``model`` at its shipped budgets, each with the given family: {budget: (plan, sidecar)}."""
-    from .planner import Planner, load_calibration
+#: trajectory refinements per family searched when the shipped plans are made
+REFINE = 2
 
-    planner = Planner(load_calibration(calibration_path))
-    return {b: planner.plan(b, "cachec", family=families[b]) for b in BUDGETS[model]}
+
+def calibration_options(driver) -> dict:
+    """Keyword arguments of :func:`cachec.calibrate.calibrate` for the trajectory refinements."""
+    opts = {k: v for k, v in CALIBRATION.items() if k not in ("sensitivity", "sensitivity_samples")}
+    return dict(opts, conditions=list(range(driver.num_classes)))
+
+
+def replan(calibration_path: Path, model: str, options: dict[float, dict], workdir: Path) -> dict[float, tuple[dict, dict]]:
+    """Plans of ``model`` at its shipped budgets, each rebuilt from its recorded options (``family``,
+    ``refine``): {budget: (plan, sidecar)}. Trajectory calibrations are written under ``workdir``."""
+    from .loading import load_model
+    from .refine import replan as replan_one
+
+    driver = load_model(model)
+    return {b: replan_one(driver, calibration_path, b, options[b], Path(workdir) / f"b{round(100 * b)}",
+                          calibration_options(driver)) for b in BUDGETS[model]}

@@ -26,6 +26,8 @@ HEADER_KEYS = (
     "sigmas", "guidance", "resolution", "conditions", "samples_per_condition", "seed", "samples",
     "prior_count", "goc_count", "eoc_lags", "units", "flops", "sensitivity", "shards",
 )
+#: optional header keys, after the required ones when present (docs/calibration-format.md)
+OPTIONAL_HEADER_KEYS = ("along_plan",)
 #: a file larger than this draws a warning (bytes)
 WARN_BYTES = 500 * 1000**2
 
@@ -60,15 +62,16 @@ def write_calibration(path: str | Path, header: dict, tensors: dict) -> Path:
     """Write a calibration file atomically; warn (``UserWarning``) when it exceeds 500 MB.
 
     Args:
-        header: the JSON header (exactly :data:`HEADER_KEYS`).
+        header: the JSON header (exactly :data:`HEADER_KEYS`, then any of :data:`OPTIONAL_HEADER_KEYS`).
         tensors: ``{key: float64 CPU tensor}``.
 
     Raises:
         ValueError: header keys differ from the format's.
     """
-    if tuple(header) != HEADER_KEYS:
+    optional = tuple(k for k in OPTIONAL_HEADER_KEYS if k in header)
+    if tuple(header) != HEADER_KEYS + optional:
         missing = [k for k in HEADER_KEYS if k not in header]
-        extra = [k for k in header if k not in HEADER_KEYS]
+        extra = [k for k in header if k not in HEADER_KEYS + OPTIONAL_HEADER_KEYS]
         raise ValueError(f"calibration header keys differ from format {FORMAT_VERSION}: missing {missing}, extra {extra}")
     size = atomic_save(tensors, path, {METADATA_KEY: json.dumps(header, allow_nan=False)})
     if size > WARN_BYTES:
@@ -180,6 +183,7 @@ _MUST_MATCH = (
     ("seed", lambda h: h["seed"]),
     ("eoc_lags", lambda h: h["eoc_lags"]),
     ("sensitivity method", lambda h: h["sensitivity"]["method"]),
+    ("plan followed (along_plan)", lambda h: h.get("along_plan")),
 )
 
 
@@ -288,7 +292,7 @@ def merge(paths: Sequence[str | Path], output: str | Path) -> Path:
         "seconds": float(sum(h["sensitivity"]["seconds"] for h in headers)),
     }
     header["shards"] = shards
-    header = {k: header[k] for k in HEADER_KEYS}
+    header = {k: header[k] for k in HEADER_KEYS + OPTIONAL_HEADER_KEYS if k in header}
     return write_calibration(out, header, tensors)
 
 

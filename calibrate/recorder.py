@@ -199,6 +199,15 @@ class Switch:
             raise RuntimeError("no calibration handler is active, yet a unit was skipped")
         return self.target.predict(index)
 
+    def substitute(self, index: int) -> Feature | None:
+        sub = getattr(self.target, "substitute", None)
+        return None if sub is None else sub(index)
+
+    def abort_call(self) -> None:
+        abort = getattr(self.target, "abort_call", None)
+        if abort is not None:
+            abort()
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -292,3 +301,49 @@ class Recorder:
 
     def predict(self, index: int) -> Feature:
         raise RuntimeError("the calibration recorder never skips a unit")
+
+
+class ShadowRecorder:
+    """Records features along a plan's cached trajectory: every unit is computed (shadow computation) and
+    recorded, but where the plan skips a unit its prediction is passed downstream, so later units, later
+    steps and the sample follow exactly the trajectory the plan produces at run time.
+
+    The recorded feature of a skipped (unit, step) is what the unit would have returned on the perturbed
+    input, the target the prediction should have hit; computed features are the anchors the runtime
+    really stores. Statistics of such a recording price predictors with the propagation of the plan's own
+    errors included (ARCHITECTURE.md lesson 6: re-record along the cached trajectory and re-plan).
+
+    Args:
+        recorder: the :class:`Recorder` (step tracking, feature buffers, timing).
+        executor: a :class:`cachec.runtime.executor.PlanExecutor` of the plan (``run_signal=False``: runs are
+            detected from the steps).
+    """
+
+    def __init__(self, recorder: Recorder, executor):
+        self.recorder = recorder
+        self.executor = executor
+
+    def begin_call(self, args, kwargs) -> None:
+        self.recorder.begin_call(args, kwargs)
+        self.executor.begin_call(args, kwargs)
+
+    def end_call(self) -> None:
+        self.recorder.end_call()
+        self.executor.end_call()
+
+    def abort_call(self) -> None:
+        self.executor.abort_call()
+
+    def should_compute(self, index: int) -> bool:
+        return self.recorder.should_compute(index)
+
+    def store(self, index: int, feature: Feature) -> None:
+        self.recorder.store(index, feature)
+        if self.executor.should_compute(index):
+            self.executor.store(index, feature)
+
+    def substitute(self, index: int) -> Feature | None:
+        return None if self.executor.should_compute(index) else self.executor.predict(index)
+
+    def predict(self, index: int) -> Feature:
+        raise RuntimeError("the shadow recorder computes every unit")

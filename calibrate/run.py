@@ -42,7 +42,7 @@ from cachec.runtime.units import find_units, unwrap
 from . import sensitivity as sens_mod
 from .calfile import FORMAT, FORMAT_VERSION, HEADER_KEYS, atomic_save, write_calibration
 from .conditions import batch_samples, num_batches, sample_plan
-from .recorder import Recorder, StepTracker, Switch, batched_cond_first
+from .recorder import Recorder, ShadowRecorder, StepTracker, Switch, batched_cond_first
 from .stats import Accumulators
 
 PARTIAL_KEY = "cachec_partial"
@@ -321,8 +321,15 @@ def calibrate(
     restart: bool = False,
     checkpoint_every: float = 30.0,
     overlap: bool = False,
+    along=None,
+    sensitivity_from: str | Path | None = None,
 ) -> Path:
     """Run uncached sampling over ``conditions`` and write the calibration statistics file.
+
+    With ``along`` the sampling follows a plan instead (trajectory calibration, ARCHITECTURE.md lesson 6):
+    the plan is executed, but every unit is also computed in shadow and recorded, so the statistics price
+    predictors on the trajectory the plan really produces (anchors computed on already-perturbed inputs).
+    Re-planning from such a file and repeating is the refinement loop of ``cachec compile``.
 
     Args:
         driver: a :class:`cachec.loading.Driver` (``load_model(...)``).
@@ -345,6 +352,11 @@ def calibrate(
         overlap: fold a batch's statistics on a worker thread while the next batch samples (same result;
             twice the trajectory memory). Helps on CPU when cores are idle during sampling (e.g. with
             ``torch.set_num_threads`` below the core count); on a busy machine it only adds contention.
+        along: a plan (:class:`cachec.runtime.plan.Plan` or YAML path) for this model, steps and guidance;
+            the samples follow its cached trajectory. Needs ``sensitivity="none"`` (probes measure the
+            uncached trajectory; take them from the uncached calibration with ``sensitivity_from``).
+        sensitivity_from: a calibration file of the same model, units and timesteps whose ``sensitivity``
+            (and its header entry) is copied instead of measuring it (``sensitivity`` must be ``"none"``).
 
     Returns:
         ``Path(output)`` (on every rank).
@@ -353,7 +365,8 @@ def calibrate(
         FileNotFoundError: the output folder is missing.
         ValueError: non-positive steps/batch size/samples, empty or invalid conditions, bad shard, unknown
             sensitivity method or cfg mode, an unsupported model, a partial state of another configuration,
-            or a pipeline whose calls do not follow its own schedule.
+            or a pipeline whose calls do not follow its own schedule; ``along``/``sensitivity_from`` for other
+            steps, guidance, units or weights, or combined with measured sensitivity.
     """
     # ---- validation, before any work -----------------------------------------------------------------
     output = Path(output)
@@ -392,13 +405,21 @@ def calibrate(
     transformer = driver.transformer
     units = find_units(transformer)
     device = next(unwrap(transformer).parameters()).device
+    along_info = None
+    if along is not None:
+        along, along_info = _check_along(along, transformer, units, steps, guidance, cfg, sensitivity)
+    sens_copy = None
+    if sensitivity_from is not None:
+        if sensitivity != "none":
+            raise ValueError(f"sensitivity_from copies the sensitivity; pass sensitivity='none', not {sensitivity!r}")
+        sens_copy = _sensitivity_from(sensitivity_from, transformer, units, steps)
 
     rank, world, own_group = _dist_setup(device)
     try:
         return _calibrate(
             driver, transformer, units, device, rank, world, output, conditions, sample_conds, sample_seeds, spc, steps,
             guidance, int(seed), bs, (shard_i, shard_n), nb, K, sensitivity, int(sensitivity_samples), progress, cfg,
-            restart, float(checkpoint_every), overlap,
+            restart, float(checkpoint_every), overlap, along, along_info, sens_copy,
         )
     finally:
         if own_group:
@@ -407,9 +428,60 @@ def calibrate(
             dist.destroy_process_group()
 
 
+def _check_along(plan, transformer, units, steps: int, guidance: float, cfg: str, sensitivity: str):
+    """Load and check the plan of a trajectory calibration; returns ``(plan, header entry)``."""
+    from cachec.runtime.plan import Plan, dump_plan, load_plan
+
+    if sensitivity != "none":
+        raise ValueError("a calibration along a plan does not measure sensitivity (the probes need the uncached "
+                         "trajectory): pass sensitivity='none' and sensitivity_from=<the uncached calibration>")
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    if plan.steps != steps:
+        raise ValueError(f"the plan has {plan.steps} steps but the calibration samples {steps}; use the plan's steps")
+    g = plan.sampler.guidance
+    if abs(g.scale - guidance) > 1e-9:
+        raise ValueError(f"the plan was made for guidance {g.scale} but the calibration uses {guidance}")
+    if g.mode in ("batched", "split") and g.mode != cfg:
+        raise ValueError(f"the plan runs {g.mode} CFG but the calibration uses cfg={cfg!r}")
+    from cachec.runtime.handle import plan_executor
+
+    _, plan_units = plan_executor(transformer, plan)  # raises PlanMismatchError for another model or weights
+    if [u.name for u in plan_units] != [u.name for u in units]:
+        raise ValueError("the plan's units are not the model's units in model order; make the plan from a "
+                         "calibration of this model")
+    info = {
+        "plan_sha256": hashlib.sha256(dump_plan(plan).encode()).hexdigest(),
+        "method": plan.budget.method,
+        "target": plan.budget.target,
+        "realised": plan.budget.realised,
+        "options": plan.budget.options,
+    }
+    return plan, info
+
+
+def _sensitivity_from(path, transformer, units, steps: int):
+    """``(sensitivity (U, S) float64, its header entry, file sha256)`` copied from another calibration."""
+    from .calfile import read_header, read_tensors
+
+    h = read_header(path)
+    names = [u["name"] for u in h["units"]]
+    if names != [u.name for u in units] or h["steps"] != steps:
+        raise ValueError(f"sensitivity_from {str(path)!r} has other units or steps ({len(names)} units, {h['steps']} "
+                         f"steps) than this calibration ({len(units)} units, {steps} steps)")
+    if h["model"]["fingerprint"] != weights_fingerprint(transformer):
+        raise ValueError(f"sensitivity_from {str(path)!r} was measured on other weights")
+    sens = np.asarray(read_tensors(path, ["sensitivity"])["sensitivity"], dtype=np.float64)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return sens, dict(h["sensitivity"]), digest.hexdigest()
+
+
 def _calibrate(driver, transformer, units, device, rank, world, output, conditions, sample_conds, sample_seeds, spc,
                steps, guidance, seed, bs, shard, nb, K, sensitivity, n_sens, progress, cfg, restart, every,
-               overlap) -> Path:
+               overlap, along=None, along_info=None, sens_copy=None) -> Path:
     from tqdm.auto import tqdm
 
     shard_i, shard_n = shard
@@ -421,6 +493,10 @@ def _calibrate(driver, transformer, units, device, rank, world, output, conditio
         "seed": seed, "batch_size": bs, "shard": f"{shard_i}/{shard_n}", "eoc_lags": K, "sensitivity": sensitivity,
         "sensitivity_samples": n_sens, "cfg": cfg, "world": world, "rank": rank, "units": [u.name for u in units],
     }
+    if along_info is not None:
+        config["along"] = along_info
+    if sens_copy is not None:
+        config["sensitivity_from"] = sens_copy[2]
     partial, sens_partial = partial_paths(output, rank, world)
     if restart:
         for p in (partial, sens_partial):
@@ -448,6 +524,11 @@ def _calibrate(driver, transformer, units, device, rank, world, output, conditio
         if state.structure:
             tracker.mode = state.structure["mode"]
         recorder = Recorder(units, tracker, device)
+        target = recorder
+        if along is not None:
+            from cachec.runtime.handle import plan_executor
+
+            target = ShadowRecorder(recorder, plan_executor(transformer, along)[0])
         folder = _Folder(state, len(units), overlap=bool(overlap))
         # trajectory buffers, reused between batches; two sets when a fold overlaps the next batch
         buffer_sets = [[dict() for _ in units] for _ in range(2 if folder.pool is not None else 1)]
@@ -477,7 +558,7 @@ def _calibrate(driver, transformer, units, device, rank, world, output, conditio
                 recorder.captured = None
                 recorder.lat_sum = [0.0] * len(units)
                 recorder.lat_count = [0] * len(units)
-                switch.target = recorder
+                switch.target = target
                 recorder.start_run(len(idx))
                 with torch.no_grad():
                     driver.generate([sample_conds[n] for n in idx], [sample_seeds[n] for n in idx], steps=steps,
@@ -552,6 +633,8 @@ def _calibrate(driver, transformer, units, device, rank, world, output, conditio
                 results, sens_seconds = r.cpu().numpy(), float(tsec[0])
             sens = sens_mod.compose(sensitivity, U, S, job_list, results)
             sens_info = {"method": sensitivity, "samples": n_probe, "seconds": sens_seconds}
+        elif sens_copy is not None:
+            sens, sens_info = sens_copy[0], dict(sens_copy[1], copied_from=sens_copy[2])
         else:  # "none", a shard other than 0 (shard 0 measures for all), or a single step
             sens = np.ones((U, S))
             sens_info = {"method": sensitivity, "samples": 0, "seconds": 0.0}
@@ -589,6 +672,8 @@ def _calibrate(driver, transformer, units, device, rank, world, output, conditio
             "shards": [f"{shard_i}/{shard_n}"] if shard_n > 1 else [],
         }
         assert tuple(header) == HEADER_KEYS
+        if along_info is not None:
+            header["along_plan"] = along_info
         tensors = acc.tensors(state.names)
         tensors["unit_flops"] = torch.tensor(st["unit_flops"], dtype=torch.float64)
         tensors["unit_latency_s"] = torch.from_numpy(latency)

@@ -165,6 +165,37 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
     tgt = _resolve(target)
     transformer = tgt.transformer
     model = unwrap(transformer)
+    existing = model.__dict__.get(_HANDLE_ATTR)
+    if existing is not None and not existing.removed:
+        raise RuntimeError(f"a cache plan is already applied to this {type(model).__name__}: call .remove() on its handle first")
+    executor, units = plan_executor(transformer, plan, force=force, remap=remap, run_signal=tgt.scheduler is not None,
+                                    warn_stacklevel=3)
+    if transformer is not model:  # torch.compile wrapper
+        _raise_recompile_limit(len(set(executor.step_signatures())))
+    hooks = install(transformer, units, executor)
+    handle = CacheHandle(plan, transformer, executor, hooks, tgt.scheduler)
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = "error",
+                  run_signal: bool = False, warn_stacklevel: int = 2) -> tuple[PlanExecutor, list]:
+    """Check that ``plan`` fits ``transformer`` and build its executor (without installing hooks).
+
+    :func:`apply` installs the executor as the units' handler; calibration along a plan
+    (:func:`cachec.calibrate.calibrate` with ``along=``) pairs it with its recorder.
+
+    Args:
+        transformer: the transformer module (possibly ``torch.compile``-d).
+        plan: a loaded :class:`Plan`.
+        force, remap: as :func:`apply`.
+        run_signal: runs are started by the caller (``executor.new_run()``), not only detected from steps.
+    Returns:
+        ``(executor, unit specs in plan order)``.
+    Raises:
+        UnsupportedModelError, PlanMismatchError: as :func:`apply`.
+    """
+    model = unwrap(transformer)
     model_units = {u.name: u for u in find_units(transformer)}
     cls = type(model).__name__
     if plan.model.cls != cls:
@@ -182,9 +213,6 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
             "the plan's units cover 0 FLOPs, so it could not save anything; it was probably made from a FLOP "
             "count without attention/matmul FLOPs (count with sdpa_kernel(SDPBackend.MATH) on CPU)"
         )
-    existing = model.__dict__.get(_HANDLE_ATTR)
-    if existing is not None and not existing.removed:
-        raise RuntimeError(f"a cache plan is already applied to this {cls}: call .remove() on its handle first")
     fingerprint = weights_fingerprint(model)
     if fingerprint != plan.model.fingerprint:
         message = (
@@ -193,7 +221,7 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
         )
         if not force:
             raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True to use it anyway")
-        warnings.warn(message + "; applying it anyway (force=True)", RuntimeWarning, stacklevel=2)
+        warnings.warn(message + "; applying it anyway (force=True)", RuntimeWarning, stacklevel=warn_stacklevel + 1)
 
     units = [model_units[u.name] for u in plan.units]
     executor = PlanExecutor(
@@ -202,14 +230,9 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
         transformer,
         remap=remap,
         eoc_tensors=plan.load_sidecar() if plan.eoc_keys() else None,
-        run_signal=tgt.scheduler is not None,
+        run_signal=run_signal,
     )
-    if transformer is not model:  # torch.compile wrapper
-        _raise_recompile_limit(len(set(executor.step_signatures())))
-    hooks = install(transformer, units, executor)
-    handle = CacheHandle(plan, transformer, executor, hooks, tgt.scheduler)
-    model.__dict__[_HANDLE_ATTR] = handle
-    return handle
+    return executor, units
 
 
 def applied_plan(target) -> CacheHandle | None:

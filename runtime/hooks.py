@@ -39,6 +39,11 @@ class UnitHandler(Protocol):
     def predict(self, index: int) -> Feature:
         """The feature to use instead of computing unit ``index``."""
 
+    # Optional: ``substitute(index) -> Feature | None``, called right after ``store`` of a computed unit; a
+    # feature returned there replaces the computed one downstream (shadow computation: calibration along a
+    # plan's cached trajectory computes every unit but passes the plan's predictions on). Resolved once at
+    # installation; handlers without it (the plan executor) are not affected.
+
 
 def timestep_arg(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature):
     """The raw ``timestep`` argument of a transformer call (a tensor, a Python number, ...).
@@ -118,6 +123,7 @@ class HookHandle:
     def _wrap(self, module, index: int, spec: UnitSpec) -> None:
         original = module.forward
         handler = self.handler
+        substitute = getattr(handler, "substitute", None)
         layout = {"as_tuple": None}
 
         if spec.mode == "output":
@@ -127,6 +133,10 @@ class HookHandle:
                     out = original(*args, **kwargs)
                     layout["as_tuple"] = isinstance(out, tuple)
                     handler.store(index, tuple(o.detach() for o in out) if layout["as_tuple"] else (out.detach(),))
+                    if substitute is not None:
+                        sub = substitute(index)
+                        if sub is not None:
+                            return _rebuild(sub, layout["as_tuple"])
                     return out
                 if layout["as_tuple"] is None:
                     raise RuntimeError(f"unit {spec.name} was skipped before it was ever computed")
@@ -147,6 +157,10 @@ class HookHandle:
                     parts = out if isinstance(out, tuple) else (out,)
                     layout["as_tuple"] = isinstance(out, tuple)
                     handler.store(index, tuple((o - x).detach() for o, x in zip(parts, inputs)))
+                    if substitute is not None:
+                        sub = substitute(index)
+                        if sub is not None:
+                            return _rebuild(tuple(x + f for x, f in zip(inputs, sub)), layout["as_tuple"])
                     return out
                 if layout["as_tuple"] is None:
                     raise RuntimeError(f"unit {spec.name} was skipped before it was ever computed")

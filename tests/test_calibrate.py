@@ -469,3 +469,76 @@ def test_probe_replay_reproduces_the_reference_exactly(tiny_pipelines, tiny_digi
                 assert d == 0.0, (driver.name, s)
             assert sm.run_probe(driver, switch, tracker(), feats, outputs, ref, (0,), 2, conds, [5, 6], steps, guidance,
                                 "batched") > 0
+
+
+# ---- calibration along a plan (trajectory calibration) ----------------------------------------------
+def test_along_full_plan_equals_plain_calibration_and_copies_sensitivity(tiny_digits, tmp_path):
+    from cachec.runtime import full_plan
+
+    kw = dict(steps=5, batch_size=2, seed=3, progress=False)
+    base = calibrate(tiny_digits, [0, 1, 2], output=tmp_path / "base.safetensors", sensitivity="factored",
+                     sensitivity_samples=2, **kw)
+    along = calibrate(tiny_digits, [0, 1, 2], output=tmp_path / "along.safetensors", sensitivity="none",
+                      along=full_plan(tiny_digits, steps=5), sensitivity_from=base, **kw)
+    _assert_same(along, base, exact=True)  # sensitivity included: copied
+    h = read_header(along)
+    assert tuple(h) == HEADER_KEYS + ("along_plan",)
+    assert h["along_plan"]["realised"] == 1.0 and len(h["along_plan"]["plan_sha256"]) == 64
+    assert h["sensitivity"]["method"] == "factored" and len(h["sensitivity"]["copied_from"]) == 64
+
+
+def test_along_skip_plan_follows_the_cached_trajectory(tiny_digits, tmp_path, monkeypatch):
+    from cachec.runtime import apply, full_plan, with_actions
+
+    steps, conds, seeds = 5, [0, 1, 2], [3, 4, 5]
+    plan = with_actions(full_plan(tiny_digits, steps=steps), {"transformer_blocks.0.ff": "CC..C"},
+                        {"transformer_blocks.0.ff": {2: [1.5, -0.5], 3: [1.0]}})
+    with apply(tiny_digits, plan):
+        cached = tiny_digits.generate(conds, seeds, steps=steps)
+    plain = tiny_digits.generate(conds, seeds, steps=steps)
+    images = []
+    original = tiny_digits.generate
+
+    def generate(*a, **k):
+        images.append(original(*a, **k))
+        return images[-1]
+
+    monkeypatch.setattr(tiny_digits, "generate", generate)
+    kw = dict(steps=steps, batch_size=3, seed=3, progress=False, sensitivity="none")
+    along = calibrate(tiny_digits, conds, output=tmp_path / "along.safetensors", along=plan, **kw)
+    base = calibrate(tiny_digits, conds, output=tmp_path / "base.safetensors", **kw)
+    assert torch.equal(images[0], cached) and torch.equal(images[1], plain)  # shadow run == the plan's run
+    a, b = _load(along), _load(base)
+    ff0 = "gram/transformer_blocks.0.ff"
+    assert np.array_equal(a[ff0][:, :, :3, :3], b[ff0][:, :, :3, :3])  # identical up to the first skip
+    assert not np.allclose(a[ff0][:, :, 3, 3], b[ff0][:, :, 3, 3])  # step 3 sees the perturbed input of step 2
+    assert (np.diagonal(a[ff0], axis1=2, axis2=3) > 0).all()  # skipped steps are recorded (shadow compute)
+    last = "gram/transformer_blocks.1.ff"
+    assert not np.allclose(a[last][:, :, 4, 4], b[last][:, :, 4, 4])
+
+
+def test_along_rejects_mismatches(tiny_digits, tmp_path):
+    import copy
+
+    from cachec.runtime import full_plan
+    from cachec.runtime.handle import PlanMismatchError
+
+    plan = full_plan(tiny_digits, steps=4)
+    with pytest.raises(ValueError, match="sensitivity"):
+        calibrate(tiny_digits, [0], output=tmp_path / "a.safetensors", steps=4, along=plan, progress=False)
+    with pytest.raises(ValueError, match="4 steps"):
+        calibrate(tiny_digits, [0], output=tmp_path / "a.safetensors", steps=5, along=plan, sensitivity="none",
+                  progress=False)
+    other = copy.deepcopy(plan)
+    other.model.fingerprint = "sha256:" + "0" * 64
+    with pytest.raises(PlanMismatchError, match="other weights"):
+        calibrate(tiny_digits, [0], output=tmp_path / "a.safetensors", steps=4, along=other, sensitivity="none",
+                  progress=False)
+    assert not (tmp_path / "a.partial.safetensors").exists()  # refused before any sampling
+    base = calibrate(tiny_digits, [0], output=tmp_path / "b.safetensors", steps=4, sensitivity="none", progress=False)
+    with pytest.raises(ValueError, match="other units or steps"):
+        calibrate(tiny_digits, [0], output=tmp_path / "c.safetensors", steps=5, sensitivity="none",
+                  sensitivity_from=base, progress=False)
+    with pytest.raises(ValueError, match="copies the sensitivity"):
+        calibrate(tiny_digits, [0], output=tmp_path / "c.safetensors", steps=4, sensitivity="full",
+                  sensitivity_from=base, progress=False)

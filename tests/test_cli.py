@@ -98,7 +98,12 @@ def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     plan = load_plan(out / "plan.yaml")
     assert result["family"] == plan.budget.options["family"] in ("free", "step", "group")
-    assert {c["family"] for c in result["candidates"]} == {"free", "step", "group"}
+    assert {(c["family"], c["refine"]) for c in result["candidates"]} == {
+        (f, k) for f in ("free", "step", "group") for k in (0, 1, 2)}  # 2 trajectory refinements per family
+    assert plan.budget.options.get("refine", 0) == result["refine"]
+    assert max(c["validation_psnr"] for c in result["candidates"]) == next(
+        c["validation_psnr"] for c in result["candidates"] if (c["family"], c["refine"]) == (result["family"], result["refine"]))
+    assert len(list((out / "candidates").glob("calib-*-along-r*.safetensors"))) == 6
     assert 0.49 <= plan.budget.realised <= 0.5 or result["family"] == "step"
     assert abs(result["flops_fraction"] - plan.budget.realised) < 0.01  # counted FLOPs agree with the plan
     assert (out / "side_by_side.png").stat().st_size > 0
