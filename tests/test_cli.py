@@ -120,3 +120,17 @@ def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
     assert code == 0 and "group" in text, text
     code, text = run("plan", calib, "--budget", "40%", "--groups", "2", "-o", str(tmp_path / "x.yaml"))
     _assert_one_line_error(code, text, "--groups", "--family group")
+
+    # trajectory calibration from the command line, then a plan from it
+    traj = str(tmp_path / "traj.safetensors")
+    code, text = run("calibrate", "run", tiny_digits_dir, "--along", str(out / "plan.yaml"), "--samples-per-condition", "1",
+                     "-o", traj)
+    _assert_one_line_error(code, text, "--along needs --sensitivity-from")
+    code, text = run("calibrate", "run", tiny_digits_dir, "--along", str(out / "plan.yaml"), "--sensitivity-from", calib,
+                     "--samples-per-condition", "1", "-o", traj)
+    assert code == 0, text
+    from cachec.calibrate import read_header
+
+    assert read_header(traj)["along_plan"]["realised"] == plan.budget.realised
+    code, text = run("plan", traj, "--budget", "50%", "-o", str(tmp_path / "refined.yaml"))
+    assert code == 0, text
