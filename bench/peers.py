@@ -963,10 +963,9 @@ def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = No
         only: keep methods whose name contains one of these strings (case-insensitive).
         families: also one line per cachec schedule family (free, step, group) without the closed-loop choice.
     """
-    budgets = [0.2, 0.25, 0.4, 0.6]
     intervals = [2, 3, 4, 5]
     methods: list[Method] = [
-        PlanMethod("cachec", "cachec", budgets=budgets, quick_points=[0.25, 0.4, 0.6], choose_family=True),
+        PlanMethod("cachec", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.25, 0.4, 0.6], choose_family=True),
     ]
     if families:
         methods += [PlanMethod(f"cachec ({fam} family)", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.4], family=fam)
