@@ -113,8 +113,6 @@ def sample(model, classes, per_class, steps, guidance, seed, cfg, device, dtype,
         raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
     if steps is not None and steps <= 0:
         raise click.ClickException(f"--steps must be positive, got {steps}")
-    if along and not sensitivity_from:
-        raise click.ClickException("--along needs --sensitivity-from CALIB (the uncached calibration the plan was made from)")
     driver = load_model(model, device=_device(device), dtype=_dtype(dtype))
     conds = [c for c in _conditions(driver, classes, None) for _ in range(per_class)]
     seeds = [seed + i for i in range(len(conds))]
