@@ -1,6 +1,6 @@
 """Runtime benchmark (issue 5): overhead of a 100% plan and speed-up of real plans, measured side by side.
 
-    python bench/bench_runtime.py [--model digits-flow] [--batch 16] [--repeats 3] [--calibration FILE] [--family F]
+    python bench/bench_runtime.py [--model digits-flow] [--batch 16] [--repeats 7] [--calibration FILE] [--family F]
 
 The 40% and 25% plans are the shipped ones under plans/ when the model has them (what users run);
 otherwise (or with --calibration / --family) they are solved from a quick calibration.
@@ -8,6 +8,8 @@ otherwise (or with --calibration / --family) they are solved from a quick calibr
 Prints, for a realistic batch (16 images, batched CFG, so 32 rows per transformer call):
 (a) runtime overhead = wall(plan at 100%) / wall(no runtime)          target <= 1.02
 (b) for plans at 40% and 25%: speed-up / ideal, ideal = 1 / (counted FLOPs fraction)   target >= 0.85
+(c) the floor: a plan that computes every unit at step 0 only, i.e. the wall time no plan can remove, and
+    the speed-up / ideal that a plan at the same FLOPs could reach if unit time were exactly proportional
 Timings alternate between the variants within each repeat (same process, same machine load), and the
 median over repeats is reported. FLOPs are counted with torch.utils.flop_counter over whole calls.
 """
@@ -27,7 +29,7 @@ from cachec.flops import count_flops
 from cachec.loading import load_model
 from cachec.pipeline_job import _write_plan
 from cachec.planner import Planner, load_calibration
-from cachec.runtime import apply, full_plan, load_plan
+from cachec.runtime import apply, full_plan, load_plan, with_actions
 from cachec.shipped import PLANS_DIR, plan_name
 
 
@@ -35,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="digits-flow")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--calibration", type=Path, default=None, help="reuse a calibration file of the same model")
     ap.add_argument("--family", choices=["free", "step", "group"], default=None,
                     help="solve the plans with this family instead of using the shipped plans")
@@ -67,6 +69,10 @@ def main() -> None:
                 d, side = planner.plan(b, "cachec", family=family)
                 plans[f"{b:.0%}"] = _write_plan(d, side, Path(tmp) / f"plan{int(100 * b)}.yaml")
             source = f"plans solved now ({family} family)"
+        # the floor: every unit computed at step 0 only, reused after; what no plan can remove (embeddings,
+        # norms, adaLN modulation and gates, residual adds, final layer, sampler) plus the runtime itself
+        full = plans["100%"]
+        plans["floor"] = with_actions(full, {u.name: "C" + "." * (steps - 1) for u in full.units})
 
         def run(plan):
             if plan is None:
@@ -95,6 +101,29 @@ def main() -> None:
     for k in ("40%", "25%"):
         frac = flops[k] / flops["uncached"]
         print(f"(b) {k} plan: speed-up / ideal = {(med['uncached'] / med[k]) * frac:.3f}  (target >= 0.85)")
+    # the runtime's own per-step cost, where it is not hidden by the model's compute: one sample, 100% plan
+    small_c, small_s = conds[:1], seeds[:1]
+    tiny = {"uncached": [], "100%": []}
+    for _ in range(max(5, args.repeats)):
+        for k in tiny:
+            t_start = time.perf_counter()
+            if k == "uncached":
+                driver.generate(small_c, small_s, steps=steps, guidance=guidance)
+            else:
+                with apply(driver, plans["100%"]):
+                    driver.generate(small_c, small_s, steps=steps, guidance=guidance)
+            tiny[k].append(time.perf_counter() - t_start)
+    per_step = (statistics.median(tiny["100%"]) - statistics.median(tiny["uncached"])) / steps
+    print(f"    runtime cost per step (1 sample, 100% plan, apply/remove included): {1000 * per_step:.3f} ms = "
+          f"{100 * per_step * steps / med['uncached']:.2f}% of the batch-{args.batch} uncached run")
+    # wall time as fixed + unit part: t(plan) ~ t_floor + (f - f_floor) / (1 - f_floor) * (t_100 - t_floor)
+    f0, t0, t1 = flops["floor"] / flops["uncached"], med["floor"], med["100%"]
+    print(f"floor: {100 * f0:.1f}% of the FLOPs take {100 * t0 / med['uncached']:.1f}% of the uncached wall time")
+    for k in ("40%", "25%"):
+        frac = flops[k] / flops["uncached"]
+        model = t0 + (frac - f0) / (1 - f0) * (t1 - t0)
+        print(f"    {k}: wall explained by floor + proportional unit time {model:.3f} s (measured {med[k]:.3f} s); "
+              f"best speed-up / ideal any plan at these FLOPs can reach on this machine: {med['uncached'] / model * frac:.3f}")
 
 
 if __name__ == "__main__":
