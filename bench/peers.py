@@ -537,13 +537,13 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
     if "validation" not in ctx.cache:
         ctx.cache["validation"] = held_out(ctx.driver, ctx.validation_per_class, VALIDATION_SEED)
     vconds, vseeds = ctx.cache["validation"]
-    calib = ensure_calibration(ctx)
+    calib = ensure_calibration(ctx)  # the file ``planner`` was loaded from
     opts = dict(conditions=list(ctx.calib_conditions), samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
                 seed=int(ctx.calib_seeds[0]), batch_size=ctx.batch_size)
     cands = []
     for fam in FAMILIES:
         cands += refined_plans(ctx.driver, calib, budget, family=fam, iterations=ctx.refine,
-                               workdir=path.parent / f"{path.stem}-candidates", calibrate_options=opts)
+                               workdir=path.parent / f"{path.stem}-candidates", calibrate_options=opts, planner=planner)
     best = choose(ctx.driver, cands, vconds, vseeds)
     return dict(best.plan_dict), best.sidecar, {
         "chosen": best.family, "refine": best.iteration,

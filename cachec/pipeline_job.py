@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
-from .refine import Candidate, choose, refined_plans
+from .refine import Candidate, choose, refined_plans, write_plan_dict
 
 
 @dataclass
@@ -42,14 +42,6 @@ def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: i
     return (h["model"]["fingerprint"] == weights_fingerprint(driver.transformer) and h["steps"] == steps
             and abs(h["guidance"]["scale"] - guidance) < 1e-9 and h["samples_per_condition"] == spc
             and list(h["conditions"]) == list(conditions))
-
-
-def _write_plan(plan_dict, sidecar, path: Path):
-    from .runtime.plan import parse_plan, write_plan
-
-    if plan_dict.get("sidecar"):
-        plan_dict["sidecar"] = {"file": f"{path.stem}.eoc.safetensors", "sha256": "0" * 64}
-    return write_plan(parse_plan(plan_dict), path, sidecar or None)
 
 
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
@@ -101,19 +93,19 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             f"{steps} steps, guidance {guidance}")
         calibrate(driver, conditions, output=calib, samples_per_condition=samples_per_condition, steps=steps,
                   guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
+    families = list(FAMILIES) if family == "auto" else [family]
+    cal_opts = dict(conditions=conditions, samples_per_condition=samples_per_condition, steps=steps, guidance=guidance)
+    planner = Planner(load_calibration(calib))
     if method == "cachec":
-        families = list(FAMILIES) if family == "auto" else [family]
-        cal_opts = dict(conditions=conditions, samples_per_condition=samples_per_condition, steps=steps,
-                        guidance=guidance)
         candidates = []
         for fam in families:
             candidates += refined_plans(driver, calib, budget, family=fam, iterations=refine, workdir=out / "candidates",
-                                        calibrate_options=cal_opts, log=log)
+                                        calibrate_options=cal_opts, planner=planner, log=log)
     else:
-        plan_dict, side = Planner(load_calibration(calib)).plan(budget, method)
+        plan_dict, side = planner.plan(budget, method)
         path = out / "candidates" / "plan.yaml"
         path.parent.mkdir(exist_ok=True)
-        candidates = [Candidate(method, 0, path, _write_plan(plan_dict, side, path), plan_dict, side)]
+        candidates = [Candidate(method, 0, path, write_plan_dict(plan_dict, side, path), plan_dict, side)]
     log(f"[2/4] planned {method} at {100 * budget:.0f}%: {len(candidates)} candidate(s) ("
         + ", ".join(f"{c.name} {100 * c.plan.budget.realised:.2f}%" for c in candidates) + ")")
     if len(candidates) > 1:
@@ -125,7 +117,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         best = candidates[0]
         log("[3/4] closed-loop check skipped (one candidate)")
     plan_path = out / "plan.yaml"
-    chosen = _write_plan(dict(best.plan_dict), best.sidecar, plan_path)
+    chosen = write_plan_dict(dict(best.plan_dict), best.sidecar, plan_path)
     conds, seeds = held_out(driver, eval_per_class, EVAL_SEED)
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")

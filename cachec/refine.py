@@ -38,16 +38,27 @@ class Candidate:
         return f"{self.family}/refine{self.iteration}"
 
 
-def _write(plan_dict: dict, sidecar: dict, path: Path):
+def write_plan_dict(plan_dict: dict, sidecar: dict | None, path: Path):
+    """Validate and write a planner plan dict (and its EOC sidecar, named after ``path``) atomically.
+
+    Sets ``plan_dict["sidecar"]`` to ``<path stem>.eoc.safetensors`` when the plan has one (the hash is filled
+    in by :func:`cachec.runtime.plan.write_plan`).
+
+    Returns:
+        The written :class:`cachec.runtime.plan.Plan`.
+    Raises:
+        PlanError: the dict violates the plan schema.
+    """
     from .runtime.plan import parse_plan, write_plan
 
+    path = Path(path)
     if plan_dict.get("sidecar"):
         plan_dict["sidecar"] = {"file": f"{path.stem}.eoc.safetensors", "sha256": "0" * 64}
     return write_plan(parse_plan(plan_dict), path, sidecar or None)
 
 
 def refined_plans(driver, calibration: str | Path, budget: float, *, family: str, iterations: int,
-                  workdir: str | Path, calibrate_options: dict, method: str = "cachec",
+                  workdir: str | Path, calibrate_options: dict, method: str = "cachec", planner=None,
                   log: Callable[[str], None] | None = None) -> list[Candidate]:
     """The plan of one family at ``budget`` and its ``iterations`` trajectory refinements.
 
@@ -61,6 +72,8 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
         calibrate_options: keyword arguments of :func:`cachec.calibrate.calibrate` for the trajectory runs
             (conditions, samples_per_condition, batch_size, seed, ... as in the uncached calibration).
         method: planner method (refinement is defined for ``cachec``).
+        planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse for iteration 0 (saves loading
+            the file and building its segment table once per family).
         log: progress printer.
     Returns:
         ``[Candidate(iteration=0), ..., Candidate(iteration=k)]``.
@@ -81,12 +94,13 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
     out = []
     cal_path = Path(calibration)
     for k in range(int(iterations) + 1):
-        planner = Planner(load_calibration(str(cal_path)))
+        if k or planner is None:
+            planner = Planner(load_calibration(str(cal_path)))
         plan_dict, side = planner.plan(budget, method, family=family)
         if k:
             plan_dict["budget"]["options"]["refine"] = k
         path = work / f"plan-{tag}-r{k}.yaml"
-        plan = _write(plan_dict, side, path)
+        plan = write_plan_dict(plan_dict, side, path)
         out.append(Candidate(family, k, path, plan, plan_dict, side))
         if k == iterations:
             break
@@ -106,13 +120,14 @@ def choose(driver, candidates: Sequence[Candidate], conditions, seeds) -> Candid
 
 
 def replan(driver, calibration: str | Path, budget: float, options: dict, workdir: str | Path,
-           calibrate_options: dict) -> tuple[dict, dict]:
-    """Rebuild a plan from its uncached calibration and its recorded options (``family``, ``refine``).
+           calibrate_options: dict, planner=None) -> tuple[dict, dict]:
+    """Rebuild a plan from its uncached calibration and its recorded options (``family``, ``refine``);
+    ``planner``: as :func:`refined_plans`.
 
     Returns:
         ``(plan dict, sidecar)`` of the last iterate.
     """
     k = int(options.get("refine", 0))
     cands = refined_plans(driver, calibration, budget, family=options.get("family", "free"), iterations=k,
-                          workdir=workdir, calibrate_options=calibrate_options)
+                          workdir=workdir, calibrate_options=calibrate_options, planner=planner)
     return cands[-1].plan_dict, cands[-1].sidecar

@@ -51,8 +51,10 @@ def replan(calibration_path: Path, model: str, options: dict[float, dict], workd
     """Plans of ``model`` at its shipped budgets, each rebuilt from its recorded options (``family``,
     ``refine``): {budget: (plan, sidecar)}. Trajectory calibrations are written under ``workdir``."""
     from .loading import load_model
+    from .planner import Planner, load_calibration
     from .refine import replan as replan_one
 
     driver = load_model(model)
+    planner = Planner(load_calibration(str(calibration_path)))
     return {b: replan_one(driver, calibration_path, b, options[b], Path(workdir) / f"b{round(100 * b)}",
-                          calibration_options(driver)) for b in BUDGETS[model]}
+                          calibration_options(driver), planner=planner) for b in BUDGETS[model]}

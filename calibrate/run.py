@@ -23,6 +23,7 @@ Flow of one call:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -405,9 +406,9 @@ def calibrate(
     transformer = driver.transformer
     units = find_units(transformer)
     device = next(unwrap(transformer).parameters()).device
-    along_info = None
+    along_executor = along_info = None
     if along is not None:
-        along, along_info = _check_along(along, transformer, units, steps, guidance, cfg, sensitivity)
+        along_executor, along_info = _check_along(along, transformer, units, steps, guidance, cfg, sensitivity)
     sens_copy = None
     if sensitivity_from is not None:
         if sensitivity != "none":
@@ -419,7 +420,7 @@ def calibrate(
         return _calibrate(
             driver, transformer, units, device, rank, world, output, conditions, sample_conds, sample_seeds, spc, steps,
             guidance, int(seed), bs, (shard_i, shard_n), nb, K, sensitivity, int(sensitivity_samples), progress, cfg,
-            restart, float(checkpoint_every), overlap, along, along_info, sens_copy,
+            restart, float(checkpoint_every), overlap, along_executor, along_info, sens_copy,
         )
     finally:
         if own_group:
@@ -429,7 +430,7 @@ def calibrate(
 
 
 def _check_along(plan, transformer, units, steps: int, guidance: float, cfg: str, sensitivity: str):
-    """Load and check the plan of a trajectory calibration; returns ``(plan, header entry)``."""
+    """Load and check the plan of a trajectory calibration; returns ``(its PlanExecutor, header entry)``."""
     from cachec.runtime.plan import Plan, dump_plan, load_plan
 
     if sensitivity != "none":
@@ -446,7 +447,7 @@ def _check_along(plan, transformer, units, steps: int, guidance: float, cfg: str
         raise ValueError(f"the plan runs {g.mode} CFG but the calibration uses cfg={cfg!r}")
     from cachec.runtime.handle import plan_executor
 
-    _, plan_units = plan_executor(transformer, plan)  # raises PlanMismatchError for another model or weights
+    executor, plan_units = plan_executor(transformer, plan)  # raises PlanMismatchError for another model or weights
     if [u.name for u in plan_units] != [u.name for u in units]:
         raise ValueError("the plan's units are not the model's units in model order; make the plan from a "
                          "calibration of this model")
@@ -457,7 +458,7 @@ def _check_along(plan, transformer, units, steps: int, guidance: float, cfg: str
         "realised": plan.budget.realised,
         "options": plan.budget.options,
     }
-    return plan, info
+    return executor, info
 
 
 def _sensitivity_from(path, transformer, units, steps: int):
@@ -472,16 +473,24 @@ def _sensitivity_from(path, transformer, units, steps: int):
     if h["model"]["fingerprint"] != weights_fingerprint(transformer):
         raise ValueError(f"sensitivity_from {str(path)!r} was measured on other weights")
     sens = np.asarray(read_tensors(path, ["sensitivity"])["sensitivity"], dtype=np.float64)
+    st = os.stat(path)
+    return sens, dict(h["sensitivity"]), _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hex SHA-256 of a file, cached per (path, size, mtime): a refinement loop copies the sensitivity of the
+    same uncached calibration (hundreds of MB) once per family and iteration."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    return sens, dict(h["sensitivity"]), digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _calibrate(driver, transformer, units, device, rank, world, output, conditions, sample_conds, sample_seeds, spc,
                steps, guidance, seed, bs, shard, nb, K, sensitivity, n_sens, progress, cfg, restart, every,
-               overlap, along=None, along_info=None, sens_copy=None) -> Path:
+               overlap, along_executor=None, along_info=None, sens_copy=None) -> Path:
     from tqdm.auto import tqdm
 
     shard_i, shard_n = shard
@@ -525,10 +534,8 @@ def _calibrate(driver, transformer, units, device, rank, world, output, conditio
             tracker.mode = state.structure["mode"]
         recorder = Recorder(units, tracker, device)
         target = recorder
-        if along is not None:
-            from cachec.runtime.handle import plan_executor
-
-            target = ShadowRecorder(recorder, plan_executor(transformer, along)[0])
+        if along_executor is not None:
+            target = ShadowRecorder(recorder, along_executor)
         folder = _Folder(state, len(units), overlap=bool(overlap))
         # trajectory buffers, reused between batches; two sets when a fold overlaps the next batch
         buffer_sets = [[dict() for _ in units] for _ in range(2 if folder.pool is not None else 1)]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cachec.evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
 from cachec.loading import load_model
-from cachec.pipeline_job import _write_plan
-from cachec.planner import FAMILIES
+from cachec.refine import write_plan_dict
+from cachec.planner import FAMILIES, Planner, load_calibration
 from cachec.refine import choose, refined_plans
 from cachec.quality import to_jsonable
 import torch
@@ -35,16 +35,17 @@ def main(models: list[str]) -> None:
             calib = calibrate_reference(model, Path(tmp) / "calib.safetensors", progress=True)
             vconds, vseeds = held_out(driver, 3, VALIDATION_SEED)
             conds, seeds = held_out(driver, 10, EVAL_SEED)
+            planner = Planner(load_calibration(str(calib)))
             for b in BUDGETS[model]:
                 cands = []
                 for fam in FAMILIES:
-                    cands += refined_plans(driver, calib, b, family=fam, iterations=REFINE,
-                                           workdir=Path(tmp) / "cands", calibrate_options=calibration_options(driver))
+                    cands += refined_plans(driver, calib, b, family=fam, iterations=REFINE, workdir=Path(tmp) / "cands",
+                                           calibrate_options=calibration_options(driver), planner=planner)
                 best = choose(driver, cands, vconds, vseeds)
                 for c in cands:
                     print(f"{model} {b:.0%} {c.name}: realised {c.plan.budget.realised:.4f}, validation {c.validation_psnr:.2f} dB")
                 path = PLANS_DIR / plan_name(model, b)
-                plan = _write_plan(dict(best.plan_dict), best.sidecar, path)
+                plan = write_plan_dict(dict(best.plan_dict), best.sidecar, path)
                 r = evaluate_plan(driver, plan, conds, seeds, name=path.stem).result
                 r["family"] = plan.budget.options.get("family")
                 r["refine"] = plan.budget.options.get("refine", 0)
