@@ -560,20 +560,12 @@ def write_plot(results: dict, path: Path) -> None:
 
 def counter_note(results: dict) -> str:
     """How FLOPs were counted, and whether the fast counter agreed with ``cachec.flops.count_flops``."""
-    checks, bad = 0, []
+    found = []  # (what, check) for every check made
     for cfg in results["configs"]:
-        c = cfg.get("flop_counter_check_reference")
-        if c:
-            checks += 1
-            if not c["equal"]:
-                bad.append(f"{cfg['name']} reference")
-        for e in cfg["methods"]:
-            for r in e["points"]:
-                c = r.get("flop_counter_check")
-                if c:
-                    checks += 1
-                    if not c["equal"]:
-                        bad.append(f"{cfg['name']} {e['method']}")
+        found.append((f"{cfg['name']} reference", cfg.get("flop_counter_check_reference")))
+        found += [(f"{cfg['name']} {e['method']}", r.get("flop_counter_check")) for e in cfg["methods"] for r in e["points"]]
+    found = [(what, c) for what, c in found if c]
+    checks, bad = len(found), [what for what, c in found if not c["equal"]]
     if not checks:
         return "counted with `cachec.flops.count_flops`."
     if not bad:
@@ -754,9 +746,9 @@ def parse_args(argv=None):
                     help="also one line per cachec schedule family (free, step, group) besides the closed-loop choice")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 10 images, few points, no adaptive sweep")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="worker processes, one torch thread each, one configuration each (default 2, or 1 on one core). "
-                         "On a 2-core CPU --jobs 2 is ≈ 1.7x faster than one process with 2 threads (the ops of these "
-                         "small models do not scale across threads); wall ratios are still interleaved within a process")
+                    help="worker processes, one torch thread each, one configuration each (default 2, or 1 on one core): "
+                         "the configurations run in parallel, each on one core; wall ratios stay interleaved within "
+                         "a process")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 

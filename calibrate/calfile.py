@@ -17,17 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-FORMAT = "cachec-calibration"
-FORMAT_VERSION = 1
-METADATA_KEY = "cachec_calibration"
-#: header keys of format version 1, in the contract's order
-HEADER_KEYS = (
-    "format", "format_version", "created", "cachec_version", "model", "scheduler", "steps", "timesteps",
-    "sigmas", "guidance", "resolution", "conditions", "samples_per_condition", "seed", "samples",
-    "prior_count", "goc_count", "eoc_lags", "units", "flops", "sensitivity", "shards",
+# the format's identity and header keys are defined once, with the reader (numpy only, no torch)
+from cachec.planner.calibration import (
+    FORMAT, FORMAT_VERSION, HEADER_KEYS, METADATA_KEY, OPTIONAL_HEADER_KEYS,
 )
-#: optional header keys, after the required ones when present (docs/calibration-format.md)
-OPTIONAL_HEADER_KEYS = ("along_plan",)
+
 #: a file larger than this draws a warning (bytes)
 WARN_BYTES = 500 * 1000**2
 

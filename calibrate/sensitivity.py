@@ -236,15 +236,23 @@ def reference_run(driver, switch, tracker: StepTracker, n_units: int, conditions
     """
     handler = _RefHandler(tracker, n_units)
     outputs: dict = {}
+    images = _tracked_run(driver, switch, handler, _TransformerTap(driver.transformer, tracker, outputs, record=True),
+                          tracker, conditions, seeds, steps, guidance, cfg)
+    return handler.feats, outputs, images
+
+
+def _tracked_run(driver, switch, handler, tap, tracker: StepTracker, conditions, seeds, steps: int, guidance: float,
+                 cfg: str) -> torch.Tensor:
+    """One sampling run with ``handler`` on the units and ``tap`` on the transformer; returns the images."""
     switch.target = handler
     try:
-        with _TransformerTap(driver.transformer, tracker, outputs, record=True):
+        with tap:
             tracker.start_run(len(conditions))
             images = driver.generate(conditions, seeds, steps=steps, guidance=guidance, cfg=cfg)
             tracker.finish_run()
     finally:
         switch.target = None
-    return handler.feats, outputs, images
+    return images
 
 
 def run_probe(driver, switch, tracker: StepTracker, feats, outputs: dict, ref_images: torch.Tensor,
@@ -255,14 +263,9 @@ def run_probe(driver, switch, tracker: StepTracker, feats, outputs: dict, ref_im
     Returns:
         Σ ‖x − x_ref‖² over the samples (float).
     """
-    switch.target = _ProbeHandler(tracker, feats, frozenset(targets), step)
-    try:
-        with _TransformerTap(driver.transformer, tracker, outputs, replay_before=step):
-            tracker.start_run(len(conditions))
-            images = driver.generate(conditions, seeds, steps=steps, guidance=guidance, cfg=cfg)
-            tracker.finish_run()
-    finally:
-        switch.target = None
+    images = _tracked_run(driver, switch, _ProbeHandler(tracker, feats, frozenset(targets), step),
+                          _TransformerTap(driver.transformer, tracker, outputs, replay_before=step),
+                          tracker, conditions, seeds, steps, guidance, cfg)
     return float(((images.double() - ref_images.double()) ** 2).sum())
 
 

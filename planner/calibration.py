@@ -25,6 +25,8 @@ HEADER_KEYS = (
     "sigmas", "guidance", "resolution", "conditions", "samples_per_condition", "seed", "samples",
     "prior_count", "goc_count", "eoc_lags", "units", "flops", "sensitivity", "shards",
 )
+#: optional header keys, after the required ones when present (docs/calibration-format.md)
+OPTIONAL_HEADER_KEYS = ("along_plan",)
 UNIT_KEYS = ("name", "kind", "mode", "shapes", "numel")
 
 
