@@ -542,3 +542,21 @@ def test_along_rejects_mismatches(tiny_digits, tmp_path):
     with pytest.raises(ValueError, match="copies the sensitivity"):
         calibrate(tiny_digits, [0], output=tmp_path / "c.safetensors", steps=4, sensitivity="full",
                   sensitivity_from=base, progress=False)
+
+
+def test_along_shards_merge_only_when_they_followed_the_same_plan(tiny_digits, tmp_path):
+    from cachec.runtime import full_plan, with_actions
+
+    full = full_plan(tiny_digits, steps=4)
+    a = with_actions(full, {"transformer_blocks.0.ff": "CC.C"})
+    b = with_actions(full, {"transformer_blocks.1.ff": "CC.C"})
+    kw = dict(steps=4, batch_size=1, sensitivity="none", progress=False)
+    s0 = calibrate(tiny_digits, [0, 1], output=tmp_path / "s0.safetensors", shard="0/2", along=a, **kw)
+    s1 = calibrate(tiny_digits, [0, 1], output=tmp_path / "s1.safetensors", shard="1/2", along=a, **kw)
+    s1b = calibrate(tiny_digits, [0, 1], output=tmp_path / "s1b.safetensors", shard="1/2", along=b, **kw)
+    whole = calibrate(tiny_digits, [0, 1], output=tmp_path / "whole.safetensors", along=a, **kw)
+    merged = merge([s0, s1], tmp_path / "m.safetensors")
+    _assert_same(merged, whole)
+    assert read_header(merged)["along_plan"] == read_header(whole)["along_plan"]
+    with pytest.raises(CalibrationFileError, match="along_plan"):
+        merge([s0, s1b], tmp_path / "bad.safetensors")
