@@ -215,7 +215,7 @@ def test_torchrun_two_ranks_equal_single_run(tiny_digits, tmp_path):
     args = ["--model", model, "--classes", "0-4", "--steps", "3", "--batch-size", "1", "--sensitivity", "factored",
             "--sensitivity-samples", "2", "--no-progress"]
     out = tmp_path / "dist.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the single run's thread count: same kernels
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cachec.calibrate",
          *args, "-o", str(out)],

@@ -137,9 +137,11 @@ def test_frechet_distance_self_zero_and_noise_large(held_out):
     d_noise = q.frechet_distance(noise_feats, real)
     d_digits = q.frechet_distance(digit_feats, real)  # subset of the same digits: small
     assert d_noise > 1000 and d_noise > 20 * d_digits
-    # the default eigen route and the classic scipy.linalg.sqrtm route agree
-    assert q.frechet_distance(noise_feats, real, method="sqrtm") == pytest.approx(d_noise, rel=1e-6)
-    assert q.frechet_distance(digit_feats, real, method="sqrtm") == pytest.approx(d_digits, rel=1e-6)
+    # the default eigen route and the classic scipy.linalg.sqrtm route agree: two LAPACK algorithms on
+    # singular covariances (dead ReLU features) differ by ~5e-7 relative, more on other CPUs; a biased
+    # covariance or a missing clamp/transpose changes the distance by > 1e-3
+    assert q.frechet_distance(noise_feats, real, method="sqrtm") == pytest.approx(d_noise, rel=1e-4)
+    assert q.frechet_distance(digit_feats, real, method="sqrtm") == pytest.approx(d_digits, rel=1e-4)
     # symmetric
     assert q.frechet_distance(real, noise_feats) == pytest.approx(d_noise, rel=1e-7)
     with pytest.raises(ValueError, match="feature sizes differ"):
