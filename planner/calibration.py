@@ -194,6 +194,67 @@ def _check(name: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
     return arr
 
 
+#: the remedy every non-finite-statistic message ends with
+_REMEDY = "the calibration run diverged or the file is damaged; re-run cachec calibrate"
+
+
+def _where(axes: tuple[str, ...], index: tuple[int, ...], unit_names: list[str] | tuple[str, ...]) -> str:
+    """``"branch 0, split 1, steps (4, 7)"``: one entry's position, by axis meaning.
+
+    Axis labels: ``unit`` (printed as the name in ``unit_names``), ``lag`` (stored at j - 1, printed as
+    j), ``step`` (adjacent ``step`` axes print together as ``steps (s, t)``), anything else verbatim.
+    """
+    parts = []
+    i = 0
+    while i < len(axes):
+        ax, v = axes[i], int(index[i])
+        if ax == "step" and i + 1 < len(axes) and axes[i + 1] == "step":
+            parts.append(f"steps ({v}, {int(index[i + 1])})")
+            i += 2
+            continue
+        if ax == "unit":
+            parts.append(f"unit {unit_names[v]}")
+        elif ax == "lag":
+            parts.append(f"lag {v + 1}")
+        else:
+            parts.append(f"{ax} {v}")
+        i += 1
+    return ", ".join(parts)
+
+
+def _check_values(key: str, arr: np.ndarray, axes: tuple[str, ...], unit_names: list[str] | tuple[str, ...] = (),
+                  nonnegative: bool = False) -> None:
+    """Refuse a calibration tensor with a non-finite (or, with ``nonnegative``, a negative) entry.
+
+    Cheap when the tensor is valid (one ``isfinite(...).all()`` pass, plus one ``< 0`` pass with
+    ``nonnegative``); the first offending entry (C order) is located only on failure.
+
+    Args:
+        key: the tensor's key (``gram/{unit}``, ``sensitivity``, ...), named in the message.
+        arr: the tensor, already shape-checked.
+        axes: one label per axis of ``arr``: ``unit``, ``branch``, ``split``, ``step``, ``lag``, ``element``.
+        unit_names: names for the ``unit`` axis.
+        nonnegative: also refuse values < 0.
+    Raises:
+        CalibrationError: one line naming the key and the entry's position (unit, branch, split, step(s),
+            lag, element), e.g. ``calibration tensor gram/blocks.3.ff: non-finite value (nan) at branch 0,
+            split 1, steps (4, 7): the calibration run diverged ...``.
+    """
+    if not np.isfinite(arr).all():
+        idx = np.unravel_index(int(np.argmax(~np.isfinite(arr))), arr.shape)
+        raise CalibrationError(
+            f"calibration tensor {key}: non-finite value ({float(arr[idx])}) at {_where(axes, idx, unit_names)}: {_REMEDY}"
+        )
+    if nonnegative:
+        neg = arr < 0
+        if neg.any():
+            idx = np.unravel_index(int(np.argmax(neg)), arr.shape)
+            raise CalibrationError(
+                f"calibration tensor {key}: negative value ({float(arr[idx])!r}) at {_where(axes, idx, unit_names)}: "
+                f"expected values >= 0; the file is damaged; re-run cachec calibrate"
+            )
+
+
 def _eoc_reduce(prior: np.ndarray, eoc_q: np.ndarray, eoc_m: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
     """(2, S, K) lin and quad EOC inner products of one unit (see Calibration.eoc_lin/eoc_quad)."""
     S = prior.shape[0]
@@ -217,7 +278,9 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
         keys: the set of stored tensor keys.
         sha256: hex digest identifying the statistics.
     Raises:
-        CalibrationError: invalid header, missing tensor (named), wrong shape or dtype.
+        CalibrationError: invalid header, missing tensor (named), wrong shape or dtype; a non-finite
+            statistic, or a negative ``sensitivity`` / ``unit_flops`` (named with its unit, step(s) and,
+            where the tensor has them, branch, split, lag and element).
     """
     validate_header(header)
     S = header["steps"]
@@ -231,15 +294,23 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
         _require(key in keys, f"calibration tensor {key}: missing")
         return np.asarray(tensor(key))
 
-    gram = np.stack([_check(f"gram/{n}", get(f"gram/{n}"), (B, 2, S, S)) for n in names])
+    grams = []
+    for n in names:
+        g = _check(f"gram/{n}", get(f"gram/{n}"), (B, 2, S, S))
+        _check_values(f"gram/{n}", g, ("branch", "split", "step", "step"))
+        grams.append(g)
+    gram = np.stack(grams)
+    del grams
     flops = _check("unit_flops", get("unit_flops"), (U,))
     latency = _check("unit_latency_s", get("unit_latency_s"), (U,))
     sens = _check("sensitivity", get("sensitivity"), (U, S))
     rel = _check("goc_rel_sum", get("goc_rel_sum"), (U, S))
     cos = _check("goc_cos_sum", get("goc_cos_sum"), (U, S))
-    _require(np.all(np.isfinite(gram)), "calibration tensor gram/*: non-finite values")
-    _require(np.all(np.isfinite(sens)) and np.all(sens >= 0), "calibration tensor sensitivity: expected finite values >= 0")
-    _require(np.all(flops >= 0), "calibration tensor unit_flops: expected values >= 0")
+    _check_values("unit_flops", flops, ("unit",), names, nonnegative=True)
+    _check_values("unit_latency_s", latency, ("unit",), names)
+    _check_values("sensitivity", sens, ("unit", "step"), names, nonnegative=True)
+    _check_values("goc_rel_sum", rel, ("unit", "step"), names)
+    _check_values("goc_cos_sum", cos, ("unit", "step"), names)
     lin = np.zeros((U, 2, S, K))
     quad = np.zeros((U, 2, S, K))
     count = int(header["prior_count"])
@@ -248,6 +319,9 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
         prior = _check(f"prior_sum/{n}", get(f"prior_sum/{n}"), (S, Dn))
         q = _check(f"eoc_q/{n}", get(f"eoc_q/{n}"), (2, S, Dn))
         m = _check(f"eoc_m/{n}", get(f"eoc_m/{n}"), (2, S, K, Dn))
+        _check_values(f"prior_sum/{n}", prior, ("step", "element"))
+        _check_values(f"eoc_q/{n}", q, ("split", "step", "element"))
+        _check_values(f"eoc_m/{n}", m, ("split", "step", "lag", "element"))
         if count > 0 and K > 0:
             lin[i], quad[i] = _eoc_reduce(prior / count, q, m, K)
         del prior, q, m
@@ -276,7 +350,8 @@ def load_calibration(path: str) -> Calibration:
         A :class:`Calibration`; the prior stays on disk and is re-read by ``Calibration.prior``.
     Raises:
         CalibrationError: not a safetensors file, no ``cachec_calibration`` metadata, wrong format or
-            version, missing tensor or header key (named), wrong shape or dtype.
+            version, missing tensor or header key (named), wrong shape or dtype, a non-finite or
+            out-of-range statistic (named with its unit and step).
         FileNotFoundError: no such file.
     """
     from safetensors import safe_open
