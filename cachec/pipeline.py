@@ -12,7 +12,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+
+
+_EXPECTED_LABELS = "expected Python ints or an integer tensor"
+
+
+def _check_label_types(class_labels) -> None:
+    """Refuse class labels ``torch.as_tensor(..., dtype=torch.long)`` would silently coerce.
+
+    Accepted: Python ints, numpy integer scalars and arrays, integer tensors (any shape), and
+    (nested) sequences of these. Refused: bools (``True`` would become class 1), floats (``3.7`` would
+    become 3) and anything else that is not an integer, and bool / float / complex tensors or arrays.
+
+    Raises:
+        ValueError: one line naming the first bad label (or the tensor's dtype) and what is expected.
+    """
+    if isinstance(class_labels, torch.Tensor):
+        if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+            first = f" (first label {class_labels.reshape(-1)[0].item()!r})" if class_labels.numel() else ""
+            raise ValueError(f"class labels: a {class_labels.dtype} tensor is refused{first}: {_EXPECTED_LABELS}")
+        return
+    if isinstance(class_labels, np.ndarray):
+        if class_labels.dtype.kind in "iu":
+            return
+        if class_labels.dtype.kind != "O":
+            first = f" (first label {class_labels.reshape(-1)[0].item()!r})" if class_labels.size else ""
+            raise ValueError(f"class labels: a numpy {class_labels.dtype} array is refused{first}: {_EXPECTED_LABELS}")
+        for x in class_labels.reshape(-1):
+            _check_label_types(x)
+        return
+    if isinstance(class_labels, (bool, np.bool_)):
+        raise ValueError(f"class label {class_labels!r} is a bool, not a class index: {_EXPECTED_LABELS}")
+    if isinstance(class_labels, (int, np.integer)):
+        return
+    if isinstance(class_labels, Sequence) and not isinstance(class_labels, (str, bytes)):
+        for x in class_labels:
+            _check_label_types(x)
+        return
+    raise ValueError(f"class label {class_labels!r} is not an integer: {_EXPECTED_LABELS}")
 
 
 @dataclass
@@ -83,7 +122,7 @@ class DigitsPipeline:
         """Sample one image per class label.
 
         Args:
-            class_labels: N ints in ``[0, num_classes)``.
+            class_labels: N ints in ``[0, num_classes)``: Python or numpy ints, or an integer tensor.
             num_inference_steps: sampling steps (> 0).
             guidance_scale: classifier-free guidance scale; ``<= 1`` disables guidance (one branch).
             generator: a generator or a list of N generators (one per sample).
@@ -92,8 +131,11 @@ class DigitsPipeline:
             callback: called as ``callback(step_index, num_steps)`` after each step.
 
         Raises:
-            ValueError: a label out of range, a non-positive step count or an unknown ``cfg``.
+            ValueError: a label out of range, a label that is not an integer (a bool such as ``True``, a
+                float such as ``3.7``, a bool or float tensor; numpy integers are fine), a non-positive
+                step count or an unknown ``cfg``.
         """
+        _check_label_types(class_labels)
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
