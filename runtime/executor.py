@@ -3,21 +3,35 @@
 How a transformer call is placed in the plan (all of it happens in the transformer's forward pre-hook, in
 eager Python, even when the transformer is ``torch.compile``-d):
 
-- **step**: the received ``timestep`` is matched to ``plan.sampler.timesteps`` (nearest value, accepted
-  within a relative tolerance of ``max(1e-4, 2·eps(timestep dtype))``; FluxPipeline passes bfloat16
-  timesteps on GPU). Unmatched timesteps follow ``remap``:
+- **step**: a run must present the plan's whole timestep sequence, in order: the k-th distinct timestep a
+  run passes to the transformer must be ``plan.sampler.timesteps[k]`` (equal up to 4 units in the last place
+  of the timestep's dtype: bit-equal float32 schedules match, FluxPipeline's bfloat16 timesteps match the
+  plan's float32 values rounded to bfloat16, within one unit in its last place; integer timesteps must be
+  equal). Matching each value on its
+  own is not enough: another step count of the same scheduler shares timesteps with the plan (DDIM 25 of a
+  50-step plan's values) and must not silently follow it. A run that leaves the sequence follows ``remap``:
 
-  - ``"error"`` (default): :class:`PlanScheduleError` naming the timestep and the plan's schedule;
-  - ``"nearest"``: every call follows the plan step with the nearest timestep (use it to run a plan with
-    another step count or a slightly different schedule; a skip that has no history yet — e.g. the run
-    starts at a later plan step — is computed instead);
-  - ``"off"``: a run with an unmatched timestep is computed in full from that call on (one warning).
+  - ``"error"`` (default): :class:`PlanScheduleError` naming the run's step, the timestep received, the one
+    the plan expects there and, when the value is another plan step's, that the run follows another
+    schedule;
+  - ``"nearest"``: every call follows the plan step with the nearest timestep, in any order (use it to run a
+    plan with another step count or a slightly different schedule; a skip that has no history yet — e.g. the
+    run starts at a later plan step — is computed instead);
+  - ``"off"``: a run is computed in full from the first call that leaves the sequence (one warning).
 
 - **guidance branch**: the call order within a step (split CFG: the second call of a step is branch 1 with
-  its own history). Batched CFG is one call whose batch holds all branches.
+  its own history). Batched CFG is one call whose batch holds all branches. A plan calibrated with B
+  branches runs with 1 call per step (batched CFG, or no guidance when B = 1) or B calls (split CFG; the two
+  compute the same thing), fixed by the run's first step: more than B calls at one timestep, or a step with
+  another number of calls than the first, is a :class:`PlanScheduleError` in every ``remap`` mode. When the
+  caller supplies the run's guidance scale (``guidance_scale=``; :func:`cachec.runtime.apply` reads it from
+  the pipeline call), a scale that switches CFG on or off against the plan's branches is an error, and
+  another scale with the same branches warns once per scale (the compensation was fitted at the plan's
+  scale). Where the scale is not a CFG scale (FLUX's embedded guidance) it is only compared.
 - **run**: a new run starts when the pipeline calls ``scheduler.set_timesteps`` (when :func:`apply` got a
-  pipeline), when a call's plan step is earlier than the current one, or when step 0 comes back after it
-  was left. All cached state of the previous (possibly aborted) run is dropped then.
+  pipeline), or when the plan's first timestep comes back (after all its branch calls). All cached state of
+  the previous (possibly aborted) run is dropped then, and the caller's ``on_run_start`` check (weights
+  unchanged since :func:`~cachec.runtime.apply`) runs before the run's first call.
 
 Per call the executor resolves a *decision* — a tuple of booleans, one per plan unit — and, for skipped
 units, the history tensors and coefficient tensors of the prediction. The unit wrappers (possibly traced by
@@ -36,7 +50,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,12 +59,27 @@ from .plan import COMPUTE, Plan
 from .units import UnitSpec, unwrap
 
 REMAP_MODES = ("error", "nearest", "off")
-#: relative tolerance of the timestep match (raised to 2·eps of low-precision timestep dtypes)
-TIMESTEP_RTOL = 1e-4
+#: a received timestep matches a plan timestep within this many units in the last place of its dtype
+TIMESTEP_ULPS = 4
 
 
 class PlanScheduleError(RuntimeError):
-    """A transformer call does not fit the plan (timestep not in the schedule, batch layout changed)."""
+    """A transformer call does not fit the plan (timestep sequence, guidance branches or batch layout)."""
+
+
+def _close(ref: float, t: float, dtype) -> bool:
+    """Whether a received timestep ``t`` (passed in ``dtype``; None: a Python number) is the plan's ``ref``.
+
+    Floating dtypes of 32 bits or more (and Python numbers): within ``TIMESTEP_ULPS`` units in the last
+    place of float32, the precision plans record (a scheduler run on another device may differ in the last
+    bits); 16-bit dtypes: within one unit in their last place (the plan's value rounded to the dtype);
+    integer dtypes: equal.
+    """
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        return ref == t
+    low = isinstance(dtype, torch.dtype) and dtype.itemsize <= 2
+    eps = torch.finfo(dtype if low else torch.float32).eps
+    return abs(ref - t) <= (1 if low else TIMESTEP_ULPS) * eps * max(abs(ref), abs(t), 1e-30)
 
 
 @dataclass
@@ -71,7 +100,10 @@ class RunReport:
         compensated: skipped unit calls whose prediction is not plain reuse (coefficients other than
             ``[1.0]``, or an EOC correction).
         forced: unit calls the plan skips but that were computed because no history was available.
-        off_plan_calls: calls computed in full because their timestep was not in the plan (``remap="off"``).
+        off_plan_calls: calls computed in full because the run left the plan's timestep sequence
+            (``remap="off"``).
+        guidance_scale: the run's guidance scale as the caller reported it (None: unknown, e.g. a bare
+            transformer was hooked).
         wall_time_s: seconds from the first call's start to the last call's end (CUDA synchronised at the
             end of the final plan step).
         complete: the final plan step was reached.
@@ -88,6 +120,7 @@ class RunReport:
     compensated: int = 0
     forced: int = 0
     off_plan_calls: int = 0
+    guidance_scale: float | None = None
     wall_time_s: float = 0.0
     complete: bool = False
     # accumulators: (Σ batch·fraction, Σ batch) overall and for the current runtime step
@@ -106,8 +139,11 @@ class _Run:
     def __init__(self, index: int, plan_steps: int):
         self.report = RunReport(run=index, plan_steps=plan_steps)
         self.step = -1  # current plan step (-1: none yet / off-plan)
+        self.k = -1  # current runtime step (index of the distinct timesteps received)
         self.t = None  # raw timestep of the current runtime step
+        self.received: list[float] = []  # the distinct timesteps received, in order
         self.calls_in_step = 0
+        self.calls_per_step = 0  # fixed by the run's first step: 1 (batched / no guidance) or the branches (split)
         self.off_plan = False
         self.layout: dict[int, tuple] = {}  # branch -> (batch, shape, dtype, device)
         self.history: dict[int, list[list[Feature]]] = {}  # branch -> unit -> [H_1, H_2, ...]
@@ -125,6 +161,12 @@ class PlanExecutor:
         run_signal: True when the caller reports run starts with :meth:`new_run` (a patched
             ``scheduler.set_timesteps``); without it an extra call at step 0 beyond the plan's calls per step
             also starts a new run.
+        guidance_scale: ``() -> float | None``, the guidance scale of the run that is starting (None: unknown);
+            called once per run, before its first call.
+        on_run_start: ``() -> None``, called before each run's first call; it raises to refuse the run (the
+            weight check of :func:`cachec.runtime.apply`).
+        scale_is_cfg: whether the guidance scale switches CFG branches (``> 1``: 2 branches); False for FLUX
+            (:attr:`~cachec.runtime.units.FamilySpec.guidance_scale_is_cfg`): the scale is only compared.
 
     Raises:
         ValueError: unknown ``remap``; a plan schedule with timesteps too close to tell apart.
@@ -138,6 +180,9 @@ class PlanExecutor:
         remap: str = "error",
         eoc_tensors: dict[str, Any] | None = None,
         run_signal: bool = False,
+        guidance_scale: Callable[[], float | None] | None = None,
+        on_run_start: Callable[[], None] | None = None,
+        scale_is_cfg: bool = True,
     ):
         if remap not in REMAP_MODES:
             raise ValueError(f"remap must be one of {', '.join(REMAP_MODES)}, got {remap!r}")
@@ -145,11 +190,14 @@ class PlanExecutor:
         self.units = units
         self.remap = remap
         self.run_signal = run_signal
+        self.guidance_scale = guidance_scale
+        self.on_run_start = on_run_start
+        self.scale_is_cfg = scale_is_cfg
         self._signature = inspect.signature(unwrap(transformer).forward)
         self.timesteps = [float(t) for t in plan.sampler.timesteps]
         self._check_distinct()
-        g = plan.sampler.guidance
-        self.calls_per_step = g.branches if g.mode == "split" else 1
+        # calls per step: 1 (batched CFG or no guidance) or, with guidance branches, one per branch (split)
+        self.max_calls = plan.sampler.guidance.branches
         S, U = plan.steps, len(plan.units)
         self.patterns = [tuple(u.actions[s] == COMPUTE for u in plan.units) for s in range(S)]
         self.keep = tuple(max((len(c.coeffs) for c in u.compensation.values()), default=0) for u in plan.units)
@@ -190,34 +238,51 @@ class PlanExecutor:
         ts = self.timesteps
         for i in range(len(ts)):
             for j in range(i + 1, len(ts)):
-                if abs(ts[i] - ts[j]) <= TIMESTEP_RTOL * max(abs(ts[i]), abs(ts[j]), 1e-12):
+                if _close(ts[i], ts[j], torch.float32):
                     raise ValueError(
                         f"the plan's timesteps {i} and {j} are equal ({ts[i]!r}); cachec identifies the step by "
                         "the timestep, so schedules with repeated timesteps (Heun, DPM2) are not supported"
                     )
 
-    def _match(self, t: float, dtype) -> int | None:
-        """Index of the plan step whose timestep equals ``t`` within tolerance, else None."""
-        rtol = TIMESTEP_RTOL
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            rtol = max(rtol, 2 * torch.finfo(dtype).eps)
-        best = min(range(len(self.timesteps)), key=lambda s: abs(self.timesteps[s] - t))
-        ref = self.timesteps[best]
-        scale = max(abs(ref), abs(t), rtol * max(abs(x) for x in self.timesteps))
-        return best if abs(ref - t) <= rtol * scale else None
-
     def _nearest(self, t: float) -> int:
         return min(range(len(self.timesteps)), key=lambda s: abs(self.timesteps[s] - t))
 
-    def _schedule_error(self, t: float) -> PlanScheduleError:
+    def _which(self, t: float, dtype) -> int | None:
+        """The plan step whose timestep ``t`` is (within the dtype's tolerance), else None."""
+        s = self._nearest(t)
+        return s if _close(self.timesteps[s], t, dtype) else None
+
+    def _schedule_error(self, run: _Run, k: int, t: float, dtype) -> PlanScheduleError:
         ts = self.timesteps
         shown = ", ".join(f"{x:g}" for x in (ts if len(ts) <= 12 else ts[:6] + ts[-6:]))
+        schedule = f"{len(ts)} steps of {self.plan.sampler.scheduler}: {shown}{' …' if len(ts) > 12 else ''}"
+        other = self._which(t, dtype)
+        seen = ", ".join(f"{x:g}" for x in (run.received[-6:] if run is not None and k > 0 else []))
+        if k >= len(ts):
+            what = f"the run's step {k} received timestep {t:g}, but the plan has only {len(ts)} steps"
+        elif other is None:
+            what = (f"the transformer received timestep {t:g} at the run's step {k}; it is not in the plan's schedule "
+                    f"(the plan's step {k} has {ts[k]:g})")
+        else:
+            what = (f"the run's step {k} received timestep {t:g}, which is the plan's step {other}, not its step {k} "
+                    f"({ts[k]:g}): the run follows another schedule or step count")
         return PlanScheduleError(
-            f"the transformer received timestep {t:g}, which is not in the plan's schedule "
-            f"({len(ts)} steps of {self.plan.sampler.scheduler}: {shown}{' …' if len(ts) > 12 else ''}). "
+            f"{what}{f' (the run so far: {seen})' if seen else ''}; the plan's schedule is {schedule}. "
             f"Run the pipeline with num_inference_steps={len(ts)} and the plan's scheduler, make a plan for "
             "this schedule, or apply the plan with remap='nearest' (follow the nearest plan step) or "
             "remap='off' (compute such runs in full)"
+        )
+
+    def _branch_error(self, t: float, calls: int, run: _Run) -> PlanScheduleError:
+        g = self.plan.sampler.guidance
+        if calls > self.max_calls:
+            what = (f"the plan was calibrated with {g.branches} guidance branch(es) (mode {g.mode!r}), so a step "
+                    f"has at most {self.max_calls} call(s)")
+        else:
+            what = f"the run's first step made {run.calls_per_step}; a run keeps one guidance layout"
+        return PlanScheduleError(
+            f"the run made {calls} transformer call(s) at timestep {t:g}, but {what}. Cached features of one branch "
+            "cannot stand in for another: run with the plan's guidance layout or make a plan for this one"
         )
 
     # ------------------------------------------------------------------ run bookkeeping
@@ -227,16 +292,45 @@ class PlanExecutor:
         self._fresh = True
 
     def _start_run(self) -> _Run:
+        if self.on_run_start is not None:
+            self._run = None
+            self.on_run_start()  # may raise (weights changed): no run state is created then
+        scale = self.guidance_scale() if self.guidance_scale is not None else None
+        if scale is not None:
+            self._check_guidance(scale)
         self._run = _Run(self._runs, self.plan.steps)
+        self._run.report.guidance_scale = scale
         self._runs += 1
         self.reports.append(self._run.report)
         self._fresh = False
         return self._run
 
+    def _check_guidance(self, scale: float) -> None:
+        """Compare the run's guidance scale with the plan's (module docstring, *guidance branch*).
+
+        Raises:
+            PlanScheduleError: the scale switches CFG on or off against a batched or unguided plan.
+        """
+        g = self.plan.sampler.guidance
+        if self.scale_is_cfg:  # the pipelines' own rule: CFG runs when guidance_scale > 1
+            run_branches = 2 if scale > 1.0 else 1
+            if run_branches != g.branches:
+                raise PlanScheduleError(
+                    f"this run uses guidance scale {scale:g} ({'CFG, 2 branches' if run_branches == 2 else 'no CFG, 1 branch'}), "
+                    f"but the plan was calibrated at guidance scale {g.scale:g} with {g.branches} branch(es): the batch "
+                    "holds other branches than the plan's cached features; run at the plan's guidance or make a plan for it"
+                )
+        if abs(scale - g.scale) > 1e-6 * max(1.0, abs(g.scale)):
+            self._warn_once(
+                f"scale:{scale!r}",
+                f"this run uses guidance scale {scale:g} but the plan was calibrated at {g.scale:g}: its schedule and "
+                "compensation were fitted for that scale (quality may drop); make a plan at this scale for full quality",
+            )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
 
     # ------------------------------------------------------------------ UnitHandler protocol
 
@@ -244,8 +338,10 @@ class PlanExecutor:
         """Place the call in the plan and prepare the decision and prediction inputs.
 
         Raises:
-            PlanScheduleError: timestep not in the plan (``remap="error"``) or the batch layout of a guidance
-                branch changed in the middle of a run.
+            PlanScheduleError: the run left the plan's timestep sequence (``remap="error"``), made another
+                number of guidance calls per step than the plan, uses a guidance scale that changes the number
+                of branches, or changed the batch layout of a guidance branch in the middle of a run.
+            PlanMismatchError: (from ``on_run_start``) the weights changed since the plan was applied.
             ValueError: the call has no ``timestep``.
         """
         self._in_call = False
@@ -254,38 +350,11 @@ class PlanExecutor:
             t, t_dtype = float(raw.reshape(-1)[0].item()), raw.dtype
         else:
             t, t_dtype = float(raw), None
-        step = self._match(t, t_dtype)
-        if step is None:
-            if self.remap == "error":
-                raise self._schedule_error(t)
-            if self.remap == "nearest":
-                step = self._nearest(t)
         hs = kwargs.get("hidden_states", args[0] if args else None)
         batch = batch_size_of(args, kwargs)
         layout = (batch, tuple(hs.shape), hs.dtype, hs.device)
 
-        run = self._run
-        if run is None or self._fresh:
-            run = self._start_run()
-        elif step is not None:
-            if run.step >= 0 and step < run.step:
-                run = self._start_run()  # the schedule went back: a new run
-            elif (
-                step == 0
-                and run.step == 0
-                and not self.run_signal
-                and run.t is not None
-                and abs(run.t - t) <= TIMESTEP_RTOL * max(abs(t), 1e-12)
-                and run.calls_in_step >= self.calls_per_step
-            ):
-                run = self._start_run()  # step 0 again after all its branches: a new run
-        new_step = run.t is None or abs(run.t - t) > TIMESTEP_RTOL * max(abs(t), abs(run.t), 1e-12)
-        if new_step:
-            run.calls_in_step = 0
-            run.t = t
-            run.report.steps.append(-1 if step is None else step)
-            run.report.step_fractions.append(0.0)
-            run.report._step_acc = [0.0, 0.0]
+        run, step = self._place(t, t_dtype)
         branch = run.calls_in_step
         if branch in run.layout and run.layout[branch] != layout:
             old = run.layout[branch]
@@ -298,19 +367,63 @@ class PlanExecutor:
                 "batch sizes, resolutions, dtypes or devices. Start a new run (from step 0) for the new layout"
             )
         run.layout[branch] = layout
-        if step is None:
-            if not run.off_plan:
-                self._warn_once(
-                    "off",
-                    f"timestep {t:g} is not in the plan's schedule: this run is computed in full (remap='off')",
-                )
-            run.off_plan = True
-        if step is not None:
-            run.step = step
         self._branch = branch
         self._prepare(run, step, branch, batch, hs.device)
         self._pending = []
         self._in_call = True
+
+    def _place(self, t: float, dtype) -> tuple[_Run, int | None]:
+        """The run and plan step of a call with timestep ``t`` (None: computed in full, ``remap="off"``);
+        starts a new run or a new runtime step as needed."""
+        run = self._run
+        fresh = run is None or self._fresh
+        if not fresh and t == run.t:  # another call of the current runtime step
+            limit = self.max_calls if run.k == 0 else run.calls_per_step
+            if run.calls_in_step < limit:
+                return run, (None if run.off_plan else run.step)
+            if not (run.k == 0 and not self.run_signal):
+                self._run = None
+                raise self._branch_error(t, run.calls_in_step + 1, run)
+            fresh = True  # the plan's step 0 again after all its branch calls: a new run
+        if not fresh:
+            k = run.k + 1
+            if self.remap == "nearest":
+                fresh = run.step >= 0 and self._nearest(t) < run.step  # the schedule went back
+            else:  # the plan's first timestep where the sequence does not go on: a new run
+                on = not run.off_plan and k < self.plan.steps and _close(self.timesteps[k], t, dtype)
+                fresh = not on and _close(self.timesteps[0], t, dtype)
+        if fresh:
+            run = self._start_run()
+        elif run.k == 0:
+            run.calls_per_step = run.calls_in_step  # fixed by the run's first step
+        elif run.calls_in_step != run.calls_per_step:
+            self._run = None
+            raise self._branch_error(run.t, run.calls_in_step, run)
+        k = run.k + 1
+        if self.remap == "nearest":
+            step = self._nearest(t)
+        else:
+            step = k if not run.off_plan and k < self.plan.steps and _close(self.timesteps[k], t, dtype) else None
+            if step is None and not run.off_plan:
+                if self.remap == "error":
+                    self._run = None
+                    raise self._schedule_error(run, k, t, dtype)
+                self._warn_once(
+                    "off",
+                    f"the run left the plan's timestep sequence at its step {k} (timestep {t:g}): this run is "
+                    "computed in full from there (remap='off')",
+                )
+                run.off_plan = True
+        run.k += 1
+        run.t = t
+        run.received.append(t)
+        run.calls_in_step = 0
+        run.report.steps.append(-1 if step is None else step)
+        run.report.step_fractions.append(0.0)
+        run.report._step_acc = [0.0, 0.0]
+        if step is not None:
+            run.step = step
+        return run, step
 
     def _prepare(self, run: _Run, step: int | None, branch: int, batch: int, device) -> None:
         U = len(self.plan.units)

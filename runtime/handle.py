@@ -7,29 +7,37 @@
 >>> handle.remove()                            # or: with apply(pipe, plan): ...
 
 ``torch.compile``: compile the transformer as usual (``pipe.transformer = torch.compile(pipe.transformer,
-fullgraph=True)``) **before** applying, so the hooks land on the outer compiled module. The step is
-resolved in a forward pre-hook on that outer module, outside the graph; the unit decisions the graph reads
-are a tuple of booleans and coefficient tensors, so the transformer recompiles once per distinct step
-pattern of the plan (which units are skipped, with how many coefficients, with or without EOC:
-``handle.executor.step_signatures()``); a plan with P patterns compiles P graphs per input shape.
-:func:`apply` raises ``torch._dynamo.config.recompile_limit`` (and the older ``cache_size_limit``) to at
-least P + 8 so those compilations are not cut off; set it higher yourself if
-other code compiles the same function for other shapes.
+fullgraph=True)``), before or after applying. The step is resolved in eager Python in forward hooks that
+torch.compile never traces (``torch.compiler.disable``): applied to the compiled wrapper they sit outside
+the graph; compiled after :func:`apply`, dynamo runs them eagerly and traces only the unit wrappers. The unit
+decisions the graph reads are a tuple of booleans and coefficient tensors, so the transformer recompiles
+once per distinct step pattern of the plan (which units are skipped, with how many coefficients, with or
+without EOC: ``handle.executor.step_signatures()``); a plan with P patterns compiles P graphs per input
+shape. :func:`apply` on a compiled transformer raises ``torch._dynamo.config.recompile_limit`` (and the older
+``cache_size_limit``) to at least P + 8 so those compilations are not cut off; set it higher yourself if
+other code compiles the same function for other shapes (or when compiling after :func:`apply`).
+
+Checks at every run, not only at :func:`apply`: the run's timestep sequence, guidance branches and scale
+(:mod:`cachec.runtime.executor`), and the weights: a change after :func:`apply` (``load_state_dict``, a fused
+LoRA, in-place edits; :class:`~cachec.runtime.fingerprint.WeightWatch`) is checked against the plan's
+fingerprint before the next run, with the same :class:`PlanMismatchError` as at :func:`apply` unless
+``force``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .executor import PlanExecutor, RunReport
-from .fingerprint import weights_fingerprint
+from .fingerprint import WeightWatch, weights_fingerprint
 from .hooks import HookHandle, install
 from .plan import Plan, load_plan
-from .units import find_units, unwrap
+from .units import family_spec, find_units, unwrap
 
 _HANDLE_ATTR = "_cachec_plan_handle"
 
@@ -169,7 +177,7 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
     if existing is not None and not existing.removed:
         raise RuntimeError(f"a cache plan is already applied to this {type(model).__name__}: call .remove() on its handle first")
     executor, units = plan_executor(transformer, plan, force=force, remap=remap, run_signal=tgt.scheduler is not None,
-                                    warn_stacklevel=3)
+                                    warn_stacklevel=3, holder=tgt.holder)
     if transformer is not model:  # torch.compile wrapper
         _raise_recompile_limit(len(set(executor.step_signatures())))
     hooks = install(transformer, units, executor)
@@ -178,8 +186,47 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
     return handle
 
 
+def _check_weights(model, plan: Plan, force: bool, stacklevel: int) -> None:
+    """Compare the model's weight fingerprint with the plan's.
+
+    Raises:
+        PlanMismatchError: they differ and ``force`` is False (with ``force``: a RuntimeWarning).
+    """
+    fingerprint = weights_fingerprint(model)
+    if fingerprint == plan.model.fingerprint:
+        return
+    cls = type(model).__name__
+    message = (
+        f"the plan was made for other weights (plan fingerprint {plan.model.fingerprint[:19]}…, this "
+        f"{cls} has {fingerprint[:19]}…)"
+    )
+    if not force:
+        raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True to use it anyway")
+    warnings.warn(message + "; applying it anyway (force=True)", RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def call_argument(holder, name: str):
+    """The value of argument ``name`` of ``holder.__call__`` while that call is running (None otherwise).
+
+    diffusers pipelines keep ``guidance_scale`` local to ``__call__`` (DiTPipeline, PixArt), so the plan
+    executor reads it from the running call's frame, once per sampling run. Numbers only (bool is not one).
+    """
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "__call__" and name in code.co_varnames and frame.f_locals.get("self") is holder:
+            value = frame.f_locals.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            return float(value)
+        frame = frame.f_back
+    return None
+
+
 def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = "error",
-                  run_signal: bool = False, warn_stacklevel: int = 2) -> tuple[PlanExecutor, list]:
+                  run_signal: bool = False, warn_stacklevel: int = 2, holder=None) -> tuple[PlanExecutor, list]:
     """Check that ``plan`` fits ``transformer`` and build its executor (without installing hooks).
 
     :func:`apply` installs the executor as the units' handler; calibration along a plan
@@ -190,6 +237,8 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
         plan: a loaded :class:`Plan`.
         force, remap: as :func:`apply`.
         run_signal: runs are started by the caller (``executor.new_run()``), not only detected from steps.
+        holder: the pipeline whose ``__call__`` drives the transformer (its ``guidance_scale`` is checked
+            against the plan's at each run), or None.
     Returns:
         ``(executor, unit specs in plan order)``.
     Raises:
@@ -213,15 +262,13 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
             "the plan's units cover 0 FLOPs, so it could not save anything; it was probably made from a FLOP "
             "count without attention/matmul FLOPs (count with sdpa_kernel(SDPBackend.MATH) on CPU)"
         )
-    fingerprint = weights_fingerprint(model)
-    if fingerprint != plan.model.fingerprint:
-        message = (
-            f"the plan was made for other weights (plan fingerprint {plan.model.fingerprint[:19]}…, this "
-            f"{cls} has {fingerprint[:19]}…)"
-        )
-        if not force:
-            raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True to use it anyway")
-        warnings.warn(message + "; applying it anyway (force=True)", RuntimeWarning, stacklevel=warn_stacklevel + 1)
+    _check_weights(model, plan, force, warn_stacklevel + 1)
+    watch = WeightWatch(model)
+
+    def on_run_start() -> None:  # weights changed after apply(): the same check as at apply(), then a new reference
+        if watch.changed():
+            _check_weights(model, plan, force, 6)
+            watch.refresh()
 
     units = [model_units[u.name] for u in plan.units]
     executor = PlanExecutor(
@@ -231,6 +278,9 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
         remap=remap,
         eoc_tensors=plan.load_sidecar() if plan.eoc_keys() else None,
         run_signal=run_signal,
+        guidance_scale=None if holder is None else functools.partial(call_argument, holder, "guidance_scale"),
+        on_run_start=on_run_start,
+        scale_is_cfg=family_spec(model).guidance_scale_is_cfg,
     )
     return executor, units
 

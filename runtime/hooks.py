@@ -80,6 +80,11 @@ def batch_size_of(args: tuple, kwargs: dict[str, Any]) -> int:
     return int(x.shape[0])
 
 
+def _eager(fn):
+    """``fn`` excluded from torch.compile tracing (it runs eagerly between compiled regions)."""
+    return torch.compiler.disable(fn, reason="cachec resolves the plan step in eager Python")
+
+
 def _rebuild(feature: Feature, as_tuple: bool):
     return tuple(feature) if as_tuple else feature[0]
 
@@ -95,9 +100,12 @@ class HookHandle:
         model = unwrap(transformer)
         self._signature = inspect.signature(model.forward)
         self._patched: list[Any] = []
+        # The call hooks resolve the step in eager Python. They are excluded from torch.compile tracing so
+        # that a transformer compiled *after* the hooks were installed (compile wraps the hooked module)
+        # still runs them eagerly instead of failing inside dynamo.
         self._hooks = [
-            transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
-            transformer.register_forward_hook(self._post, always_call=True),
+            transformer.register_forward_pre_hook(_eager(self._pre), with_kwargs=True),
+            transformer.register_forward_hook(_eager(self._post), always_call=True),
         ]
         modules = dict(model.named_modules())
         try:

@@ -225,7 +225,7 @@ def full_plan(
             steps=len(trace.timesteps),
             timesteps=trace.timesteps,
             sigmas=trace.sigmas,
-            guidance=Guidance(mode, scale if mode != "none" else 1.0, branches),
+            guidance=Guidance(mode, scale, branches),  # the scale the run used, as calibration records it
             resolution=[int(r) for r in target.resolution],
         )
     else:

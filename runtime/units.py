@@ -47,10 +47,14 @@ class FamilySpec:
             given block (e.g. SD3's last ``ff_context``) is not a unit. A child name of ``""`` makes the
             whole block a residual unit.
         residual_inputs: for whole-block units, see :attr:`UnitSpec.residual_inputs`.
+        guidance_scale_is_cfg: the pipelines' ``guidance_scale`` switches classifier-free guidance (CFG
+            branches when ``> 1``, as in DiT, PixArt, SD3). False for FLUX, whose ``guidance_scale`` is an
+            embedded (distilled) guidance and whose CFG (``true_cfg_scale``) is always split calls.
     """
 
     blocks: dict[str, tuple[tuple[str, str], ...]]
     residual_inputs: tuple[str, ...] = ()
+    guidance_scale_is_cfg: bool = True
 
 
 _DIT_LIKE = FamilySpec(blocks={"transformer_blocks": (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "ff"))})
@@ -75,6 +79,7 @@ REGISTRY: dict[str, FamilySpec] = {
             "single_transformer_blocks": (("", "block"),),
         },
         residual_inputs=("encoder_hidden_states", "hidden_states"),
+        guidance_scale_is_cfg=False,
     ),
 }
 
@@ -82,6 +87,21 @@ REGISTRY: dict[str, FamilySpec] = {
 def unwrap(transformer):
     """The underlying ``nn.Module`` of a (possibly ``torch.compile``-wrapped) transformer."""
     return getattr(transformer, "_orig_mod", transformer)
+
+
+def family_spec(transformer) -> FamilySpec:
+    """The registry entry of a (possibly compiled) transformer.
+
+    Raises:
+        UnsupportedModelError: the class is not registered (the message names it and the supported ones).
+    """
+    cls = type(unwrap(transformer)).__name__
+    family = REGISTRY.get(cls)
+    if family is None:
+        raise UnsupportedModelError(
+            f"cachec has no unit registry entry for {cls}; supported transformer classes: {', '.join(sorted(REGISTRY))}"
+        )
+    return family
 
 
 def find_units(transformer) -> list[UnitSpec]:
@@ -99,11 +119,7 @@ def find_units(transformer) -> list[UnitSpec]:
     """
     model = unwrap(transformer)
     cls = type(model).__name__
-    family = REGISTRY.get(cls)
-    if family is None:
-        raise UnsupportedModelError(
-            f"cachec has no unit registry entry for {cls}; supported transformer classes: {', '.join(sorted(REGISTRY))}"
-        )
+    family = family_spec(model)
     units: list[UnitSpec] = []
     for list_name, children in family.blocks.items():
         for i, block in enumerate(getattr(model, list_name, None) or []):
