@@ -221,14 +221,15 @@ def test_torch_compile_after_apply_runs_the_plan(tiny_digits):
     plain = tiny_digits.generate([3, 7], [0, 1], steps=STEPS)
     original = tiny_digits.pipe.transformer
     torch._dynamo.reset()
+    handle = apply(tiny_digits, plan)
     try:
-        handle = apply(tiny_digits, plan)
         tiny_digits.pipe.transformer = torch.compile(original, fullgraph=True, backend="eager")
         out = tiny_digits.generate([3, 7], [0, 1], steps=STEPS)
         assert handle.report.complete and handle.report.skipped == 2 * len(SKIPS)
         handle.remove()
         after = tiny_digits.generate([3, 7], [0, 1], steps=STEPS)  # the compiled module, hooks removed
     finally:
+        handle.remove()
         tiny_digits.pipe.transformer = original
         torch._dynamo.reset()
     assert torch.equal(out, expected) and torch.equal(after, plain)
