@@ -355,10 +355,15 @@ def eval_(target, model, reference, per_class, seed, png, json_out):
 @click.option("--per-class", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed SEED + i.")
 @click.option("--force", is_flag=True, help="Apply even if the weights' fingerprint differs from the plan's.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps [default: the plan's].")
+@click.option("--guidance", type=float, default=None, help="Guidance scale [default: the plan's].")
+@click.option("--remap", type=click.Choice(["error", "nearest", "off"]), default="error", show_default=True,
+              help="A run whose timesteps are not the plan's sequence: refuse, follow the nearest plan step, "
+                   "or compute it in full (docs/plan-format.md).")
 @click.option("--out", type=click.Path(dir_okay=False), default="cached.png", show_default=True,
               help="PNG grid; raw samples go to the same name with .safetensors.")
 @friendly
-def run(plan_file, model, classes, prompt, per_class, seed, force, out):
+def run(plan_file, model, classes, prompt, per_class, seed, force, steps, guidance, remap, out):
     """Sample with a plan applied and print the runtime's report (FLOPs fraction, counts, wall time)."""
     import torch
 
@@ -375,12 +380,14 @@ def run(plan_file, model, classes, prompt, per_class, seed, force, out):
     driver = load_model(model or plan.model.source)
     conds = [c for c in _conditions(driver, classes, None, prompt) for _ in range(per_class)]
     seeds = [seed + i for i in range(len(conds))]
-    with apply(driver, plan, force=force) as handle:
-        images = driver.generate(conds, seeds, steps=plan.steps, guidance=plan.sampler.guidance.scale)
+    steps = plan.steps if steps is None else steps
+    guidance = plan.sampler.guidance.scale if guidance is None else guidance
+    with apply(driver, plan, force=force, remap=remap) as handle:
+        images = driver.generate(conds, seeds, steps=steps, guidance=guidance)
         rep = handle.report
     save_png(make_grid(images, ncols=per_class if per_class > 1 else 10), out)
     if driver.condition_kind == "class":
-        meta = {"model": driver.name, "steps": plan.steps, "guidance": plan.sampler.guidance.scale, "plan": str(plan_file),
+        meta = {"model": driver.name, "steps": steps, "guidance": guidance, "plan": str(plan_file),
                 "wall_s": rep.wall_time_s, "flops_per_image": None, "flops_fraction": rep.flops_fraction}
         save_samples(out.with_suffix(".safetensors"), images, torch.tensor(conds), torch.tensor(seeds), meta)
     click.echo(f"{len(conds)} samples with {plan.budget.method} plan: FLOPs {100 * rep.flops_fraction:.1f}% of uncached, "

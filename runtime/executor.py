@@ -47,6 +47,8 @@ unit's longest coefficient list); ``history: used`` pushes predictions too.
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -65,6 +67,18 @@ TIMESTEP_ULPS = 4
 
 class PlanScheduleError(RuntimeError):
     """A transformer call does not fit the plan (timestep sequence, guidance branches or batch layout)."""
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+
+
+def _outside_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside cachec's runtime and torch (the user's call
+    of the pipeline or transformer), counted from the caller of the function that calls this one."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _close(ref: float, t: float, dtype) -> bool:
@@ -330,7 +344,7 @@ class PlanExecutor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
 
     # ------------------------------------------------------------------ UnitHandler protocol
 

@@ -134,3 +134,17 @@ def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
     assert read_header(traj)["along_plan"]["realised"] == plan.budget.realised
     code, text = run("plan", traj, "--budget", "50%", "-o", str(tmp_path / "refined.yaml"))
     assert code == 0, text
+
+
+def test_run_with_another_step_count_needs_remap(tiny_digits_dir, tmp_path):
+    from cachec.loading import load_model
+    from cachec.runtime import full_plan, write_plan
+
+    plan = full_plan(load_model(str(tiny_digits_dir)), steps=6)
+    write_plan(plan, tmp_path / "p.yaml")
+    args = ("run", str(tmp_path / "p.yaml"), str(tiny_digits_dir), "--classes", "1,2", "--out", str(tmp_path / "c.png"))
+    _assert_one_line_error(*run(*args, "--steps", "3"), "not in the plan's schedule", "remap='nearest'")
+    code, out = run(*args, "--steps", "3", "--remap", "off")
+    assert code == 0 and "FLOPs 100.0%" in out, out
+    code, out = run(*args, "--steps", "6")
+    assert code == 0 and "skipped 0" in out, out
