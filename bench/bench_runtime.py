@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cachec.calibrate.run import calibrate
-from cachec.flops import count_flops
+from cachec.runtime.flops import count_flops
 from cachec.loading import load_model
 from cachec.refine import write_plan_dict
 from cachec.planner import Planner, load_calibration

@@ -59,7 +59,7 @@ DEFAULT_STEPS = {"digits-flow": [25], "digits-ddim": [20, 50]}
 EVAL_SEED0 = 1_000_000  # evaluation seeds EVAL_SEED0 + i; calibration uses 0 .. n-1
 EXACT_TOL = 0.005  # a point within 0.5 % FLOPs of a budget is "at" it
 MAX_GAP = 0.10  # threshold sweeps bisect brackets wider than this
-CHECK_SIZE = 2  # samples on which the fast FLOP counter is checked against cachec.flops.count_flops
+CHECK_SIZE = 2  # samples on which the fast FLOP counter is checked against cachec.runtime.flops.count_flops
 BELOW_TOL = 0.10  # without a bracket, a point at most this far below a budget is shown (marked)
 
 
@@ -102,8 +102,8 @@ def counted_generate(cfg: Config, session: peers.Session | None, batches, per_ba
                      counter: str = "fast") -> tuple[torch.Tensor, int]:
     """Images and FLOPs (counted over every whole ``generate`` call) of ``batches`` under ``session``;
     per-batch counts are appended to ``per_batch`` when given. ``counter``: ``"fast"``
-    (:func:`bench.peers.fast_count_flops`) or ``"torch"`` (:func:`cachec.flops.count_flops`)."""
-    from cachec.flops import count_flops
+    (:func:`cachec.runtime.flops.count_total_flops`) or ``"torch"`` (:func:`cachec.runtime.flops.count_flops`)."""
+    from cachec.runtime.flops import count_flops, count_total_flops
 
     images, total = [], 0
     for conds, seeds in batches:
@@ -113,7 +113,7 @@ def counted_generate(cfg: Config, session: peers.Session | None, batches, per_ba
             if counter == "torch":
                 out, flops, _ = count_flops(cfg.ctx.generate, conds, seeds)
             else:
-                out, flops = peers.fast_count_flops(cfg.ctx.generate, conds, seeds)
+                out, flops = count_total_flops(cfg.ctx.generate, conds, seeds)
         finally:
             if session is not None:
                 session.end()
@@ -164,7 +164,7 @@ def run_point(cfg: Config, method: peers.Method, p, ref: dict, check: dict | Non
     """Measure one operating point; never raises (errors are recorded).
 
     ``check`` (per method): on the method's first measured point the fast FLOP count of the first
-    ``CHECK_SIZE`` samples is compared with :func:`cachec.flops.count_flops`; on a mismatch the point is recounted and the method
+    ``CHECK_SIZE`` samples is compared with :func:`cachec.runtime.flops.count_flops`; on a mismatch the point is recounted and the method
     counted with ``count_flops`` from then on (``check["counter"] = "torch"``).
     """
     from cachec.quality import evaluate, to_jsonable
@@ -325,7 +325,7 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
         _, torch0 = counted_generate(cfg, None, small, counter="torch")
         counter_check = {"samples": CHECK_SIZE, "fast": fast0, "count_flops": torch0, "equal": fast0 == torch0}
         if fast0 != torch0:
-            log(f"  fast FLOP counter disagrees with cachec.flops.count_flops ({fast0} vs {torch0}): "
+            log(f"  fast FLOP counter disagrees with cachec.runtime.flops.count_flops ({fast0} vs {torch0}): "
                 "counting everything with count_flops")
             cfg.counter = "torch"
             per_batch = []
@@ -559,7 +559,7 @@ def write_plot(results: dict, path: Path) -> None:
 
 
 def counter_note(results: dict) -> str:
-    """How FLOPs were counted, and whether the fast counter agreed with ``cachec.flops.count_flops``."""
+    """How FLOPs were counted, and whether the fast counter agreed with ``cachec.runtime.flops.count_flops``."""
     found = []  # (what, check) for every check made
     for cfg in results["configs"]:
         found.append((f"{cfg['name']} reference", cfg.get("flop_counter_check_reference")))
@@ -567,12 +567,12 @@ def counter_note(results: dict) -> str:
     found = [(what, c) for what, c in found if c]
     checks, bad = len(found), [what for what, c in found if not c["equal"]]
     if not checks:
-        return "counted with `cachec.flops.count_flops`."
+        return "counted with `cachec.runtime.flops.count_flops`."
     if not bad:
-        return (f"a bare dispatch-mode counter with those formulas was used and matched `cachec.flops.count_flops` "
+        return (f"a bare dispatch-mode counter with those formulas was used and matched `cachec.runtime.flops.count_flops` "
                 f"exactly in all {checks} checks (the uncached run and the first point of every method, on the first "
                 f"{CHECK_SIZE} samples).")
-    return (f"a bare dispatch-mode counter was checked against `cachec.flops.count_flops` ({checks} checks); where it "
+    return (f"a bare dispatch-mode counter was checked against `cachec.runtime.flops.count_flops` ({checks} checks); where it "
             f"disagreed ({', '.join(bad)}) everything of that method was recounted with `count_flops`.")
 
 
@@ -738,7 +738,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-extra", type=int, default=2, help="extra points per threshold method to bracket budgets")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--flop-counter", choices=["fast", "torch"], default="fast",
-                    help="fast: flop_counter formulas in a bare dispatch mode, checked against cachec.flops.count_flops "
+                    help="fast: flop_counter formulas in a bare dispatch mode, checked against cachec.runtime.flops.count_flops "
                          "on the reference and on every method's first point; torch: count_flops everywhere (≈2× slower)")
     ap.add_argument("--refine", type=int, default=None,
                     help="trajectory refinements per family in cachec's plan search (default 1; quick 0)")

@@ -3,7 +3,7 @@
 Every method is run through the same call, :meth:`cachec.loading.Driver.generate`, on the same model,
 conditions and seeds; what differs is what is installed on the transformer (or pipeline) around that call.
 The benchmark never trusts a method's own account of what it skipped: it counts FLOPs over the whole
-``generate`` call (:func:`cachec.flops.count_flops`).
+``generate`` call (:func:`cachec.runtime.flops.count_flops`).
 
 Methods (``all_methods``), by group:
 
@@ -64,7 +64,6 @@ import torch
 
 __all__ = [
     "BenchContext",
-    "fast_count_flops",
     "CacheContextWrapper",
     "Method",
     "Session",
@@ -90,45 +89,6 @@ def error_location(exc: BaseException) -> str:
         return ""
     fr = tb[-1]
     return f"{fr.filename}:{fr.lineno} in {fr.name}"
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-
-
-def fast_count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
-    """Run ``fn`` once and count its FLOPs with the formulas of ``torch.utils.flop_counter`` — like
-    :func:`cachec.flops.count_flops`, without its per-module attribution.
-
-    ``FlopCounterMode`` tracks the module hierarchy (global module hooks) and re-dispatches ops it has no
-    formula for through their decompositions; on our small DiT that made a counted sampling run about 2×
-    (up to 5× on a loaded machine) slower than an uncounted one. This counter is a bare
-    ``TorchDispatchMode`` that adds ``flop_registry[op](*args, out_val=out)`` for every executed aten op
-    that has a formula (matmuls, convolutions, attention), inside ``sdpa_kernel(SDPBackend.MATH)`` as
-    ``count_flops`` does. The benchmark checks it against ``count_flops`` on the uncached run and on the
-    first batch of every method (``bench/compare.py``); totals are equal on DiT.
-
-    Returns:
-        ``(result, total_flops)``.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class _Counter(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.total += int(formula(*args, **kwargs, out_val=out))
-            return out
-
-    counter = _Counter()
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        result = fn(*args, **kwargs)
-    return result, int(counter.total)
 
 
 # ------------------------------------------------------------------------------------------ context

@@ -118,7 +118,7 @@ def sample(model, classes, per_class, steps, guidance, seed, cfg, device, dtype,
     seeds = [seed + i for i in range(len(conds))]
     steps = steps or driver.default_steps
     bar, cb = _step_bar(steps, 1, f"sampling {driver.name}")
-    from .flops import count_flops
+    from .runtime.flops import count_flops
 
     t0 = time.perf_counter()
     images, total_flops, _ = count_flops(driver.generate, conds, seeds, steps=steps, guidance=guidance, cfg=cfg,

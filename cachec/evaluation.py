@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .flops import count_flops
+from .runtime.flops import count_flops
 from .quality import evaluate
 
 #: evaluation seeds start here; calibration seeds start at 0 (``--seed``), validation seeds at VALIDATION_SEED

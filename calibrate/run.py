@@ -205,10 +205,10 @@ def _reduce(tensors: list[torch.Tensor]) -> None:
 def _count_unit_flops(transformer, units, captured) -> tuple[list[float], float, float]:
     """FLOPs of one call for one sample of one branch: per unit, full forward, fixed (never-cached) part.
 
-    Runs the captured first transformer call once more under :func:`cachec.flops.count_flops` (FLOP
+    Runs the captured first transformer call once more under :func:`cachec.runtime.flops.count_flops` (FLOP
     counts depend on shapes only) and divides by its batch rows.
     """
-    from cachec.flops import count_flops, relative_module_flops
+    from cachec.runtime.flops import count_flops, relative_module_flops
 
     args, kwargs = captured
     rows = batch_size_of(args, kwargs)

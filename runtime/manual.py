@@ -2,8 +2,6 @@
 
 - :func:`trace_run` records what a pipeline feeds its transformer (timesteps, calls per step, batch) with
   one real forward and cheap stand-ins for the other calls.
-- :func:`count_flops` counts per-unit and whole-forward FLOPs with ``torch.utils.flop_counter`` (SDPA
-  forced to the MATH kernel, whose FLOPs are counted).
 - :func:`full_plan` builds the 100 %-budget plan (every unit computed at every step), the base of manual
   plans and a bitwise no-op when applied.
 - :func:`with_actions` derives a plan with other actions/compensations from a base plan, recomputing the
@@ -154,35 +152,6 @@ def trace_run(
     )
 
 
-def count_flops(transformer, args: tuple = (), kwargs: dict | None = None) -> tuple[dict[str, float], float]:
-    """FLOPs of one transformer forward, per unit and in total, per sample (divided by the batch size).
-
-    SDPA runs on the MATH backend during the count (other CPU kernels report 0 attention FLOPs).
-
-    Args:
-        transformer: a registered transformer (compiled wrappers are unwrapped).
-        args, kwargs: one forward's arguments (e.g. :attr:`RunTrace.args`/``kwargs``).
-
-    Returns:
-        ``({unit name: FLOPs per sample}, total FLOPs per sample)``.
-    """
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = unwrap(transformer)
-    kwargs = dict(kwargs or {})
-    hs = kwargs.get("hidden_states", args[0] if args else None)
-    batch = int(hs.shape[0])
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, depth=None) as counter:
-        model(*args, **kwargs)
-    counts = {k: float(sum(v.values())) for k, v in counter.get_flop_counts().items()}
-    root = type(model).__name__
-    total = counts.get("Global", counts.get(root, 0.0)) / batch
-    units = {u.name: counts.get(f"{root}.{u.name}", 0.0) / batch for u in find_units(model)}
-    return units, total
-
-
 def full_plan(
     target,
     *,
@@ -213,11 +182,12 @@ def full_plan(
     from cachec import __version__
 
     from .fingerprint import weights_fingerprint
+    from .flops import unit_flops
 
     if hasattr(target, "generate") and hasattr(target, "pipe"):
         trace = trace_run(target, conditions=conditions, steps=steps, guidance=guidance, cfg=cfg)
         transformer = target.transformer
-        unit_flops, total = count_flops(transformer, trace.args, trace.kwargs)
+        unit_costs, total = unit_flops(transformer, trace.args, trace.kwargs)
         mode, branches = trace.guidance
         scale = float(target.default_guidance if guidance is None else guidance)
         sampler = Sampler(
@@ -232,7 +202,7 @@ def full_plan(
         transformer = target
         if timesteps is None or example_inputs is None or resolution is None:
             raise ValueError("full_plan of a bare transformer needs timesteps=, example_inputs= and resolution=")
-        unit_flops, total = count_flops(transformer, (), example_inputs)
+        unit_costs, total = unit_flops(transformer, (), example_inputs)
         mode, branches = guidance_mode
         sampler = Sampler(
             scheduler=scheduler or "unknown",
@@ -242,8 +212,8 @@ def full_plan(
             guidance=Guidance(mode, float(guidance or 1.0), int(branches)),
             resolution=[int(r) for r in resolution],
         )
-    units = [UnitPlan(name, float(f), COMPUTE * sampler.steps, {}) for name, f in unit_flops.items()]
-    fixed = max(total - sum(unit_flops.values()), 0.0)
+    units = [UnitPlan(name, float(f), COMPUTE * sampler.steps, {}) for name, f in unit_costs.items()]
+    fixed = max(total - sum(unit_costs.values()), 0.0)
     model = unwrap(transformer)
     return Plan(
         model=ModelInfo(type(model).__name__, weights_fingerprint(model), []),

@@ -32,7 +32,7 @@ def ctx(tiny_digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ctx):
-    from cachec.flops import count_flops
+    from cachec.runtime.flops import count_flops
 
     images, flops, _ = count_flops(ctx.generate, CONDS, SEEDS)
     return images, flops
@@ -44,7 +44,7 @@ def _methods():
 
 @pytest.mark.parametrize("method", _methods(), ids=lambda m: m.name)
 def test_each_adapter_runs_and_is_counted(ctx, reference, method):
-    from cachec.flops import count_flops
+    from cachec.runtime.flops import count_flops
 
     ref_images, ref_flops = reference
     if isinstance(method, peers.CacheDitMethod) and not peers.cache_dit_status()[0]:
@@ -76,15 +76,15 @@ def test_each_adapter_runs_and_is_counted(ctx, reference, method):
 
 
 def test_fast_counter_matches_count_flops(ctx, reference):
-    from cachec.flops import count_flops
+    from cachec.runtime.flops import count_flops, count_total_flops
 
-    images, flops = peers.fast_count_flops(ctx.generate, CONDS, SEEDS)
+    images, flops = count_total_flops(ctx.generate, CONDS, SEEDS)
     assert flops == reference[1] and torch.equal(images, reference[0])
     m = peers.FirstBlockCacheMethod()
     s = m.session(ctx, 0.3)
     s.begin()
     try:
-        _, fast = peers.fast_count_flops(ctx.generate, CONDS, SEEDS)
+        _, fast = count_total_flops(ctx.generate, CONDS, SEEDS)
     finally:
         s.end()
     s.begin()

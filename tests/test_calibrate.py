@@ -128,7 +128,7 @@ def test_streamed_statistics_equal_direct(tiny_digits, tmp_path, cfg, guidance):
 
 def test_flops_per_sample_branch(tiny_digits, tmp_path):
     """unit_flops/full_step are for ONE sample of ONE branch: compare with a 1-row forward."""
-    from cachec.flops import count_flops, relative_module_flops
+    from cachec.runtime.flops import count_flops, relative_module_flops
 
     out = calibrate(tiny_digits, [0, 1, 2], output=tmp_path / "c.safetensors", steps=2, batch_size=3,
                     sensitivity="none", progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cachec.flops import count_flops, relative_module_flops
+from cachec.runtime.flops import count_flops, relative_module_flops
 
 
 class _Block(torch.nn.Module):
