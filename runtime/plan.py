@@ -17,6 +17,7 @@ value (``units[3].actions: ...``).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
@@ -282,30 +283,57 @@ def realised_fraction(units: list[UnitPlan], steps: int, full_step_flops: float,
 
 
 class _Reader:
-    """Typed access to one mapping of the raw YAML, with the key path for messages."""
+    """Typed access to one mapping of the raw YAML, with the key path for messages.
 
-    def __init__(self, data: Any, path: str):
+    The mapping's keys are declared once, at construction: ``required`` and ``optional``. Construction
+    checks them all, so a misspelt key is reported as what it is (an unknown key, with the known key it is
+    close to) rather than as the required key it leaves missing.
+
+    Raises:
+        PlanError: ``data`` is not a mapping, has a key that is not a str, an unknown key or a missing
+            required key.
+    """
+
+    def __init__(self, data: Any, path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()):
+        where = path or "<root>"
         if not isinstance(data, dict):
-            raise PlanError(f"{path or '<root>'}: expected a mapping, got {_tname(data)}")
+            raise PlanError(f"{where}: expected a mapping, got {_tname(data)}")
         self.data = data
         self.path = path
-        self.used: set[str] = set()
+        self.known = required + optional
+        for k in data:
+            if not isinstance(k, str):
+                raise PlanError(
+                    f"{where}: keys must be strings, got {'null' if k is None else f'{_tname(k)} {k!r}'} (YAML reads "
+                    "unquoted true/false/yes/no/on/off, null/~ and numbers as such: quote the key)"
+                )
+        missing = [k for k in required if k not in data]
+        unknown = sorted(k for k in data if k not in self.known)
+        if unknown:
+            absent = [k for k in self.known if k not in data]
+            names, suggested = [], set()
+            for k in unknown:
+                close = difflib.get_close_matches(k, absent, n=1)
+                suggested.update(close)
+                names.append(f"{_keyname(k)} (did you mean {close[0]!r}?)" if close else _keyname(k))
+            rest = [k for k in missing if k not in suggested]
+            also = f"; missing required key(s) {', '.join(rest)}" if rest else ""
+            raise PlanError(f"{where}: unknown key(s) {', '.join(names)}{also}")
+        if missing:
+            raise PlanError(f"{self.key(missing[0])}: missing required key")
 
     def key(self, k: str) -> str:
         return f"{self.path}.{k}" if self.path else k
 
-    def get(self, k: str, optional: bool = False, default: Any = None) -> Any:
-        if k not in self.data:
-            if optional:
-                return default
-            raise PlanError(f"{self.key(k)}: missing required key")
-        self.used.add(k)
-        return self.data[k]
+    def get(self, k: str, default: Any = None) -> Any:
+        """The value of declared key ``k`` (``default`` when an optional key is absent)."""
+        assert k in self.known, f"{self.key(k)} is not declared"
+        return self.data.get(k, default)
 
-    def done(self) -> None:
-        extra = [str(k) for k in self.data if k not in self.used]
-        if extra:
-            raise PlanError(f"{self.path or '<root>'}: unknown key(s) {', '.join(sorted(extra))}")
+
+def _keyname(k: str) -> str:
+    """``k`` as written in messages: bare when it is a plain name, quoted otherwise (spaces, empty, ...)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_.-]+", k) else repr(k)
 
 
 def _tname(v: Any) -> str:
@@ -340,7 +368,10 @@ def _float(v: Any, path: str, nullable: bool = False) -> float | None:
             except ValueError:
                 pass
         raise PlanError(f"{path}: expected a number, got {_tname(v)} {v!r}{hint}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # YAML ints have no bound
+        raise PlanError(f"{path}: must be finite, got an int too large for a float") from None
     if not math.isfinite(v):
         raise PlanError(f"{path}: must be finite, got {v}")
     return v
@@ -354,17 +385,26 @@ def _float_list(v: Any, path: str, length: int | None = None) -> list[float]:
     return [_float(x, f"{path}[{i}]") for i, x in enumerate(v)]
 
 
-def _plain(v: Any, path: str) -> Any:
-    """Validate a free-form YAML value (options): str-keyed dicts, lists, str/int/float/bool/null."""
+def _plain(v: Any, path: str, _within: frozenset[int] = frozenset()) -> Any:
+    """Validate a free-form YAML value (options): str-keyed dicts, lists, str/int/float/bool/null.
+
+    Raises:
+        PlanError: another type, a key that is not a str, a non-finite float, or a value that contains
+            itself (a YAML alias cycle such as ``&a [*a]``).
+    """
+    if isinstance(v, (dict, list)):
+        if id(v) in _within:
+            raise PlanError(f"{path}: the value contains itself (a YAML alias cycle)")
+        _within = _within | {id(v)}
     if isinstance(v, dict):
         out = {}
         for k, x in v.items():
             if not isinstance(k, str):
                 raise PlanError(f"{path}: option keys must be str, got {_tname(k)} {k!r}")
-            out[k] = _plain(x, f"{path}.{k}")
+            out[k] = _plain(x, f"{path}.{_keyname(k)}", _within)
         return out
     if isinstance(v, list):
-        return [_plain(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        return [_plain(x, f"{path}[{i}]", _within) for i, x in enumerate(v)]
     if v is None or isinstance(v, (str, bool, int)):
         return v
     if isinstance(v, float):
@@ -394,16 +434,23 @@ def parse_plan(data: Any) -> Plan:
         The plan (``source`` is None).
 
     Raises:
-        PlanError: the first violation found, message prefixed by the key path.
+        PlanError: the first violation found, in one line prefixed by the key path (``<root>`` for the top
+            level). An unknown key is named with the known key of its mapping it is close to (``model: unknown
+            key(s) fingerprnt (did you mean 'fingerprint'?)``); a key that is not a str, an int too large for
+            a float and a ``budget.options`` value that contains itself are PlanErrors too.
     """
-    root = _Reader(data, "")
+    root = _Reader(
+        data,
+        "",
+        ("cachec_plan", "model", "sampler", "budget", "predicted_error", "history", "units", "sidecar", "provenance"),
+    )
     version = root.get("cachec_plan")
     if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
         raise PlanError(
             f"cachec_plan: unsupported plan schema version {version!r}; this cachec reads version {SCHEMA_VERSION}"
         )
 
-    m = _Reader(root.get("model"), "model")
+    m = _Reader(root.get("model"), "model", ("class", "fingerprint", "adapters"), ("source",))
     adapters_raw = m.get("adapters")
     if not isinstance(adapters_raw, list):
         raise PlanError(f"model.adapters: expected a list of str, got {_tname(adapters_raw)}")
@@ -411,24 +458,24 @@ def parse_plan(data: Any) -> Plan:
         cls=_str(m.get("class"), "model.class"),
         fingerprint=_str(m.get("fingerprint"), "model.fingerprint"),
         adapters=[_str(a, f"model.adapters[{i}]") for i, a in enumerate(adapters_raw)],
-        source=_str(m.get("source", optional=True), "model.source", nullable=True),
+        source=_str(m.get("source"), "model.source", nullable=True),
     )
-    m.done()
     if not model.cls:
         raise PlanError("model.class: must not be empty")
     fp = model.fingerprint
     if not (fp.startswith("sha256:") and _HEX64.match(fp[7:])):
         raise PlanError(f"model.fingerprint: expected 'sha256:' + 64 hex digits, got {fp!r}")
 
-    s = _Reader(root.get("sampler"), "sampler")
+    s = _Reader(
+        root.get("sampler"), "sampler", ("scheduler", "steps", "timesteps", "sigmas", "guidance", "resolution")
+    )
     steps = _int(s.get("steps"), "sampler.steps", minimum=1)
-    g = _Reader(s.get("guidance"), "sampler.guidance")
+    g = _Reader(s.get("guidance"), "sampler.guidance", ("mode", "scale", "branches"))
     guidance = Guidance(
         mode=_str(g.get("mode"), "sampler.guidance.mode"),
         scale=_float(g.get("scale"), "sampler.guidance.scale"),
         branches=_int(g.get("branches"), "sampler.guidance.branches", minimum=1),
     )
-    g.done()
     if guidance.mode not in GUIDANCE_MODES:
         raise PlanError(f"sampler.guidance.mode: expected one of {', '.join(GUIDANCE_MODES)}, got {guidance.mode!r}")
     if (guidance.mode == "none") != (guidance.branches == 1):
@@ -448,9 +495,12 @@ def parse_plan(data: Any) -> Plan:
         guidance=guidance,
         resolution=[_int(r, f"sampler.resolution[{i}]", minimum=1) for i, r in enumerate(res_raw)],
     )
-    s.done()
 
-    b = _Reader(root.get("budget"), "budget")
+    b = _Reader(
+        root.get("budget"),
+        "budget",
+        ("method", "target", "realised", "full_step_flops", "fixed_step_flops", "options"),
+    )
     options = b.get("options")
     if not isinstance(options, dict):
         raise PlanError(f"budget.options: expected a mapping, got {_tname(options)}")
@@ -462,7 +512,6 @@ def parse_plan(data: Any) -> Plan:
         fixed_step_flops=_float(b.get("fixed_step_flops"), "budget.fixed_step_flops"),
         options=_plain(options, "budget.options"),
     )
-    b.done()
     if budget.method not in BUDGET_METHODS:
         raise PlanError(f"budget.method: expected one of {', '.join(BUDGET_METHODS)}, got {budget.method!r}")
     for key in ("target", "realised"):
@@ -492,12 +541,15 @@ def parse_plan(data: Any) -> Plan:
     sc_raw = root.get("sidecar")
     sidecar = None
     if sc_raw is not None:
-        sc = _Reader(sc_raw, "sidecar")
+        sc = _Reader(sc_raw, "sidecar", ("file", "sha256"))
         sidecar = Sidecar(file=_str(sc.get("file"), "sidecar.file"), sha256=_sha(sc.get("sha256"), "sidecar.sha256"))
-        sc.done()
         _check_relative(sidecar.file, "sidecar.file")
 
-    p = _Reader(root.get("provenance"), "provenance")
+    p = _Reader(
+        root.get("provenance"),
+        "provenance",
+        ("calibration_sha256", "conditions", "samples", "cachec_version", "created"),
+    )
     provenance = Provenance(
         calibration_sha256=_sha(p.get("calibration_sha256"), "provenance.calibration_sha256", nullable=True),
         conditions=_int(p.get("conditions"), "provenance.conditions", minimum=0),
@@ -505,8 +557,6 @@ def parse_plan(data: Any) -> Plan:
         cachec_version=_str(p.get("cachec_version"), "provenance.cachec_version"),
         created=_str(p.get("created"), "provenance.created", nullable=True),
     )
-    p.done()
-    root.done()
 
     plan = Plan(model, sampler, budget, predicted_error, history, units, sidecar, provenance)
     _check_consistency(plan)
@@ -520,7 +570,7 @@ def _check_relative(file: str, path: str) -> None:
 
 
 def _parse_unit(raw: Any, path: str, steps: int, history: str) -> UnitPlan:
-    r = _Reader(raw, path)
+    r = _Reader(raw, path, ("name", "flops", "actions", "compensation"))
     name = _str(r.get("name"), f"{path}.name")
     if not name:
         raise PlanError(f"{path}.name: must not be empty")
@@ -547,15 +597,14 @@ def _parse_unit(raw: Any, path: str, steps: int, history: str) -> UnitPlan:
             raise PlanError(f"{cpath}: step {step} is out of range 0..{steps - 1}")
         if actions[step] == COMPUTE:
             raise PlanError(f"{cpath}: step {step} is computed ('C'), so it must have no compensation")
-        c = _Reader(c_raw, cpath)
+        c = _Reader(c_raw, cpath, ("coeffs",), ("eoc_alpha",))
         coeffs_raw = c.get("coeffs")
         if not isinstance(coeffs_raw, list) or not coeffs_raw:
             raise PlanError(f"{cpath}.coeffs: expected a non-empty list of numbers, got {coeffs_raw!r}")
         comp = Compensation(
             coeffs=[_float(x, f"{cpath}.coeffs[{i}]") for i, x in enumerate(coeffs_raw)],
-            eoc_alpha=_float(c.get("eoc_alpha", optional=True, default=0.0), f"{cpath}.eoc_alpha"),
+            eoc_alpha=_float(c.get("eoc_alpha", 0.0), f"{cpath}.eoc_alpha"),
         )
-        c.done()
         available = actions[:step].count(COMPUTE) if history == "computed" else step
         if len(comp.coeffs) > available:
             raise PlanError(
@@ -566,7 +615,6 @@ def _parse_unit(raw: Any, path: str, steps: int, history: str) -> UnitPlan:
     missing = [s for s, a in enumerate(actions) if a == SKIP and s not in compensation]
     if missing:
         raise PlanError(f"{path}.compensation: skipped step(s) {missing} have no compensation entry")
-    r.done()
     return UnitPlan(name, flops, actions, dict(sorted(compensation.items())))
 
 
@@ -579,6 +627,11 @@ def _check_consistency(plan: Plan) -> None:
             f"full_step_flops ({b.full_step_flops:.6g})"
         )
     expected = realised_fraction(plan.units, plan.steps, b.full_step_flops, b.fixed_step_flops)
+    if not math.isfinite(expected):  # inf/inf: the FLOPs overflow a float, and no realised value matches
+        raise PlanError(
+            f"budget.full_step_flops: {b.full_step_flops!r} × {plan.steps} steps overflows a float; "
+            "the realised fraction cannot be checked"
+        )
     if abs(expected - b.realised) > REALISED_RTOL * max(expected, 1e-12):
         raise PlanError(
             f"budget.realised: {b.realised!r} does not match the schedule, which spends {expected!r} "
@@ -717,10 +770,17 @@ def _sorted_plain(v: Any) -> Any:
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that never emits aliases (shared lists would otherwise become &id001 anchors)."""
+    """SafeDumper that never emits aliases (shared lists would otherwise become &id001 anchors) and writes
+    text with U+0085 double-quoted (PyYAML writes it raw in single quotes, where YAML reads it as a line
+    break folded to a space: the text would not load back)."""
 
     def ignore_aliases(self, data):
         return True
+
+    def choose_scalar_style(self):
+        if "\x85" in self.event.value:
+            return '"'
+        return super().choose_scalar_style()
 
 
 def dump_plan(plan: Plan) -> str:
