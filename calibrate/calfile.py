@@ -1,8 +1,7 @@
-"""The calibration file (docs/calibration-format.md): atomic writing, reading, ``show`` and ``merge``.
+"""Calibration files as a whole: ``show`` (a human-readable summary) and ``merge`` (exact shard merge).
 
-A calibration file is one ``.safetensors`` file whose metadata key ``cachec_calibration`` holds the JSON
-header and whose tensors are float64 sums. Writes go to a temporary file in the same folder and are moved
-into place with ``os.replace``, so a reader never sees a half-written file.
+The format itself — identity, header, reading, atomic writing, :class:`CalibrationError` — is defined in
+:mod:`cachec.calibrate.format`; this module builds on it (``merge`` adds the sums with torch).
 """
 
 from __future__ import annotations
@@ -10,107 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-# the format's identity and header keys are defined once, with the reader (numpy only, no torch)
-from cachec.planner.calibration import (
-    FORMAT, FORMAT_VERSION, HEADER_KEYS, METADATA_KEY, OPTIONAL_HEADER_KEYS,
+from .format import (
+    HEADER_KEYS, OPTIONAL_HEADER_KEYS, CalibrationError, CalibrationHeader, read_header, read_tensors,
+    write_calibration,
 )
-
-#: a file larger than this draws a warning (bytes)
-WARN_BYTES = 500 * 1000**2
-
-
-class CalibrationFileError(ValueError):
-    """A file that is not a cachec calibration, or files that cannot be merged."""
-
-
-def atomic_save(tensors: dict, path: str | Path, metadata: dict[str, str]) -> int:
-    """Write ``tensors`` (name → CPU torch tensor) with string ``metadata`` to ``path`` atomically.
-
-    Returns:
-        The file size in bytes.
-
-    Raises:
-        OSError: the folder is not writable (the temporary file is removed).
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path.stat().st_size
-
-
-def write_calibration(path: str | Path, header: dict, tensors: dict) -> Path:
-    """Write a calibration file atomically; warn (``UserWarning``) when it exceeds 500 MB.
-
-    Args:
-        header: the JSON header (exactly :data:`HEADER_KEYS`, then any of :data:`OPTIONAL_HEADER_KEYS`).
-        tensors: ``{key: float64 CPU tensor}``.
-
-    Raises:
-        ValueError: header keys differ from the format's.
-    """
-    optional = tuple(k for k in OPTIONAL_HEADER_KEYS if k in header)
-    if tuple(header) != HEADER_KEYS + optional:
-        missing = [k for k in HEADER_KEYS if k not in header]
-        extra = [k for k in header if k not in HEADER_KEYS + OPTIONAL_HEADER_KEYS]
-        raise ValueError(f"calibration header keys differ from format {FORMAT_VERSION}: missing {missing}, extra {extra}")
-    size = atomic_save(tensors, path, {METADATA_KEY: json.dumps(header, allow_nan=False)})
-    if size > WARN_BYTES:
-        warnings.warn(
-            f"calibration file {path} is {size / 1e6:.0f} MB (> 500 MB): the per-element EOC statistics "
-            "(prior_sum, eoc_q, eoc_m) grow with units × steps × feature size",
-            stacklevel=2,
-        )
-    return Path(path)
-
-
-def read_header(path: str | Path) -> dict:
-    """The JSON header of a calibration file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CalibrationFileError: not a safetensors file or no cachec calibration header.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise CalibrationFileError(f"{path} is not a safetensors file ({exc})") from None
-    if METADATA_KEY not in meta:
-        raise CalibrationFileError(f"{path} has no {METADATA_KEY!r} header: not a cachec calibration file")
-    header = json.loads(meta[METADATA_KEY])
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise CalibrationFileError(
-            f"{path}: format {header.get('format')!r} version {header.get('format_version')!r}; "
-            f"this cachec reads {FORMAT!r} version {FORMAT_VERSION}"
-        )
-    return header
-
-
-def read_tensors(path: str | Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Tensors of a calibration file as float64 numpy arrays (all, or only ``keys``)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,8 +26,14 @@ def _fmt(x: float) -> str:
 def show(path: str | Path) -> str:
     """A human-readable summary of a calibration file (header facts, costs, per-unit table).
 
+    Args:
+        path: the calibration file.
+    Returns:
+        Several lines of text (no trailing newline): file, model, sampler, guidance, samples, FLOPs,
+        sensitivity, then one row per unit (kind, numel, MFLOP per call, latency in ms, mean relative
+        one-step change, mean cosine of consecutive changes, mean sensitivity).
     Raises:
-        FileNotFoundError, CalibrationFileError: see :func:`read_header`.
+        FileNotFoundError, CalibrationError: see :func:`cachec.calibrate.format.read_header`.
     """
     h = read_header(path)
     names = [u["name"] for u in h["units"]]
@@ -201,30 +112,38 @@ def _parse_shard(desc: str) -> tuple[int, int]:
 
 
 def check_mergeable(headers: list[dict], paths: list[str]) -> None:
-    """Raise :class:`CalibrationFileError` naming the first difference that forbids a merge."""
+    """Check that calibration headers can be merged.
+
+    Args:
+        headers: the files' headers (dicts, as :func:`read_header` returns them).
+        paths: the files, for the messages (same order).
+    Raises:
+        CalibrationError: the first difference that forbids a merge (named), an unsharded file, a shard
+            present twice, or shards of different partitions.
+    """
     ref = headers[0]
     for h, p in zip(headers[1:], paths[1:]):
         for name, get in _MUST_MATCH:
             if get(h) != get(ref):
-                raise CalibrationFileError(
+                raise CalibrationError(
                     f"cannot merge {paths[0]} and {p}: {_describe_difference(name, get(ref), get(h))}"
                 )
         if not math.isclose(h["flops"]["full_step"], ref["flops"]["full_step"], rel_tol=1e-9):
-            raise CalibrationFileError(f"cannot merge {paths[0]} and {p}: FLOPs per step differ")
+            raise CalibrationError(f"cannot merge {paths[0]} and {p}: FLOPs per step differ")
     seen: dict[str, str] = {}
     parts = set()
     for h, p in zip(headers, paths):
         if not h["shards"]:
-            raise CalibrationFileError(
+            raise CalibrationError(
                 f"cannot merge {p}: it is a complete (unsharded) calibration, merging it would count samples twice"
             )
         for d in h["shards"]:
             if d in seen:
-                raise CalibrationFileError(f"cannot merge: shard {d} is in both {seen[d]} and {p}")
+                raise CalibrationError(f"cannot merge: shard {d} is in both {seen[d]} and {p}")
             seen[d] = p
             parts.add(_parse_shard(d)[1])
     if len(parts) != 1:
-        raise CalibrationFileError(f"cannot merge shards of different partitions ({', '.join(sorted(seen))})")
+        raise CalibrationError(f"cannot merge shards of different partitions ({', '.join(sorted(seen))})")
 
 
 def merge(paths: Sequence[str | Path], output: str | Path) -> Path:
@@ -243,9 +162,9 @@ def merge(paths: Sequence[str | Path], output: str | Path) -> Path:
         ``output`` as a Path.
 
     Raises:
-        ValueError: fewer than two paths, or the output folder is missing.
-        FileNotFoundError: an input is missing.
-        CalibrationFileError: an input is not a calibration file, the files differ (model fingerprint,
+        ValueError: fewer than two paths.
+        FileNotFoundError: an input or the output folder is missing.
+        CalibrationError (a ValueError): an input is not a calibration file, the files differ (model fingerprint,
             steps, timesteps, guidance, units, conditions, …: the message names the difference), a shard is
             repeated, or a complete set of shards does not add up to all samples.
     """
@@ -265,12 +184,12 @@ def merge(paths: Sequence[str | Path], output: str | Path) -> Path:
     samples = [sum(h["samples"][k] for h in headers) for k in (0, 1)]
     total = len(ref["conditions"]) * ref["samples_per_condition"]
     if len(shards) == n_parts and sum(samples) != total:
-        raise CalibrationFileError(
+        raise CalibrationError(
             f"the {n_parts} shards hold {sum(samples)} samples but the calibration has {total}: "
             "they were made with different batch sizes or overlap"
         )
     if sum(samples) > total:
-        raise CalibrationFileError(f"the shards hold {sum(samples)} samples, more than the {total} of the calibration")
+        raise CalibrationError(f"the shards hold {sum(samples)} samples, more than the {total} of the calibration")
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(p, framework="pt")) for p in paths]
         tensors = _merge_tensors(paths, handles, [float(h["sensitivity"]["samples"]) for h in headers])
@@ -286,8 +205,8 @@ def merge(paths: Sequence[str | Path], output: str | Path) -> Path:
         "seconds": float(sum(h["sensitivity"]["seconds"] for h in headers)),
     }
     header["shards"] = shards
-    header = {k: header[k] for k in HEADER_KEYS + OPTIONAL_HEADER_KEYS if k in header}
-    return write_calibration(out, header, tensors)
+    header = CalibrationHeader.from_dict({k: header[k] for k in HEADER_KEYS + OPTIONAL_HEADER_KEYS if k in header})
+    return write_calibration(out, header, {k: v.numpy() for k, v in tensors.items()})
 
 
 def _merge_tensors(paths: list[str], handles: list, sens_w: list[float]) -> dict:
@@ -297,14 +216,14 @@ def _merge_tensors(paths: list[str], handles: list, sens_w: list[float]) -> dict
     keys = list(handles[0].keys())
     for p, f in zip(paths[1:], handles[1:]):
         if set(f.keys()) != set(keys):
-            raise CalibrationFileError(f"cannot merge {paths[0]} and {p}: they hold different tensors")
+            raise CalibrationError(f"cannot merge {paths[0]} and {p}: they hold different tensors")
     tensors: dict[str, torch.Tensor] = {}
     for key in keys:
         arrays = [f.get_tensor(key) for f in handles]
         if key == "unit_flops":
             for p, a in zip(paths[1:], arrays[1:]):
                 if not torch.allclose(a, arrays[0], rtol=1e-9, atol=0):
-                    raise CalibrationFileError(f"cannot merge {paths[0]} and {p}: unit FLOPs differ")
+                    raise CalibrationError(f"cannot merge {paths[0]} and {p}: unit FLOPs differ")
             tensors[key] = arrays[0]
         elif key == "unit_latency_s":
             tensors[key] = torch.stack(arrays).mean(0)

@@ -1,37 +1,22 @@
-"""Read a calibration statistics file (docs/calibration-format.md) into a :class:`Calibration`.
+"""The planner's in-memory view of a calibration (docs/calibration-format.md): :class:`Calibration`.
 
-numpy + safetensors.numpy only. The big per-element tensors (``prior_sum``, ``eoc_q``, ``eoc_m``) are
-read one unit at a time and reduced at load to the few scalars the error model needs (the EOC inner
-products of the contract's ``E(alpha)`` formula); the prior itself is re-read lazily, and only for the
-(unit, step) pairs a plan corrects, when its sidecar is built.
+numpy only. The file itself — format identity, header keys and validation, reading, and the one exception
+type :class:`CalibrationError` (re-exported here as ``cachec.planner.CalibrationError``) — is owned by
+:mod:`cachec.calibrate.format` (torch-free). The big per-element tensors (``prior_sum``, ``eoc_q``,
+``eoc_m``) are read one unit at a time and reduced at load to the few scalars the error model needs (the
+EOC inner products of the contract's ``E(alpha)`` formula); the prior itself is re-read lazily, and only
+for the (unit, step) pairs a plan corrects, when its sidecar is built.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-FORMAT = "cachec-calibration"
-FORMAT_VERSION = 1
-METADATA_KEY = "cachec_calibration"
-
-#: header keys required by format version 1 (docs/calibration-format.md, "Header")
-HEADER_KEYS = (
-    "format", "format_version", "created", "cachec_version", "model", "scheduler", "steps", "timesteps",
-    "sigmas", "guidance", "resolution", "conditions", "samples_per_condition", "seed", "samples",
-    "prior_count", "goc_count", "eoc_lags", "units", "flops", "sensitivity", "shards",
-)
-#: optional header keys, after the required ones when present (docs/calibration-format.md)
-OPTIONAL_HEADER_KEYS = ("along_plan",)
-UNIT_KEYS = ("name", "kind", "mode", "shapes", "numel")
-
-
-class CalibrationError(ValueError):
-    """A calibration file or in-memory statistics set that does not follow docs/calibration-format.md."""
+from cachec.calibrate.format import CalibrationError, read_header, read_tensors, tensor_keys, validate_header
+from cachec.runtime.io import file_sha256
 
 
 @dataclass
@@ -136,56 +121,6 @@ class Calibration:
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise CalibrationError(msg)
-
-
-def validate_header(header: object) -> dict:
-    """Check a calibration header against format version 1.
-
-    Args:
-        header: the decoded JSON object of ``metadata["cachec_calibration"]``.
-    Returns:
-        The header (unchanged).
-    Raises:
-        CalibrationError: wrong format or version, a missing key, or inconsistent sizes (each message
-            names the key).
-    """
-    _require(isinstance(header, dict), f"calibration header: expected a JSON object, got {type(header).__name__}")
-    _require(header.get("format") == FORMAT, f"calibration header.format: expected {FORMAT!r}, got {header.get('format')!r}")
-    _require(
-        header.get("format_version") == FORMAT_VERSION,
-        f"calibration header.format_version: expected {FORMAT_VERSION}, got {header.get('format_version')!r}",
-    )
-    for key in HEADER_KEYS:
-        _require(key in header, f"calibration header.{key}: missing")
-    S = header["steps"]
-    _require(isinstance(S, int) and S >= 1, f"calibration header.steps: expected a positive int, got {S!r}")
-    _require(len(header["timesteps"]) == S, f"calibration header.timesteps: expected {S} values, got {len(header['timesteps'])}")
-    if header["sigmas"] is not None:
-        _require(len(header["sigmas"]) == S, f"calibration header.sigmas: expected {S} values or null")
-    g = header["guidance"]
-    _require(isinstance(g, dict) and all(k in g for k in ("mode", "scale", "branches")),
-             "calibration header.guidance: expected {mode, scale, branches}")
-    _require(isinstance(g["branches"], int) and g["branches"] >= 1, "calibration header.guidance.branches: expected int >= 1")
-    _require(isinstance(header["samples"], list) and len(header["samples"]) == 2,
-             "calibration header.samples: expected [n_split0, n_split1]")
-    _require(isinstance(header["eoc_lags"], int) and header["eoc_lags"] >= 0, "calibration header.eoc_lags: expected int >= 0")
-    fl = header["flops"]
-    _require(isinstance(fl, dict) and "full_step" in fl and "fixed_step" in fl,
-             "calibration header.flops: expected {full_step, fixed_step, counter}")
-    _require(float(fl["full_step"]) > 0, "calibration header.flops.full_step: expected > 0")
-    _require(float(fl["fixed_step"]) >= 0, "calibration header.flops.fixed_step: expected >= 0")
-    units = header["units"]
-    _require(isinstance(units, list) and len(units) >= 1, "calibration header.units: expected a non-empty list")
-    names = set()
-    for i, u in enumerate(units):
-        for key in UNIT_KEYS:
-            _require(isinstance(u, dict) and key in u, f"calibration header.units[{i}].{key}: missing")
-        _require(u["name"] not in names, f"calibration header.units[{i}].name: duplicate {u['name']!r}")
-        names.add(u["name"])
-        total = sum(int(np.prod(s)) for s in u["shapes"])
-        _require(total == u["numel"],
-                 f"calibration header.units[{i}].numel: {u['numel']} != {total} (sum of the shapes' sizes)")
-    return header
 
 
 def _check(name: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
@@ -332,15 +267,6 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
     )
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes (read in 16 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_calibration(path: str) -> Calibration:
     """Load a calibration ``.safetensors`` file (docs/calibration-format.md, format version 1).
 
@@ -351,29 +277,14 @@ def load_calibration(path: str) -> Calibration:
     Raises:
         CalibrationError: not a safetensors file, no ``cachec_calibration`` metadata, wrong format or
             version, missing tensor or header key (named), wrong shape or dtype, a non-finite or
-            out-of-range statistic (named with its unit and step).
+            out-of-range statistic (named with its unit and step); header errors are prefixed with the path.
         FileNotFoundError: no such file.
     """
-    from safetensors import safe_open
-
     path = str(path)
-    try:
-        with safe_open(path, framework="numpy") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise CalibrationError(f"{path}: not a readable safetensors file ({e})") from e
-    if METADATA_KEY not in meta:
-        raise CalibrationError(f"{path}: no {METADATA_KEY!r} metadata: not a cachec calibration file")
-    try:
-        header = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
+    header = read_header(path)
+    keys = tensor_keys(path)
 
     def tensor(key: str) -> np.ndarray:
-        with safe_open(path, framework="numpy") as f:
-            return f.get_tensor(key)
+        return read_tensors(path, [key])[key]
 
     return calibration_from_tensors(header, tensor, keys, file_sha256(path))

@@ -12,9 +12,12 @@ import json
 
 import numpy as np
 
-from .calibration import FORMAT, FORMAT_VERSION, METADATA_KEY, Calibration, calibration_from_tensors
+from cachec.calibrate.format import FORMAT, FORMAT_VERSION, METADATA_KEY
 
-#: DiT-XL/2 at 256^2, FLOPs per image per forward (METHODS/FACTS: 1.51 / 2.72 GMAC per block, 118.6 GMAC total)
+from .calibration import Calibration, calibration_from_tensors
+
+#: DiT-XL/2 at 256^2, FLOPs per image per forward (1.51 / 2.72 GMAC per block for attention / MLP, 118.6 GMAC
+#: for the whole forward; 2 FLOPs per multiply-add)
 DIT_XL_ATTN_FLOPS = 2 * 1.51e9
 DIT_XL_FF_FLOPS = 2 * 2.72e9
 DIT_XL_FULL_FLOPS = 2 * 118.6e9

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from cachec.calibrate import (
-    CalibrationFileError, calibrate, merge, parse_classes, parse_shard, partial_paths, read_header, read_prompts, show,
+    CalibrationError, calibrate, merge, parse_classes, parse_shard, partial_paths, read_header, read_prompts, show,
 )
-from cachec.calibrate.calfile import HEADER_KEYS
+from cachec.calibrate.format import HEADER_KEYS
 from cachec.calibrate.recorder import StepTracker
 from cachec.runtime.units import find_units
 
@@ -196,15 +196,15 @@ def test_shards_merge_equal_single_run(tiny_digits, tmp_path):
     _assert_same(merged, single)
     assert np.array_equal(_load(merged)["sensitivity"], _load(single)["sensitivity"])
 
-    with pytest.raises(CalibrationFileError, match="shard 0/2 is in both"):
+    with pytest.raises(CalibrationError, match="shard 0/2 is in both"):
         merge([s0, s0], tmp_path / "x.safetensors")
-    with pytest.raises(CalibrationFileError, match="complete"):
+    with pytest.raises(CalibrationError, match="complete"):
         merge([single, s0], tmp_path / "x.safetensors")
     other = calibrate(tiny_digits, conds, output=tmp_path / "o1.safetensors", shard=(1, 2), **dict(kw, seed=4))
-    with pytest.raises(CalibrationFileError, match="seed differ"):
+    with pytest.raises(CalibrationError, match="seed differ"):
         merge([s0, other], tmp_path / "x.safetensors")
     other = calibrate(tiny_digits, conds, output=tmp_path / "o2.safetensors", shard=(1, 2), **dict(kw, steps=3))
-    with pytest.raises(CalibrationFileError, match="steps differ"):
+    with pytest.raises(CalibrationError, match="steps differ"):
         merge([s0, other], tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="at least two"):
         merge([s0], tmp_path / "x.safetensors")
@@ -426,16 +426,16 @@ def test_step_tracker_rules(tiny_digits):
 
 
 def test_show_and_size_warning(tiny_digits, tmp_path, monkeypatch):
-    import cachec.calibrate.calfile as calfile
+    import cachec.calibrate.format as calformat
 
-    monkeypatch.setattr(calfile, "WARN_BYTES", 1000)
+    monkeypatch.setattr(calformat, "WARN_BYTES", 1000)
     with pytest.warns(UserWarning, match="MB"):
         out = calibrate(tiny_digits, [0, 1], output=tmp_path / "c.safetensors", steps=3, sensitivity="none",
                         progress=False)
     text = show(out)
     for needle in ("DiTTransformer2DModel", "3 steps", "batched", "transformer_blocks.1.ff", "2 (1 fit + 1 held-out)"):
         assert needle in text
-    with pytest.raises(CalibrationFileError, match="not a safetensors|no 'cachec_calibration'"):
+    with pytest.raises(CalibrationError, match="not a readable safetensors|no 'cachec_calibration'"):
         (tmp_path / "junk.safetensors").write_bytes(b"0" * 64)
         show(tmp_path / "junk.safetensors")
     assert math.isfinite(read_header(out)["flops"]["full_step"])
@@ -558,5 +558,5 @@ def test_along_shards_merge_only_when_they_followed_the_same_plan(tiny_digits, t
     merged = merge([s0, s1], tmp_path / "m.safetensors")
     _assert_same(merged, whole)
     assert read_header(merged)["along_plan"] == read_header(whole)["along_plan"]
-    with pytest.raises(CalibrationFileError, match="along_plan"):
+    with pytest.raises(CalibrationError, match="along_plan"):
         merge([s0, s1b], tmp_path / "bad.safetensors")

@@ -109,3 +109,61 @@ def test_non_finite_statistic_in_a_file_is_refused(valid, tmp_path):
     with pytest.raises(CalibrationError, match=re.escape(
             "calibration tensor gram/transformer_blocks.0.ff: non-finite value (nan) at branch 1, split 0, steps (2, 3)")):
         load_calibration(str(path))
+
+
+# ---- the format module (calibrate/format.py): one definition, one exception type -----------------------
+def test_format_module_is_torch_free_and_owns_the_one_exception_type():
+    import subprocess
+    import sys
+
+    import cachec.calibrate as calibrate_pkg
+    import cachec.calibrate.format as fmt
+    import cachec.planner as planner_pkg
+    import cachec.planner.calibration as planner_cal
+
+    assert planner_pkg.CalibrationError is calibrate_pkg.CalibrationError is fmt.CalibrationError
+    assert planner_cal.validate_header is fmt.validate_header and not hasattr(planner_cal, "HEADER_KEYS")
+    assert issubclass(fmt.CalibrationError, ValueError)
+    code = "import sys, cachec.calibrate.format, cachec.planner; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_header_dataclass_round_trip_and_named_errors(valid):
+    from cachec.calibrate.format import HEADER_KEYS, CalibrationHeader
+
+    header, _ = valid
+    h = CalibrationHeader.from_dict(header)
+    assert h.to_dict() == header and tuple(h.to_dict()) == HEADER_KEYS and h.along_plan is None
+    along = h.replace(along_plan={"plan_sha256": "0" * 64})
+    assert tuple(along.to_dict()) == HEADER_KEYS + ("along_plan",)
+    with pytest.raises(CalibrationError, match=r"missing \['seed'\], extra \['colour'\]"):
+        CalibrationHeader.from_dict({**{k: v for k, v in header.items() if k != "seed"}, "colour": 1})
+    with pytest.raises(CalibrationError, match="header.steps: expected a positive int"):
+        CalibrationHeader.from_dict(dict(header, steps=0))
+    with pytest.raises(CalibrationError, match=r"header.units\[1\].numel"):
+        h.replace(units=[header["units"][0], dict(header["units"][1], numel=99)])
+
+
+def test_write_calibration_round_trip_and_refusals(valid, tmp_path):
+    from cachec.calibrate.format import read_header, read_tensors, write_calibration
+    from cachec.runtime.io import file_sha256
+
+    header, tensors = valid
+    path = write_calibration(tmp_path / "c.safetensors", header, tensors)
+    assert read_header(path) == header
+    stored = read_tensors(path)
+    assert set(stored) == set(tensors) and all(np.array_equal(stored[k], tensors[k]) for k in tensors)
+    cal = load_calibration(str(path))
+    assert cal.sha256 == file_sha256(path)
+    with pytest.raises(CalibrationError, match="calibration tensor sensitivity: missing"):
+        write_calibration(tmp_path / "x.safetensors", header, {k: v for k, v in tensors.items() if k != "sensitivity"})
+    with pytest.raises(CalibrationError, match="unit_flops: expected float64"):
+        write_calibration(tmp_path / "x.safetensors", header, dict(tensors, unit_flops=tensors["unit_flops"].astype(np.float32)))
+    with pytest.raises(CalibrationError, match="calibration tensor extra: not a tensor of format 1"):
+        write_calibration(tmp_path / "x.safetensors", header, dict(tensors, extra=np.zeros(1)))
+    with pytest.raises(CalibrationError, match="calibration tensor nope: missing"):
+        read_tensors(path, ["nope"])
+    with pytest.raises(FileNotFoundError):
+        read_header(tmp_path / "absent.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # nothing left by refused writes
