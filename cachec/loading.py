@@ -3,7 +3,9 @@
 :func:`load_model` returns a :class:`Driver`, a uniform handle that every stage can drive with the same
 call shape — conditions (class labels or prompts), steps, guidance, per-sample seeds → images — whether
 underneath is our :class:`~cachec.pipeline.DigitsPipeline` or an ordinary diffusers pipeline
-(``DiTPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, …).
+(``DiTPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, …). What differs
+between them (condition kind, call keywords, defaults, split CFG) is read from the pipeline's entry in the
+model registry (:mod:`cachec.runtime.registry`); nothing here names a pipeline class.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .reference import DEFAULT_MODEL, REFERENCE_MODELS
+from .runtime.registry import ModelSpec, spec_for_pipeline
 
 MODELS_DIR = Path(__file__).parent / "models"
 REFERENCE_CARD = "cachec_model.json"
@@ -57,6 +60,15 @@ class Driver:
     def scheduler(self):
         return self.pipe.scheduler
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The pipeline's model registry entry.
+
+        Raises:
+            UnsupportedModelError: the pipeline class is not registered.
+        """
+        return spec_for_pipeline(self.pipe)
+
     def check_conditions(self, conditions: Sequence) -> list:
         """Validate conditions for this model.
 
@@ -96,14 +108,17 @@ class Driver:
             seeds: N seeds; sample i uses ``torch.Generator().manual_seed(seeds[i])`` for its noise.
             steps: sampling steps (default: the model's).
             guidance: CFG scale (default: the model's).
-            cfg: ``"batched"`` or ``"split"`` (only the reference pipeline can split).
+            cfg: ``"batched"`` or ``"split"`` (only pipelines whose registry entry has ``split_cfg``, the
+                reference pipeline, can split).
             callback: ``callback(step_index, num_steps)`` after each step.
 
         Returns:
             float32 (N, C, H, W) images in [0, 1], on CPU.
 
         Raises:
-            ValueError: bad conditions, mismatched lengths, non-positive steps.
+            ValueError: bad conditions, mismatched lengths, non-positive steps, ``cfg="split"`` for a pipeline
+                that runs batched CFG only.
+            UnsupportedModelError: the pipeline class is not registered.
         """
         conditions = self.check_conditions(conditions)
         if len(seeds) != len(conditions):
@@ -112,26 +127,23 @@ class Driver:
         if steps <= 0:
             raise ValueError(f"the number of steps must be positive, got {steps}")
         guidance = self.default_guidance if guidance is None else float(guidance)
+        spec = self.spec
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        if self.condition_kind == "class" and hasattr(self.pipe, "initial_noise"):
+        if spec.split_cfg:  # cachec's own sampling loop
             return self.pipe(conditions, steps, guidance, gens, cfg=cfg, callback=callback).images.cpu()
         if cfg != "batched":
             raise ValueError(f"{type(self.pipe).__name__} only runs batched CFG")
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
-        if callback is not None:
+        if callback is not None and spec.step_callback:
             kwargs["callback_on_step_end"] = lambda p, i, t, kw: (callback(i, steps), kw)[1]
-        gen_device = "cpu"
-        kwargs["generator"] = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
-        if self.condition_kind == "class":
-            kwargs.pop("callback_on_step_end", None)
-            out = self.pipe(class_labels=conditions, **kwargs)
+        kwargs["generator"] = gens
+        if spec.condition == "class":
+            kwargs["class_labels"] = conditions
         else:
             h, w = self.resolution
             kwargs.update(prompt=conditions, height=h, width=w)
-            if "PixArt" in type(self.pipe).__name__:
-                kwargs["use_resolution_binning"] = False
-                kwargs["clean_caption"] = False  # needs bs4/ftfy and only prints a warning without them
-            out = self.pipe(**kwargs)
+        kwargs.update(spec.call_kwargs)
+        out = self.pipe(**kwargs)
         images = out.images
         if not isinstance(images, torch.Tensor):
             images = torch.as_tensor(images)
@@ -159,7 +171,7 @@ def _load_reference(folder: Path, name: str, device, dtype) -> Driver:
     return Driver(
         pipe=pipe,
         name=name,
-        condition_kind="class",
+        condition_kind=spec_for_pipeline(pipe).condition,
         num_classes=pipe.num_classes,
         default_steps=int(card["default_steps"]),
         default_guidance=float(card["default_guidance"]),
@@ -176,9 +188,12 @@ def _load_diffusers(source: str, name: str, device, dtype) -> Driver:
     except Exception as exc:  # diffusers raises many types for "not a pipeline" / offline hub
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load a diffusers pipeline from {source!r}: {first}") from exc
-    pipe.to(device)
     if getattr(pipe, "transformer", None) is None:
         raise ModelLoadError(f"{source!r} is a {type(pipe).__name__} without a transformer: cachec caches DiTs")
+    spec = spec_for_pipeline(pipe)
+    if spec.default_steps is None or spec.default_guidance is None:
+        raise ModelLoadError(f"registry entry {spec.name!r} ({type(pipe).__name__}) has no default steps/guidance")
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
     cls = type(pipe).__name__
@@ -193,13 +208,11 @@ def _load_diffusers(source: str, name: str, device, dtype) -> Driver:
         )
     # the pipelines' own default (height = width = default latent size x VAE scale factor)
     size = int(latent_size) * int(vae_factor)
-    if cls == "DiTPipeline":
-        kind, num_classes = "class", int(transformer.config.num_embeds_ada_norm)
-        guidance = 4.0
-    else:
-        kind, num_classes = "prompt", None
-        guidance = 3.5 if cls.startswith("Flux") else 4.5
-    return Driver(pipe, name, kind, num_classes, 20, guidance, (size, size), {"pipeline": cls})
+    num_classes = int(transformer.config.num_embeds_ada_norm) if spec.condition == "class" else None
+    return Driver(
+        pipe, name, spec.condition, num_classes, int(spec.default_steps), float(spec.default_guidance),
+        (size, size), {"pipeline": cls},
+    )
 
 
 def load_model(name_or_path: str | None = None, device: str | torch.device = "cpu", dtype=torch.float32) -> Driver:
@@ -219,6 +232,8 @@ def load_model(name_or_path: str | None = None, device: str | torch.device = "cp
     Raises:
         ModelLoadError: unknown name, a folder that is not a diffusers model, or a load failure; the message
             says what was tried.
+        UnsupportedModelError: a diffusers pipeline whose class has no model registry entry (the message
+            names the supported ones).
     """
     name = name_or_path or DEFAULT_MODEL
     path = Path(name)

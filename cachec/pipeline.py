@@ -4,7 +4,10 @@ It drives a diffusers ``DiTTransformer2DModel`` and a diffusers scheduler exactl
 pipelines do (the transformer receives ``hidden_states``, ``timestep`` and ``class_labels`` keyword
 arguments at every step), so cachec's hooks see the same calls they see inside ``DiTPipeline``. Unlike
 ``DiTPipeline`` it needs no VAE (pixel space) and its null class is the model's own
-(``num_embeds_ada_norm``), not the hard-coded 1000.
+(``num_embeds_ada_norm``), not the hard-coded 1000, and it can run CFG as two calls per step.
+
+What the rest of cachec needs to know about it (class labels, conditional half first in batched CFG, split
+CFG available, this call signature) is its ``"digits"`` entry in :mod:`cachec.runtime.registry`.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class DigitsPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
-    def to(self, device=None, dtype=None) -> "DigitsPipeline":
+    def to(self, device=None, dtype=None) -> DigitsPipeline:
         self.transformer.to(device=device, dtype=dtype)
         return self
 

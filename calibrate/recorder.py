@@ -1,11 +1,13 @@
 """Recording unit features from an unmodified pipeline call through the runtime hook core.
 
 Steps and branches are read from the calls themselves, never from a call counter
-(docs/calibration-format.md, ARCHITECTURE.md "Steps and branches"):
+(docs/calibration-format.md):
 
 - the **step** is the position of the call's ``timestep`` in the schedule. During the first run the
   received values are recorded in order (a new value opens the next step); later runs must present the
-  same values in the same order, or the run fails with the step and both values named;
+  same values in the same order, or the run fails with the step and both values named. A value matches
+  the recorded one by :func:`cachec.runtime.hooks.same_timestep`, the rule plan execution applies to a
+  plan's timesteps, so calibration and runtime accept exactly the same timesteps;
 - the **branch**: a call with ``2N`` rows for a batch of N samples is batched CFG — its two halves are the
   conditional and the unconditional branch (in the pipeline's order, see :func:`batched_cond_first`); a
   call with N rows is branch 0, and a further call with the *same* timestep as the previous call is the
@@ -26,20 +28,20 @@ from typing import Any
 
 import torch
 
-from cachec.runtime.hooks import Feature, batch_size_of, timestep_of
+from cachec.runtime.hooks import Feature, batch_size_of, same_timestep, timestep_and_dtype
+from cachec.runtime.registry import spec_for_pipeline
 from cachec.runtime.units import UnitSpec, unwrap
-
-#: pipelines whose batched-CFG call puts the conditional half first (others put the unconditional first)
-COND_FIRST_PIPELINES = ("DigitsPipeline", "DiTPipeline")
 
 
 def batched_cond_first(pipe) -> bool:
-    """Whether a pipeline's batched-CFG transformer call holds the conditional half first.
+    """Whether a pipeline's batched-CFG transformer call holds the conditional half first (the registry's
+    :attr:`~cachec.runtime.registry.ModelSpec.cond_first`: ``DigitsPipeline`` and diffusers' ``DiTPipeline``
+    concatenate ``[labels, null]``; the text pipelines ``[negative, prompt]``).
 
-    ``DigitsPipeline`` and diffusers' ``DiTPipeline`` concatenate ``[labels, null]``; the text pipelines
-    (PixArt, SD3, …) concatenate ``[negative, prompt]`` and ``chunk(2)`` as ``uncond, cond``.
+    Raises:
+        UnsupportedModelError: the pipeline class is not registered.
     """
-    return type(pipe).__name__ in COND_FIRST_PIPELINES
+    return spec_for_pipeline(pipe).cond_first
 
 
 @dataclass
@@ -66,17 +68,16 @@ class StepTracker:
         transformer: the (possibly compiled) transformer; its ``forward`` signature locates ``timestep``.
         steps: S, the number of steps a run must make.
         cond_first: batched-CFG halves order (see :func:`batched_cond_first`).
-        schedule: the timesteps of an earlier run (None: record them during the first run).
-        rel_tol: tolerance when comparing a received timestep to the schedule.
+        schedule: the timesteps of an earlier run (None: record them during the first run); a received
+            timestep matches its entry by :func:`cachec.runtime.hooks.same_timestep` (in the dtype it is
+            passed in).
     """
 
-    def __init__(self, transformer, steps: int, cond_first: bool = True, schedule: list[float] | None = None,
-                 rel_tol: float = 1e-6):
+    def __init__(self, transformer, steps: int, cond_first: bool = True, schedule: list[float] | None = None):
         self.signature = inspect.signature(unwrap(transformer).forward)
         self.S = int(steps)
         self.cond_first = cond_first
         self.schedule: list[float] | None = list(schedule) if schedule is not None else None
-        self.rel_tol = rel_tol
         self.mode: str | None = None  # batched | split | none, fixed by the first run
         self._recording: list[float] = []
         self.n = 0
@@ -101,8 +102,9 @@ class StepTracker:
             ValueError: a timestep that does not match the schedule, more steps than S, a batch that is
                 neither N nor 2N rows, or a third call at one timestep.
         """
-        t = timestep_of(args, kwargs, self.signature)
+        t, t_dtype = timestep_and_dtype(args, kwargs, self.signature)
         rows = batch_size_of(args, kwargs)
+        # exactly the previous call's value: another call of the same step (as in plan execution)
         if self._last_t is not None and t == self._last_t:
             self._call += 1
             self._calls_per_step[-1] += 1
@@ -117,7 +119,7 @@ class StepTracker:
                 self._recording.append(t)
             else:
                 expected = self.schedule[s]
-                if not math.isclose(t, expected, rel_tol=self.rel_tol, abs_tol=1e-9):
+                if not same_timestep(expected, t, t_dtype):
                     raise ValueError(
                         f"step {s} received timestep {t:g} but the schedule recorded in the first batch has {expected:g}: "
                         "the sampler's schedule changed between batches"
@@ -311,7 +313,7 @@ class ShadowRecorder:
     The recorded feature of a skipped (unit, step) is what the unit would have returned on the perturbed
     input, the target the prediction should have hit; computed features are the anchors the runtime
     really stores. Statistics of such a recording price predictors with the propagation of the plan's own
-    errors included (ARCHITECTURE.md lesson 6: re-record along the cached trajectory and re-plan).
+    errors included (re-record along the cached trajectory, then re-plan).
 
     Args:
         recorder: the :class:`Recorder` (step tracking, feature buffers, timing).

@@ -56,13 +56,11 @@ from typing import Any, Callable
 
 import torch
 
-from .hooks import Feature, batch_size_of, timestep_arg
+from .hooks import Feature, batch_size_of, same_timestep, timestep_arg
 from .plan import COMPUTE, Plan
 from .units import UnitSpec, unwrap
 
 REMAP_MODES = ("error", "nearest", "off")
-#: a received timestep matches a plan timestep within this many units in the last place of its dtype
-TIMESTEP_ULPS = 4
 
 
 class PlanScheduleError(RuntimeError):
@@ -79,21 +77,6 @@ def _outside_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _close(ref: float, t: float, dtype) -> bool:
-    """Whether a received timestep ``t`` (passed in ``dtype``; None: a Python number) is the plan's ``ref``.
-
-    Floating dtypes of 32 bits or more (and Python numbers): within ``TIMESTEP_ULPS`` units in the last
-    place of float32, the precision plans record (a scheduler run on another device may differ in the last
-    bits); 16-bit dtypes: within one unit in their last place (the plan's value rounded to the dtype);
-    integer dtypes: equal.
-    """
-    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
-        return ref == t
-    low = isinstance(dtype, torch.dtype) and dtype.itemsize <= 2
-    eps = torch.finfo(dtype if low else torch.float32).eps
-    return abs(ref - t) <= (1 if low else TIMESTEP_ULPS) * eps * max(abs(ref), abs(t), 1e-30)
 
 
 @dataclass
@@ -180,7 +163,7 @@ class PlanExecutor:
         on_run_start: ``() -> None``, called before each run's first call; it raises to refuse the run (the
             weight check of :func:`cachec.runtime.apply`).
         scale_is_cfg: whether the guidance scale switches CFG branches (``> 1``: 2 branches); False for FLUX
-            (:attr:`~cachec.runtime.units.FamilySpec.guidance_scale_is_cfg`): the scale is only compared.
+            (:attr:`~cachec.runtime.registry.ModelSpec.guidance_scale_is_cfg`): the scale is only compared.
 
     Raises:
         ValueError: unknown ``remap``; a plan schedule with timesteps too close to tell apart.
@@ -252,7 +235,7 @@ class PlanExecutor:
         ts = self.timesteps
         for i in range(len(ts)):
             for j in range(i + 1, len(ts)):
-                if _close(ts[i], ts[j], torch.float32):
+                if same_timestep(ts[i], ts[j], torch.float32):
                     raise ValueError(
                         f"the plan's timesteps {i} and {j} are equal ({ts[i]!r}); cachec identifies the step by "
                         "the timestep, so schedules with repeated timesteps (Heun, DPM2) are not supported"
@@ -264,7 +247,7 @@ class PlanExecutor:
     def _which(self, t: float, dtype) -> int | None:
         """The plan step whose timestep ``t`` is (within the dtype's tolerance), else None."""
         s = self._nearest(t)
-        return s if _close(self.timesteps[s], t, dtype) else None
+        return s if same_timestep(self.timesteps[s], t, dtype) else None
 
     def _schedule_error(self, run: _Run, k: int, t: float, dtype) -> PlanScheduleError:
         ts = self.timesteps
@@ -404,8 +387,8 @@ class PlanExecutor:
             if self.remap == "nearest":
                 fresh = run.step >= 0 and self._nearest(t) < run.step  # the schedule went back
             else:  # the plan's first timestep where the sequence does not go on: a new run
-                on = not run.off_plan and k < self.plan.steps and _close(self.timesteps[k], t, dtype)
-                fresh = not on and _close(self.timesteps[0], t, dtype)
+                on = not run.off_plan and k < self.plan.steps and same_timestep(self.timesteps[k], t, dtype)
+                fresh = not on and same_timestep(self.timesteps[0], t, dtype)
         if fresh:
             run = self._start_run()
         elif run.k == 0:
@@ -417,7 +400,7 @@ class PlanExecutor:
         if self.remap == "nearest":
             step = self._nearest(t)
         else:
-            step = k if not run.off_plan and k < self.plan.steps and _close(self.timesteps[k], t, dtype) else None
+            step = k if not run.off_plan and k < self.plan.steps and same_timestep(self.timesteps[k], t, dtype) else None
             if step is None and not run.off_plan:
                 if self.remap == "error":
                     self._run = None

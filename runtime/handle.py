@@ -37,7 +37,8 @@ from .executor import PlanExecutor, RunReport
 from .fingerprint import WeightWatch, weights_fingerprint
 from .hooks import HookHandle, install
 from .plan import Plan, load_plan
-from .units import family_spec, find_units, unwrap
+from .registry import spec_for_transformer
+from .units import find_units, unwrap
 
 _HANDLE_ATTR = "_cachec_plan_handle"
 
@@ -280,16 +281,9 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
         run_signal=run_signal,
         guidance_scale=None if holder is None else functools.partial(call_argument, holder, "guidance_scale"),
         on_run_start=on_run_start,
-        scale_is_cfg=family_spec(model).guidance_scale_is_cfg,
+        scale_is_cfg=spec_for_transformer(model).guidance_scale_is_cfg,
     )
     return executor, units
 
 
-def applied_plan(target) -> CacheHandle | None:
-    """The active :class:`CacheHandle` of ``target``'s transformer, if any."""
-    model = unwrap(_resolve(target).transformer)
-    handle = model.__dict__.get(_HANDLE_ATTR)
-    return None if handle is None or handle.removed else handle
-
-
-__all__ = ["apply", "applied_plan", "CacheHandle", "PlanMismatchError"]
+__all__ = ["apply", "CacheHandle", "PlanMismatchError"]

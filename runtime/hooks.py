@@ -7,6 +7,11 @@ branch from the batch layout or the call order. Nothing else in the model is tou
 
 A *feature* is always a tuple of tensors (a single-tensor output is a 1-tuple): the module's return value
 for ``mode="output"`` units, ``output − input`` part by part for ``mode="residual"`` units.
+
+Locating the step, the same way in calibration and at run time: a received timestep *is* a recorded one
+(a plan's or a calibration's first run's schedule) when :func:`same_timestep` says so; a call whose timestep
+is exactly equal to the previous call's is another call of the same step (split CFG passes the very same
+value twice, and exact equality cannot merge two neighbouring steps).
 """
 
 from __future__ import annotations
@@ -62,16 +67,48 @@ def timestep_arg(args: tuple, kwargs: dict[str, Any], forward_signature: inspect
     return t
 
 
-def timestep_of(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature) -> float:
-    """The scalar timestep of a transformer call (first element if a batch of timesteps is passed).
+def timestep_and_dtype(
+    args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature
+) -> tuple[float, torch.dtype | None]:
+    """The scalar timestep of a transformer call (first element if a batch of timesteps is passed) and the
+    dtype it was passed in (None: a Python number), for :func:`same_timestep`.
 
     Raises:
         ValueError: the call carries no ``timestep`` argument.
     """
     t = timestep_arg(args, kwargs, forward_signature)
     if isinstance(t, torch.Tensor):
-        return float(t.reshape(-1)[0].item())
-    return float(t)
+        return float(t.reshape(-1)[0].item()), t.dtype
+    return float(t), None
+
+
+def timestep_of(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature) -> float:
+    """The scalar timestep of a transformer call (first element if a batch of timesteps is passed).
+
+    Raises:
+        ValueError: the call carries no ``timestep`` argument.
+    """
+    return timestep_and_dtype(args, kwargs, forward_signature)[0]
+
+
+#: a received timestep matches a recorded one within this many units in the last place of float32
+TIMESTEP_ULPS = 4
+
+
+def same_timestep(ref: float, t: float, dtype: torch.dtype | None = None) -> bool:
+    """Whether a received timestep ``t`` (passed in ``dtype``; None: a Python number) is the recorded ``ref``.
+
+    Floating dtypes of 32 bits or more (and Python numbers): within ``TIMESTEP_ULPS`` units in the last
+    place of float32, the precision plans and calibrations record (a scheduler run on another device may
+    differ in the last bits); 16-bit dtypes (float16, bfloat16: FluxPipeline on GPU): within one unit in
+    their last place (the recorded value rounded to the dtype); integer dtypes: equal. Both values are in
+    the scheduler's timestep units.
+    """
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        return ref == t
+    low = isinstance(dtype, torch.dtype) and dtype.itemsize <= 2
+    eps = torch.finfo(dtype if low else torch.float32).eps
+    return abs(ref - t) <= (1 if low else TIMESTEP_ULPS) * eps * max(abs(ref), abs(t), 1e-30)
 
 
 def batch_size_of(args: tuple, kwargs: dict[str, Any]) -> int:

@@ -27,7 +27,7 @@ from .plan import (
     UnitPlan,
     realised_fraction,
 )
-from .units import find_units, unwrap
+from .units import unwrap
 
 
 @dataclass
@@ -130,6 +130,8 @@ def trace_run(
     timesteps: list[float] = []
     per_step: list[int] = []
     for t, _ in calls:
+        # exactly the previous call's value: another call of the same step, as in calibration and plan
+        # execution (cachec.runtime.hooks); same_timestep is for matching a recorded schedule, not this
         if timesteps and t == timesteps[-1]:
             per_step[-1] += 1
         else:

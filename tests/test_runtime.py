@@ -167,7 +167,7 @@ def hand_rolled(driver, schedule, cfg="batched", history="computed", eoc=None, s
     handles = [modules[name].register_forward_hook(make(name), with_kwargs=True) for name in schedule]
     handles.append(model.register_forward_hook(count))
     try:
-        if driver.condition_kind == "class" and hasattr(driver.pipe, "initial_noise"):
+        if driver.spec.split_cfg:
             return driver.generate([3, 7], [0, 1], steps=steps, cfg=cfg)
         return driver.generate(_conds(driver), [0, 1], steps=steps)
     finally:

@@ -1,0 +1,225 @@
+"""The model registry: everything cachec knows about a model family, in one declarative entry per family.
+
+A :class:`ModelSpec` says which transformer and pipeline classes form the family (by class *name*, so the
+registry imports neither diffusers nor cachec's own front end), how the transformer splits into cacheable
+units (read by :func:`cachec.runtime.units.find_units`), how its pipelines lay out guidance, and how the
+front end (:class:`cachec.loading.Driver`) calls them. Adding a family is one :func:`register` call; no other
+module names model or pipeline classes.
+
+Lookups: :func:`spec_for_transformer` (the unit layout and guidance semantics of a transformer) and
+:func:`spec_for_pipeline` (everything else). Both raise :class:`UnsupportedModelError` naming the class and
+the supported ones. Classes are matched by their own name, not by inheritance: a subclass of a registered
+transformer is a new family until it is registered.
+
+No torch, no diffusers here (the registry is read by the torch-free parts of the runtime too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Mapping
+
+CONDITIONS = ("class", "prompt")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's transformer or pipeline class has no entry in the model registry."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Declarative description of one model family.
+
+    Attributes:
+        name: short family name (``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"``, ``"digits"``), unique.
+        transformers: transformer class names of the family (``type(model).__name__``, compared exactly).
+        pipelines: pipeline class names of the family; shell-style patterns (``"Flux*Pipeline"``) match a
+            class name as :func:`fnmatch.fnmatchcase` does.
+        blocks: the unit layout, ``{block_list_attribute: ((child_attribute, kind), ...)}``: the children of
+            every block in the list that are units, with their kind (see
+            :attr:`cachec.runtime.units.UnitSpec.kind`). A child that is ``None`` on a given block (e.g.
+            SD3's last ``ff_context``) is not a unit; a child name of ``""`` makes the whole block a residual
+            unit (``output − input``).
+        residual_inputs: for whole-block units, the forward arguments the block's output parts add to, in
+            output order (see :attr:`cachec.runtime.units.UnitSpec.residual_inputs`).
+        guidance_scale_is_cfg: the pipelines' ``guidance_scale`` switches classifier-free guidance (two
+            branches when ``> 1``). False for FLUX, whose ``guidance_scale`` is an embedded (distilled)
+            guidance and whose CFG (``true_cfg_scale``) is always split calls.
+        cond_first: a batched-CFG transformer call holds the conditional half first (``[labels, null]``);
+            False where the pipeline concatenates ``[negative, prompt]`` and splits the output as
+            ``uncond, cond`` (the text pipelines).
+        condition: ``"class"`` (integer class labels, passed as ``class_labels=``) or ``"prompt"`` (strings,
+            passed as ``prompt=`` together with ``height=``/``width=`` in pixels).
+        call_kwargs: fixed extra keyword arguments of every pipeline call (e.g. PixArt's
+            ``use_resolution_binning=False``).
+        step_callback: the pipeline accepts diffusers' ``callback_on_step_end`` (used for progress).
+        split_cfg: the pipeline is cachec's own sampling loop, called as ``pipe(conditions, steps,
+            guidance, generators, cfg=..., callback=...)``; the only kind that can run split CFG (two
+            transformer calls per step). The diffusers pipelines run batched CFG only.
+        default_steps: sampling steps the family is meant to be run with (None: the model folder's own
+            card gives it).
+        default_guidance: guidance scale the family is meant to be run with (None: from the model card).
+    """
+
+    name: str
+    transformers: tuple[str, ...]
+    pipelines: tuple[str, ...]
+    blocks: Mapping[str, tuple[tuple[str, str], ...]]
+    residual_inputs: tuple[str, ...] = ()
+    guidance_scale_is_cfg: bool = True
+    cond_first: bool = False
+    condition: str = "prompt"
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    step_callback: bool = True
+    split_cfg: bool = False
+    default_steps: int | None = 20
+    default_guidance: float | None = 4.5
+
+    def matches_pipeline(self, class_name: str) -> bool:
+        """Whether a pipeline class name belongs to this family."""
+        return any(fnmatchcase(class_name, p) for p in self.pipelines)
+
+    def unit_layout(self) -> tuple:
+        """What :func:`~cachec.runtime.units.find_units` reads: ``(blocks, residual_inputs,
+        guidance_scale_is_cfg)``; families sharing a transformer class must agree on it."""
+        return (dict(self.blocks), tuple(self.residual_inputs), self.guidance_scale_is_cfg)
+
+
+_DIT_BLOCKS = {"transformer_blocks": (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "ff"))}
+
+#: family name -> spec, in lookup order (the first family naming a transformer class answers for it)
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a family to the registry.
+
+    Returns:
+        ``spec``.
+
+    Raises:
+        ValueError: the name is taken, the condition kind is unknown, or a transformer class it names is
+            already registered with another unit layout (:meth:`ModelSpec.unit_layout`).
+    """
+    if spec.name in _REGISTRY:
+        raise ValueError(f"a model family named {spec.name!r} is already registered")
+    if spec.condition not in CONDITIONS:
+        raise ValueError(f"family {spec.name!r}: condition must be one of {CONDITIONS}, got {spec.condition!r}")
+    if not spec.transformers or not spec.pipelines:
+        raise ValueError(f"family {spec.name!r} names no transformer or no pipeline class")
+    for other in _REGISTRY.values():
+        shared = set(spec.transformers) & set(other.transformers)
+        if shared and other.unit_layout() != spec.unit_layout():
+            raise ValueError(
+                f"family {spec.name!r} describes {', '.join(sorted(shared))} differently from family {other.name!r}"
+            )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> ModelSpec:
+    """Remove a family (tests that register a temporary one restore the registry with it).
+
+    Raises:
+        KeyError: no family of that name.
+    """
+    return _REGISTRY.pop(name)
+
+
+def registered() -> tuple[ModelSpec, ...]:
+    """All registered families, in lookup order."""
+    return tuple(_REGISTRY.values())
+
+
+def unwrap(transformer):
+    """The underlying ``nn.Module`` of a (possibly ``torch.compile``-wrapped) transformer."""
+    return getattr(transformer, "_orig_mod", transformer)
+
+
+def spec_for_transformer(transformer) -> ModelSpec:
+    """The registry entry of a (possibly compiled) transformer, by its class name.
+
+    Raises:
+        UnsupportedModelError: no family names the class (the message names it and the supported ones).
+    """
+    cls = type(unwrap(transformer)).__name__
+    for spec in _REGISTRY.values():
+        if cls in spec.transformers:
+            return spec
+    supported = sorted({t for s in _REGISTRY.values() for t in s.transformers})
+    raise UnsupportedModelError(
+        f"cachec has no unit registry entry for {cls}; supported transformer classes: {', '.join(supported)}"
+    )
+
+
+def spec_for_pipeline(pipe) -> ModelSpec:
+    """The registry entry of a pipeline (a diffusers pipeline or cachec's ``DigitsPipeline``), by its class
+    name.
+
+    Raises:
+        UnsupportedModelError: no family names the class (the message names it and the supported ones).
+    """
+    cls = type(pipe).__name__
+    for spec in _REGISTRY.values():
+        if spec.matches_pipeline(cls):
+            return spec
+    supported = [p for s in _REGISTRY.values() for p in s.pipelines]
+    raise UnsupportedModelError(f"cachec cannot drive a {cls}; supported pipeline classes: {', '.join(supported)}")
+
+
+register(ModelSpec(
+    name="dit",
+    transformers=("DiTTransformer2DModel",),
+    pipelines=("DiTPipeline",),
+    blocks=_DIT_BLOCKS,
+    cond_first=True,  # latent_model_input = cat([latents] * 2), class_labels = cat([labels, null])
+    condition="class",
+    step_callback=False,  # DiTPipeline has no callback_on_step_end
+    default_guidance=4.0,
+))
+register(ModelSpec(
+    name="pixart",
+    transformers=("PixArtTransformer2DModel",),
+    pipelines=("PixArt*Pipeline",),
+    blocks=_DIT_BLOCKS,
+    # binning would resize to the aspect-ratio bins; clean_caption needs bs4/ftfy and only warns without them
+    call_kwargs={"use_resolution_binning": False, "clean_caption": False},
+))
+register(ModelSpec(
+    name="sd3",
+    transformers=("SD3Transformer2DModel",),
+    pipelines=("StableDiffusion3*Pipeline",),
+    blocks={
+        "transformer_blocks": (
+            ("attn", "joint_attn"),
+            ("attn2", "attn"),
+            ("ff", "ff"),
+            ("ff_context", "ff_context"),
+        )
+    },
+))
+register(ModelSpec(
+    name="flux",
+    transformers=("FluxTransformer2DModel",),
+    pipelines=("Flux*Pipeline",),
+    blocks={
+        "transformer_blocks": (("attn", "joint_attn"), ("ff", "ff"), ("ff_context", "ff_context")),
+        "single_transformer_blocks": (("", "block"),),
+    },
+    residual_inputs=("encoder_hidden_states", "hidden_states"),
+    guidance_scale_is_cfg=False,
+    default_guidance=3.5,
+))
+register(ModelSpec(
+    name="digits",  # cachec's reference models: cachec.pipeline.DigitsPipeline over a diffusers DiT
+    transformers=("DiTTransformer2DModel",),
+    pipelines=("DigitsPipeline",),
+    blocks=_DIT_BLOCKS,
+    cond_first=True,
+    condition="class",
+    step_callback=False,
+    split_cfg=True,
+    default_steps=None,  # the reference folder's cachec_model.json
+    default_guidance=None,
+))
