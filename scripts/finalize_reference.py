@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from cachec.loading import MODELS_DIR, REFERENCE_CARD, load_model
-from cachec.quality import classify, frechet_distance, reference_features
+from cachec.classifier import classify, reference_features
+from cachec.frechet import frechet_distance
 from cachec.reference import REFERENCE_MODELS
 
 GUIDANCE = 3.0

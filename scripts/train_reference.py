@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from cachec.data import split_digits, to_model_space
 from cachec.reference import NULL_CLASS, REFERENCE_MODELS, make_scheduler, make_transformer
+from cachec.runtime.io import atomic_write
 
 
 def atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    """Write a state dict (name → tensor, made contiguous) as safetensors with :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def main() -> None:
@@ -118,12 +117,8 @@ def main() -> None:
             t0 = time.time()
             atomic_save(model.state_dict(), ck_w)
             atomic_save(ema.state_dict(), ck_e)
-            tmp = ck_o.with_suffix(".tmp")
-            torch.save(opt.state_dict(), tmp)
-            os.replace(tmp, ck_o)
-            tmp = ck_s.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, ck_s)
+            atomic_write(ck_o, lambda tmp: torch.save(opt.state_dict(), tmp))
+            atomic_write(ck_s, json.dumps(state).encode())
 
     ema.to(torch.float16).save_pretrained(str(args.export / "transformer"), safe_serialization=True)
     make_scheduler(objective).save_pretrained(str(args.export / "scheduler"))

@@ -1,4 +1,5 @@
-"""Quality lab: pixel metrics, the digit classifier, Fréchet distance, reports and sample-set files."""
+"""Quality modules: pixel metrics (cachec.metrics), the digit classifier (cachec.classifier), Fréchet distance
+(cachec.frechet), reports (cachec.report) and sample-set files (cachec.samples)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachec import quality as q
+from cachec import classifier, frechet, metrics, report, samples
 from cachec.data import split_digits, to_model_space
 
 
@@ -34,7 +35,7 @@ def _images(n=3, seed=0):
 
 def test_identical_sets_psnr_inf_ssim_one():
     x = _images()
-    p, s = q.psnr(x, x.clone()), q.ssim(x, x.clone())
+    p, s = metrics.psnr(x, x.clone()), metrics.ssim(x, x.clone())
     assert p.shape == (3,) and s.shape == (3,)
     assert torch.isinf(p).all() and (p > 0).all()
     assert torch.equal(s, torch.ones(3, dtype=torch.float64))
@@ -44,12 +45,12 @@ def test_psnr_of_known_patch_perturbation():
     ref = torch.full((2, 1, 32, 32), 0.25)
     cand = ref.clone()
     cand[1, :, 8:12, 8:12] += 0.1
-    p = q.psnr(cand, ref)
+    p = metrics.psnr(cand, ref)
     mse = 16 * 0.01 / 1024  # 16 pixels off by 0.1 out of 1024
     assert math.isinf(p[0].item())
     assert p[1].item() == pytest.approx(10 * math.log10(1.0 / mse), abs=1e-5)  # 28.0618 dB
     # data_range scales as 20·log10
-    assert q.psnr(cand * 255, ref * 255, data_range=255.0)[1].item() == pytest.approx(p[1].item(), abs=1e-4)
+    assert metrics.psnr(cand * 255, ref * 255, data_range=255.0)[1].item() == pytest.approx(p[1].item(), abs=1e-4)
 
 
 def _naive_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,7 +76,7 @@ def test_ssim_symmetric_below_one_and_matches_direct_windows():
     cand = ref.clone()
     cand[0, :, 8:12, 8:12] += 0.1
     cand[1] = (cand[1] + 0.05 * torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
-    s_ab, s_ba = q.ssim(cand, ref), q.ssim(ref, cand)
+    s_ab, s_ba = metrics.ssim(cand, ref), metrics.ssim(ref, cand)
     assert torch.equal(s_ab, s_ba)
     assert (s_ab < 1).all() and (s_ab > 0).all()
     for k in range(2):
@@ -85,11 +86,11 @@ def test_ssim_symmetric_below_one_and_matches_direct_windows():
 def test_metric_input_errors():
     x = _images()
     with pytest.raises(ValueError, match="shapes differ"):
-        q.psnr(x, x[:2])
+        metrics.psnr(x, x[:2])
     with pytest.raises(ValueError, match="smaller than"):
-        q.ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+        metrics.ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
     with pytest.raises(TypeError):
-        q.ssim(x.numpy(), x)
+        metrics.ssim(x.numpy(), x)
 
 
 # ------------------------------------------------------------------------------------------ classifier
@@ -97,12 +98,12 @@ def test_metric_input_errors():
 
 def test_classifier_accuracy_on_held_out_digits(held_out):
     x, labels = held_out
-    pred, feats = q.classify(x)
+    pred, feats = classifier.classify(x)
     assert pred.dtype == torch.int64 and pred.shape == (200,)
     assert feats.dtype == torch.float32 and feats.shape == (200, 256)
     assert (pred == labels).double().mean().item() >= 0.99
     # 28×28 input (already cropped) gives the same answer
-    pred28, feats28 = q.classify(x[:, :, 2:30, 2:30])
+    pred28, feats28 = classifier.classify(x[:, :, 2:30, 2:30])
     assert torch.equal(pred28, pred) and torch.allclose(feats28, feats)
 
 
@@ -111,43 +112,43 @@ def test_classifier_missing_package_message(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "digit_recognizer" else real_find_spec(name, *a)
     )
-    q.load_classifier.cache_clear()
+    classifier.load_classifier.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="pip install --no-deps digit-recognizer-py"):
-            q.load_classifier()
+            classifier.load_classifier()
     finally:
-        q.load_classifier.cache_clear()
+        classifier.load_classifier.cache_clear()
 
 
 def test_classify_rejects_model_space_images(held_out):
     x, _ = held_out
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        q.classify(x * 2 - 1)
+        classifier.classify(x * 2 - 1)
 
 
 # ------------------------------------------------------------------------------------------ Fréchet distance
 
 
 def test_frechet_distance_self_zero_and_noise_large(held_out):
-    real = q.reference_features()
+    real = classifier.reference_features()
     assert real.shape == (500, 256)
-    assert q.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
-    _, noise_feats = q.classify(torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
-    _, digit_feats = q.classify(held_out[0])
-    d_noise = q.frechet_distance(noise_feats, real)
-    d_digits = q.frechet_distance(digit_feats, real)  # subset of the same digits: small
+    assert frechet.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    _, noise_feats = classifier.classify(torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    _, digit_feats = classifier.classify(held_out[0])
+    d_noise = frechet.frechet_distance(noise_feats, real)
+    d_digits = frechet.frechet_distance(digit_feats, real)  # subset of the same digits: small
     assert d_noise > 1000 and d_noise > 20 * d_digits
     # the default eigen route and the classic scipy.linalg.sqrtm route agree: two LAPACK algorithms on
     # singular covariances (dead ReLU features) differ by ~5e-7 relative, more on other CPUs; a biased
     # covariance or a missing clamp/transpose changes the distance by > 1e-3
-    assert q.frechet_distance(noise_feats, real, method="sqrtm") == pytest.approx(d_noise, rel=1e-4)
-    assert q.frechet_distance(digit_feats, real, method="sqrtm") == pytest.approx(d_digits, rel=1e-4)
+    assert frechet.frechet_distance(noise_feats, real, method="sqrtm") == pytest.approx(d_noise, rel=1e-4)
+    assert frechet.frechet_distance(digit_feats, real, method="sqrtm") == pytest.approx(d_digits, rel=1e-4)
     # symmetric
-    assert q.frechet_distance(real, noise_feats) == pytest.approx(d_noise, rel=1e-7)
+    assert frechet.frechet_distance(real, noise_feats) == pytest.approx(d_noise, rel=1e-7)
     with pytest.raises(ValueError, match="feature sizes differ"):
-        q.frechet_distance(real, real[:, :10])
+        frechet.frechet_distance(real, real[:, :10])
     with pytest.raises(ValueError, match="N >= 2"):
-        q.frechet_distance(real[:1], real)
+        frechet.frechet_distance(real[:1], real)
 
 
 # ------------------------------------------------------------------------------------------ evaluate / table
@@ -156,7 +157,7 @@ def test_frechet_distance_self_zero_and_noise_large(held_out):
 def test_evaluate_report_and_table(held_out):
     x, labels = held_out
     ref, lab = x[:20], labels[:20]
-    same = q.evaluate(ref, ref.clone(), lab, flops_per_image=123_000_000, wall_s=1.5, name="uncached")
+    same = report.evaluate(ref, ref.clone(), lab, flops_per_image=123_000_000, wall_s=1.5, name="uncached")
     json.dumps(same, allow_nan=False)  # JSON-ready: inf written as "inf"
     assert same["n_images"] == 20 and same["n_identical"] == 20
     assert same["psnr_db"]["mean"] == "inf" and same["psnr_db"]["per_image"] == ["inf"] * 20
@@ -172,29 +173,29 @@ def test_evaluate_report_and_table(held_out):
     cand = ref.clone()
     cand[0, :, 8:12, 8:12] = (cand[0, :, 8:12, 8:12] + 0.1).clamp(0, 1)
     cand[1:] = (cand[1:] + 0.02).clamp(0, 1)
-    diff = q.evaluate(cand, ref, lab, name="cached")
+    diff = report.evaluate(cand, ref, lab, name="cached")
     assert diff["n_identical"] == 0
-    assert diff["psnr_db"]["per_image"] == pytest.approx(q.psnr(cand, ref).tolist())
+    assert diff["psnr_db"]["per_image"] == pytest.approx(metrics.psnr(cand, ref).tolist())
     assert diff["ssim"]["mean"] < 1.0 and diff["psnr_db"]["std"] > 0
     assert diff["psnr_of_mean_mse_db"] == pytest.approx(10 * math.log10(1 / diff["mse_mean"]))
 
-    table = q.format_table([same, diff])
+    table = report.format_table([same, diff])
     lines = table.splitlines()
     assert len(lines) == 4 and "PSNR dB" in lines[0] and "Fréchet" in lines[0]
     assert lines[2].startswith("uncached") and " inf " in lines[2] and "0.123" in lines[2]
     assert lines[3].startswith("cached") and "±" in lines[3]
     assert len({len(line) for line in lines}) == 1  # fixed width
-    assert q.format_table(diff).splitlines()[2].startswith("cached")
+    assert report.format_table(diff).splitlines()[2].startswith("cached")
 
 
 def test_evaluate_input_errors(held_out):
     x, labels = held_out
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        q.evaluate(x[:4] * 2 - 1, x[:4], labels[:4])
+        report.evaluate(x[:4] * 2 - 1, x[:4], labels[:4])
     with pytest.raises(ValueError, match="labels must have shape"):
-        q.evaluate(x[:4], x[:4], labels[:3])
+        report.evaluate(x[:4], x[:4], labels[:3])
     with pytest.raises(ValueError, match="0..9"):
-        q.evaluate(x[:4], x[:4], torch.tensor([0, 1, 2, 10]))
+        report.evaluate(x[:4], x[:4], torch.tensor([0, 1, 2, 10]))
 
 
 # ------------------------------------------------------------------------------------------ sample files
@@ -210,42 +211,42 @@ def test_save_load_roundtrip_is_atomic(tmp_path, held_out):
     x, labels = held_out
     seeds = torch.arange(100, 120)
     path = tmp_path / "sub" / "ref.safetensors"
-    q.save_samples(path, x[:20], labels[:20], seeds, _meta(wall_s=float("inf"), extra="kept"))
+    samples.save_samples(path, x[:20], labels[:20], seeds, _meta(wall_s=float("inf"), extra="kept"))
     assert os.listdir(path.parent) == ["ref.safetensors"]  # no temporary file left behind
-    s = q.load_samples(path)
+    s = samples.load_samples(path)
     assert torch.equal(s.images, x[:20]) and torch.equal(s.labels, labels[:20]) and torch.equal(s.seeds, seeds)
     assert s.labels.dtype == s.seeds.dtype == torch.int64
     assert s.meta == _meta(wall_s="inf", extra="kept")
     with pytest.raises(ValueError, match="lacks the keys"):
-        q.save_samples(path, x[:2], labels[:2], seeds[:2], {"model": "m"})
+        samples.save_samples(path, x[:2], labels[:2], seeds[:2], {"model": "m"})
     with pytest.raises(ValueError, match="int64"):
-        q.save_samples(path, x[:2], labels[:2], seeds[:3], _meta())
+        samples.save_samples(path, x[:2], labels[:2], seeds[:3], _meta())
     with pytest.raises(ValueError, match="not a readable safetensors"):
         (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-        q.load_samples(tmp_path / "junk.safetensors")
+        samples.load_samples(tmp_path / "junk.safetensors")
 
 
 def test_compare_sample_files(tmp_path, held_out):
     x, labels = held_out
     x, lab, seeds = x[::20], labels[::20], torch.arange(10)  # one digit per class
     cand_img = (x + 0.01).clamp(0, 1)
-    q.save_samples(tmp_path / "ref.safetensors", x, lab, seeds, _meta(flops_per_image=4_000_000))
-    q.save_samples(tmp_path / "cand.safetensors", cand_img, lab, seeds, _meta(flops_per_image=1_000_000, wall_s=0.2))
-    res = q.compare_sample_files(tmp_path / "cand.safetensors", tmp_path / "ref.safetensors", name="fbc")
+    samples.save_samples(tmp_path / "ref.safetensors", x, lab, seeds, _meta(flops_per_image=4_000_000))
+    samples.save_samples(tmp_path / "cand.safetensors", cand_img, lab, seeds, _meta(flops_per_image=1_000_000, wall_s=0.2))
+    res = report.compare_sample_files(tmp_path / "cand.safetensors", tmp_path / "ref.safetensors", name="fbc")
     assert res["name"] == "fbc" and res["n_images"] == 10
     assert res["flops_per_image"] == 1_000_000 and res["wall_s"] == 0.2 and res["flops_fraction"] == 0.25
-    assert res["psnr_db"]["per_image"] == pytest.approx(q.psnr(cand_img, x).tolist())
+    assert res["psnr_db"]["per_image"] == pytest.approx(metrics.psnr(cand_img, x).tolist())
     json.dumps(res, allow_nan=False)
 
-    q.save_samples(tmp_path / "bad_seeds.safetensors", cand_img, lab, seeds + (seeds == 3), _meta())
+    samples.save_samples(tmp_path / "bad_seeds.safetensors", cand_img, lab, seeds + (seeds == 3), _meta())
     with pytest.raises(ValueError, match=r"seeds .* first at index 3"):
-        q.compare_sample_files(tmp_path / "bad_seeds.safetensors", tmp_path / "ref.safetensors")
-    q.save_samples(tmp_path / "bad_labels.safetensors", cand_img, lab.flip(0), seeds, _meta())
+        report.compare_sample_files(tmp_path / "bad_seeds.safetensors", tmp_path / "ref.safetensors")
+    samples.save_samples(tmp_path / "bad_labels.safetensors", cand_img, lab.flip(0), seeds, _meta())
     with pytest.raises(ValueError, match="labels"):
-        q.compare_sample_files(tmp_path / "bad_labels.safetensors", tmp_path / "ref.safetensors")
-    q.save_samples(tmp_path / "short.safetensors", cand_img[:5], lab[:5], seeds[:5], _meta())
+        report.compare_sample_files(tmp_path / "bad_labels.safetensors", tmp_path / "ref.safetensors")
+    samples.save_samples(tmp_path / "short.safetensors", cand_img[:5], lab[:5], seeds[:5], _meta())
     with pytest.raises(ValueError, match="lengths 5 vs 10"):
-        q.compare_sample_files(tmp_path / "short.safetensors", tmp_path / "ref.safetensors")
-    q.save_samples(tmp_path / "other.safetensors", cand_img, lab, seeds, _meta(model="digits-ddim"))
+        report.compare_sample_files(tmp_path / "short.safetensors", tmp_path / "ref.safetensors")
+    samples.save_samples(tmp_path / "other.safetensors", cand_img, lab, seeds, _meta(model="digits-ddim"))
     with pytest.raises(ValueError, match="model differs"):
-        q.compare_sample_files(tmp_path / "other.safetensors", tmp_path / "ref.safetensors")
+        report.compare_sample_files(tmp_path / "other.safetensors", tmp_path / "ref.safetensors")

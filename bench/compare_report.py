@@ -1,0 +1,351 @@
+"""Tables, plot and margins of the peer benchmark (``bench/compare.py``), computed from its result dicts.
+
+Nothing here runs a model: every function reads the plain-JSON results that :mod:`bench.compare_sweeps`
+produces (``configs[*].methods[*].points[*]``, see :func:`bench.compare_sweeps.run_point`) and that
+``benchmarks.json`` stores. A method's value at a FLOPs budget comes only from measured points
+(:func:`at_budget`); :func:`headline` gives cachec's margin over the best peer; :func:`write_markdown` and
+:func:`write_plot` write ``benchmarks.md`` and ``benchmarks.png``.
+
+FLOPs fractions are realised FLOPs ÷ uncached FLOPs of the same call (0..1); PSNR is in dB, where the
+string ``"inf"`` stands for +∞ (identical images), as the results' JSON convention writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+#: FLOPs budgets (fractions of uncached) of the tables and of the headline margins
+TABLE_BUDGETS = (0.25, 0.40, 0.60)
+EXACT_TOL = 0.005  # a point within 0.5 % FLOPs of a budget is "at" it
+CHECK_SIZE = 2  # samples on which the fast FLOP counter is checked against cachec.runtime.flops.count_flops
+BELOW_TOL = 0.10  # without a bracket, a point at most this far below a budget is shown (marked)
+
+
+# ------------------------------------------------------------------------------------- analysis
+
+
+def _ok_points(entry: dict) -> list[dict]:
+    return sorted((r for r in entry["points"] if "error" not in r and r.get("psnr_db") is not None),
+                  key=lambda r: r["flops_fraction"])
+
+
+def _num(v) -> float:
+    if isinstance(v, str):
+        return math.inf if v == "inf" else -math.inf
+    return float(v)
+
+
+def at_budget(entry: dict, b: float) -> dict:
+    """Quality of a method at FLOPs budget ``b``, only from measured points.
+
+    Returns ``{"psnr", "frechet", "how", "note"}``: ``how`` is ``exact`` (a point within 0.5 %),
+    ``interp`` (linear between the two measured points that bracket ``b``), ``below`` (no bracket: the
+    nearest point under the budget, at most 10 % below), or ``none`` (``note`` says why).
+    """
+    pts = [r for r in _ok_points(entry) if not entry.get("diagnostic")]
+    if not pts:
+        return {"psnr": None, "frechet": None, "how": "none", "note": "no measured point"}
+    near = [r for r in pts if abs(r["flops_fraction"] - b) <= EXACT_TOL]
+    if near:
+        r = min(near, key=lambda r: abs(r["flops_fraction"] - b))
+        return {"psnr": _num(r["psnr_db"]), "frechet": r["frechet"], "how": "exact",
+                "note": f"{r['label']} at {r['flops_fraction']:.1%}"}
+    lo = [r for r in pts if r["flops_fraction"] < b]
+    hi = [r for r in pts if r["flops_fraction"] > b]
+    if lo and hi:
+        a, c = lo[-1], hi[0]
+        pa, pc = _num(a["psnr_db"]), _num(c["psnr_db"])
+        if math.isfinite(pa) and math.isfinite(pc) and a["frechet"] is not None and c["frechet"] is not None:
+            w = (b - a["flops_fraction"]) / (c["flops_fraction"] - a["flops_fraction"])
+            return {"psnr": pa + w * (pc - pa), "frechet": a["frechet"] + w * (c["frechet"] - a["frechet"]),
+                    "how": "interp", "note": f"between {a['flops_fraction']:.1%} and {c['flops_fraction']:.1%}"}
+    if lo and b - lo[-1]["flops_fraction"] <= BELOW_TOL:
+        r = lo[-1]
+        return {"psnr": _num(r["psnr_db"]), "frechet": r["frechet"], "how": "below",
+                "note": f"nearest point below: {r['label']} at {r['flops_fraction']:.1%}"}
+    if not lo:
+        return {"psnr": None, "frechet": None, "how": "none",
+                "note": f"not reached: lowest realised FLOPs {pts[0]['flops_fraction']:.1%}"}
+    at = ", ".join(format(r["flops_fraction"], ".0%") for r in pts)
+    return {"psnr": None, "frechet": None, "how": "none", "note": f"no point within {BELOW_TOL:.0%} below; points at {at}"}
+
+
+def status_of(entry: dict) -> str:
+    """One-line status: error, silent no-op, failed points."""
+    if entry.get("error"):
+        return f"did not run: {entry['error']}"
+    pts = entry["points"]
+    errs = [r for r in pts if "error" in r]
+    ok = [r for r in pts if "error" not in r]
+    parts = []
+    if not ok and errs:
+        return f"every point failed: {errs[0]['error']}"
+    if ok and all(r["flops_fraction"] >= 0.999 for r in ok):
+        parts.append("never skips (realised FLOPs 100%): silent no-op")
+    if errs:
+        parts.append(f"{len(errs)} point(s) failed: {errs[0]['error']}")
+    if entry.get("leftovers"):
+        parts.append(f"left state behind: {entry['leftovers'][0]}")
+    return "; ".join(parts)
+
+
+def headline(cfg_res: dict) -> dict:
+    """cachec vs the best peer at each table budget."""
+    out = {}
+    ours = next((e for e in cfg_res["methods"] if e["method"] == "cachec"), None)
+    for b in TABLE_BUDGETS:
+        mine = at_budget(ours, b) if ours else {"psnr": None}
+        best = None
+        for e in cfg_res["methods"]:
+            if e["group"] == "cachec" or e.get("diagnostic"):
+                continue
+            v = at_budget(e, b)
+            if v["psnr"] is not None and v["how"] in ("exact", "interp") and (best is None or v["psnr"] > best[1]):
+                best = (e["method"], v["psnr"])
+        out[f"{b:.2f}"] = {
+            "cachec_psnr": mine.get("psnr"),
+            "best_peer": best[0] if best else None,
+            "best_peer_psnr": best[1] if best else None,
+            "margin_db": (mine["psnr"] - best[1]) if best and mine.get("psnr") is not None else None,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def fmt(v, spec: str = ".2f") -> str:
+    """A table cell: ``–`` for None, ``∞`` for the string ``"inf"`` or an infinite float, other strings as
+    they are, numbers formatted with ``spec``."""
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return "∞" if v == "inf" else v
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    return format(v, spec)
+
+
+def write_plot(results: dict, path: Path) -> None:
+    """PNG plot of PSNR (dB) vs realised FLOPs (% of uncached), one panel per configuration, at ``path``.
+
+    Raises:
+        OSError: ``path`` cannot be written. KeyError: ``results`` lacks the fields the benchmark writes.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfgs = results["configs"]
+    fig, axes = plt.subplots(1, len(cfgs), figsize=(6.5 * len(cfgs), 5.6), squeeze=False)
+    names = []
+    for cfg in cfgs:
+        for e in cfg["methods"]:
+            if e["method"] not in names and not e.get("diagnostic"):
+                names.append(e["method"])
+    cmap = plt.get_cmap("tab20")
+    groups = {e["method"]: e["group"] for cfg in cfgs for e in cfg["methods"]}
+    marker = {"cachec": "o-", "planner baseline": "o-", "diffusers": "s--", "cache-dit": "^:"}
+    style = {n: (cmap(i % 20), marker.get(groups.get(n), "x-.")) for i, n in enumerate(names)}
+    for ax, cfg in zip(axes[0], cfgs):
+        for e in cfg["methods"]:
+            if e.get("diagnostic"):
+                continue
+            pts = [r for r in _ok_points(e) if math.isfinite(_num(r["psnr_db"]))]
+            if not pts:
+                continue
+            color, fmt = style[e["method"]]
+            lw = 2.6 if e["method"] == "cachec" else 1.3
+            ax.plot([100 * r["flops_fraction"] for r in pts], [_num(r["psnr_db"]) for r in pts], fmt, color=color,
+                    lw=lw, ms=4, label=e["method"])
+        for b in TABLE_BUDGETS:
+            ax.axvline(100 * b, color="0.75", lw=0.8, ls=":")
+        ax.set_xlim(0, 102)
+        ax.set_xlabel("realised FLOPs (% of uncached, counted)")
+        ax.set_ylabel("PSNR vs uncached (dB, mean over images)")
+        ax.set_title(f"{cfg['name']} ({cfg['n_images']} images)")
+        ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    ncol = max(2, min(6, 2 * len(cfgs)))
+    rows = math.ceil(len(labels) / ncol)
+    fig.set_figheight(5.0 + 0.22 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.suptitle("cachec vs peer caching methods: PSNR vs realised FLOPs (higher-left is better)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04 + 0.22 * rows / fig.get_figheight(), 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def counter_note(results: dict) -> str:
+    """How FLOPs were counted, and whether the fast counter agreed with ``cachec.runtime.flops.count_flops``."""
+    found = []  # (what, check) for every check made
+    for cfg in results["configs"]:
+        found.append((f"{cfg['name']} reference", cfg.get("flop_counter_check_reference")))
+        found += [(f"{cfg['name']} {e['method']}", r.get("flop_counter_check")) for e in cfg["methods"] for r in e["points"]]
+    found = [(what, c) for what, c in found if c]
+    checks, bad = len(found), [what for what, c in found if not c["equal"]]
+    if not checks:
+        return "counted with `cachec.runtime.flops.count_flops`."
+    if not bad:
+        return (f"a bare dispatch-mode counter with those formulas was used and matched `cachec.runtime.flops.count_flops` "
+                f"exactly in all {checks} checks (the uncached run and the first point of every method, on the first "
+                f"{CHECK_SIZE} samples).")
+    return (f"a bare dispatch-mode counter was checked against `cachec.runtime.flops.count_flops` ({checks} checks); where it "
+            f"disagreed ({', '.join(bad)}) everything of that method was recounted with `count_flops`.")
+
+
+def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> None:
+    """``benchmarks.md`` at ``path``: protocol, per configuration the table at :data:`TABLE_BUDGETS`, the
+    headline margin and every measured point; method settings; timings. ``json_name``/``png_name`` are the
+    links to the raw results and the plot.
+
+    Raises:
+        OSError: ``path`` cannot be written. KeyError: ``results`` lacks the fields the benchmark writes.
+    """
+    L: list[str] = []
+    env = results["environment"]
+    L.append("# Benchmarks: cachec vs peer caching methods at matched FLOPs")
+    L.append("")
+    L.append(f"Generated by `{results['command']}` on {results['finished']} "
+             f"({env['cpu_threads']} CPU threads, torch {env['torch']}, diffusers {env['diffusers']}, "
+             f"cache-dit {env['cache_dit']}); total {results['seconds'] / 60:.1f} min. Raw results: "
+             f"[`{json_name}`]({json_name}); plot: [`{png_name}`]({png_name}). This file is generated: do not edit.")
+    L.append("")
+    L.append("Protocol: every method runs through the same `Driver.generate` call on the same model, held-out "
+             "conditions and seeds (disjoint from the calibration seeds). FLOPs are counted over the whole call "
+             "with the formulas of `torch.utils.flop_counter` (attention counted via the math SDPA kernel), never "
+             "taken from a method's claim; " + counter_note(results) + " PSNR (dB, mean over images) and SSIM compare with the uncached images of the same seeds; "
+             "Fréchet distance is in the digit classifier's features against 500 held-out real digits (not FID; "
+             "with few images it is biased upwards, compare only within a table). Wall ratio: seconds of one "
+             "uncounted `generate` call on the timing batch divided by the mean of the uncached timings of the same "
+             "batch taken right before and right after that method (interleaved; noisy on a shared machine). "
+             "Table values at a budget are "
+             "a measured point within 0.5 % (=), linear interpolation between the two measured points that "
+             "bracket the budget (~), or, where nothing brackets it, the nearest point at most 10 % below the "
+             "budget (≤, marked); '–' = the method has no point there.")
+    L.append("")
+    L.append(f"![PSNR vs realised FLOPs]({png_name})")
+    L.append("")
+    for cfg in results["configs"]:
+        ref = cfg["reference"]
+        L.append(f"## {cfg['name']}")
+        L.append("")
+        L.append(f"{cfg['n_images']} images ({cfg['eval_conditions']}, seeds {cfg['eval_seeds'][0]}–{cfg['eval_seeds'][1]}, "
+                 f"batch {cfg['batch_size']}), guidance {cfg['guidance']}. Uncached: "
+                 f"{ref['flops_per_image'] / 1e9:.3f} GFLOP/image, class accuracy {ref['class_accuracy']:.3f}, "
+                 f"Fréchet {ref['frechet']:.1f}, {ref['wall_s_timing_batch']:.2f} s per timing batch of {ref['timing_batch']}. Calibration (cachec and "
+                 f"MagCache): {cfg['calibration_samples']} samples, seeds {cfg['calibration_seeds'][0]}–"
+                 f"{cfg['calibration_seeds'][1]}, cachec sensitivity `{cfg['calibration_sensitivity']}`"
+                 + (f", {cfg['calibration_seconds']:.0f} s" if cfg.get("calibration_seconds") else "")
+                 + f". Configuration run time {cfg['seconds'] / 60:.1f} min.")
+        L.append("")
+        hdr = ["method"]
+        for b in TABLE_BUDGETS:
+            hdr += [f"PSNR @{b:.0%}", f"Fréchet @{b:.0%}"]
+        hdr += ["points", "notes"]
+        L.append("| " + " | ".join(hdr) + " |")
+        L.append("|" + "|".join(["---"] + ["---:"] * (2 * len(TABLE_BUDGETS)) + ["---:", "---"]) + "|")
+        mark = {"exact": "=", "interp": "~", "below": "≤"}
+        for e in cfg["methods"]:
+            row = [e["method"]]
+            notes = []
+            not_reached = None
+            for b in TABLE_BUDGETS:
+                v = at_budget(e, b)
+                if v["psnr"] is None:
+                    row += ["–", "–"]
+                    if v["note"].startswith("not reached"):
+                        not_reached = v["note"].split(": ", 1)[1]
+                    elif v["note"] and not e.get("diagnostic") and not e.get("error"):
+                        notes.append(f"@{b:.0%}: {v['note']}")
+                else:
+                    m = mark[v["how"]]
+                    row += [f"{m}{fmt(v['psnr'])}", f"{m}{fmt(v['frechet'], '.1f')}"]
+                    if v["how"] == "below":
+                        notes.append(f"@{b:.0%}: {v['note']}")
+            if not_reached and not e.get("diagnostic") and not e.get("error"):
+                notes.insert(0, not_reached)
+            ok = _ok_points(e)
+            row.append(str(len(e["points"])))
+            st = status_of(e)
+            if e.get("diagnostic") and ok:
+                st = (st + "; " if st else "") + f"diagnostic (first batch): realised FLOPs {ok[0]['flops_fraction']:.1%}"
+            if st:
+                notes.insert(0, st)
+            row.append("; ".join(notes).replace("|", "/"))
+            L.append("| " + " | ".join(row) + " |")
+        L.append("")
+        hl = cfg["headline"]
+        parts = []
+        for b in TABLE_BUDGETS:
+            h = hl[f"{b:.2f}"]
+            if h["margin_db"] is None:
+                parts.append(f"at {b:.0%}: no comparison (cachec {fmt(h['cachec_psnr'])} dB, best peer "
+                             f"{h['best_peer'] or '–'} {fmt(h['best_peer_psnr'])} dB)")
+            else:
+                parts.append(f"at {b:.0%}: cachec {fmt(h['cachec_psnr'])} dB vs best peer {h['best_peer']} "
+                             f"{fmt(h['best_peer_psnr'])} dB ({h['margin_db']:+.2f} dB)")
+        L.append("**cachec vs the best peer** (peers with a measured or interpolated value): " + "; ".join(parts) + ".")
+        L.append("")
+        L.append("<details><summary>Every measured operating point</summary>")
+        L.append("")
+        L.append("| method | setting | realised FLOPs | PSNR dB | SSIM | class acc. | Fréchet | wall ratio | note |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        for e in cfg["methods"]:
+            if e.get("error"):
+                L.append(f"| {e['method']} | – | – | – | – | – | – | – | did not run: {e['error'].replace('|', '/')} |")
+                continue
+            for r in sorted(e["points"], key=lambda r: r.get("flops_fraction", 2.0)):
+                if "flops_fraction" not in r:
+                    L.append(f"| {e['method']} | {r['label']} | – | – | – | – | – | – | {r.get('error', '').replace('|', '/')} |")
+                    continue
+                note = r.get("error", "")
+                if r.get("evaluated_on", "").startswith("first"):
+                    note = (note + "; " if note else "") + "first batch only"
+                claim = (r.get("info") or {}).get("plan_realised_claim")
+                if claim is not None:
+                    note = (note + "; " if note else "") + f"plan claims {claim:.1%}"
+                choice = (r.get("info") or {}).get("family_choice")
+                if choice:
+                    sc = " / ".join(f"{k} {fmt(v)}" for k, v in choice["validation_psnr_db"].items())
+                    note += (f"; chosen {choice['chosen']}/refine{choice['refine']} (validation PSNR on "
+                             f"{choice['validation_images']} images: {sc} dB)")
+                L.append(f"| {e['method']} | {r['label']} | {r['flops_fraction']:.1%} | {fmt(r.get('psnr_db'))} | "
+                         f"{fmt(r.get('ssim'), '.4f')} | {fmt(r.get('class_accuracy'), '.3f')} | "
+                         f"{fmt(r.get('frechet'), '.1f')} | {fmt(r.get('wall_ratio'), '.2f')} | {note.replace('|', '/')} |")
+        L.append("")
+        L.append("</details>")
+        L.append("")
+    L.append("## Method settings")
+    L.append("")
+    seen = set()
+    for cfg in results["configs"]:
+        for e in cfg["methods"]:
+            if e["method"] in seen:
+                continue
+            seen.add(e["method"])
+            st = {k: v for k, v in (e.get("settings") or {}).items() if k != "mag_ratios"}
+            L.append(f"- **{e['method']}** ({e['group']}; sweep: {e['knob']}"
+                     + ("; threshold swept until the FLOPs bracket 25/40/60 %" if e.get("adaptive") else "")
+                     + f"): `{json.dumps(st, ensure_ascii=False)}`")
+    L.append("")
+    L.append("## Timings")
+    L.append("")
+    L.append("| configuration | total | reference | calibration (cachec) | slowest method |")
+    L.append("|---|---:|---:|---:|---|")
+    for cfg in results["configs"]:
+        slow = max(cfg["methods"], key=lambda e: e.get("seconds", 0.0)) if cfg["methods"] else None
+        L.append(f"| {cfg['name']} | {cfg['seconds']:.0f} s | {cfg['reference']['seconds']:.0f} s | "
+                 f"{fmt(cfg.get('calibration_seconds'), '.0f')} s | "
+                 + (f"{slow['method']} ({slow.get('seconds', 0):.0f} s)" if slow else "–") + " |")
+    L.append("")
+    path.write_text("\n".join(L) + "\n", encoding="utf-8")
+
