@@ -39,23 +39,24 @@ def main() -> None:
         t = time.perf_counter()
         plan, _ = make_plan(cal, b, "cachec", max_staleness=args.max_staleness)
         dt = time.perf_counter() - t
-        print(f"one budget from scratch  target {b:.2f}  realised {plan['budget']['realised']:.4f}  "
-              f"error {plan['predicted_error']:.4g}  {dt:.3f} s")
+        print(f"one budget from scratch  target {b:.2f}  realised {plan.budget.realised:.4f}  "
+              f"error {plan.predicted_error:.4g}  {dt:.3f} s")
     t = time.perf_counter()
     plan, _ = make_plan(cal, 0.3, "cachec", family="step", max_staleness=args.max_staleness)
-    print(f"step family, one budget from scratch: realised {plan['budget']['realised']:.4f}  {time.perf_counter() - t:.3f} s")
+    print(f"step family, one budget from scratch: realised {plan.budget.realised:.4f}  {time.perf_counter() - t:.3f} s")
 
     budgets = np.round(np.linspace(0.15, 0.9, 20), 4).tolist()
     t = time.perf_counter()
-    _, rows = sweep(cal, budgets, max_staleness=args.max_staleness)
+    plans = sweep(cal, budgets, max_staleness=args.max_staleness)
     dt = time.perf_counter() - t
     print(f"20-budget sweep (free): {dt:.3f} s total, {dt / 20:.3f} s per budget")
-    for r in rows[::4]:
-        print(f"  target {r['target']:.4f}  realised {r['realised']:.4f}  predicted error {r['predicted_error']:.4g}")
+    for plan, _ in plans[::4]:
+        print(f"  target {plan.budget.target:.4f}  realised {plan.budget.realised:.4f}  "
+              f"predicted error {plan.predicted_error:.4g}")
     for method in ("fora", "eoc-paper", "goc-paper", "uniform"):
         t = time.perf_counter()
         plan, _ = make_plan(cal, 0.4, method)
-        print(f"{method:10s} at 0.40: realised {plan['budget']['realised']:.4f}  error {plan['predicted_error']:.4g}  "
+        print(f"{method:10s} at 0.40: realised {plan.budget.realised:.4f}  error {plan.predicted_error:.4g}  "
               f"{time.perf_counter() - t:.3f} s")
 
 

@@ -27,9 +27,8 @@ import torch
 from cachec.calibrate.run import calibrate
 from cachec.runtime.flops import count_flops
 from cachec.loading import load_model
-from cachec.refine import write_plan_dict
 from cachec.planner import Planner, load_calibration
-from cachec.runtime import apply, full_plan, load_plan, with_actions
+from cachec.runtime import apply, full_plan, load_plan, with_actions, write_plan
 from cachec.shipped import PLANS_DIR, plan_name
 
 
@@ -66,8 +65,8 @@ def main() -> None:
             planner = Planner(load_calibration(calib))
             family = args.family or "free"
             for b in (0.40, 0.25):
-                d, side = planner.plan(b, "cachec", family=family)
-                plans[f"{b:.0%}"] = write_plan_dict(d, side, Path(tmp) / f"plan{int(100 * b)}.yaml")
+                plan, side = planner.plan(b, "cachec", family=family)
+                plans[f"{b:.0%}"] = write_plan(plan, Path(tmp) / f"plan{int(100 * b)}.yaml", side or None)
             source = f"plans solved now ({family} family)"
         # the floor: every unit computed at step 0 only, reused after; what no plan can remove (embeddings,
         # norms, adaLN modulation and gates, residual adds, final layer, sampler) plus the runtime itself

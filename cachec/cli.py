@@ -106,7 +106,7 @@ def sample(model, classes, per_class, steps, guidance, seed, cfg, device, dtype,
 
     from .images import make_grid, save_png
     from .loading import load_model
-    from .quality import save_samples
+    from .samples import save_samples
 
     out = Path(out)
     if not out.parent.exists():
@@ -180,7 +180,7 @@ def calibrate():
 def calibrate_run(model, classes, prompts, samples_per_condition, steps, guidance, seed, batch_size, shard, eoc_lags,
                   sensitivity, sensitivity_samples, cfg, device, dtype, restart, along, sensitivity_from, output):
     """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run."""
-    from .calibrate.calfile import read_header
+    from .calibrate.format import read_header
     from .calibrate.run import calibrate as run_calibration
     from .loading import load_model
 
@@ -249,7 +249,7 @@ def plan(calibration, budget, sweep_range, method, interval, family, groups, max
     """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
     from .planner import load_calibration, sweep
     from .planner.budget import parse_budget, parse_sweep
-    from .runtime.plan import parse_plan, write_plan
+    from .runtime.plan import write_plan
 
     if (budget is None) == (sweep_range is None) and interval is None:
         raise click.ClickException("give exactly one of --budget B or --sweep LO..HI")
@@ -271,20 +271,19 @@ def plan(calibration, budget, sweep_range, method, interval, family, groups, max
         options["interval"] = interval
     budgets = parse_sweep(sweep_range) if sweep_range else [parse_budget(budget) if budget else None]
     cal = load_calibration(calibration)
-    plans, rows = sweep(cal, budgets, method, sidecar_file="", **options)
-    for (plan_dict, side), row in zip(plans, rows):
-        path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{round(100 * row['target'])}{out.suffix}")
-        if plan_dict.get("sidecar"):
-            plan_dict["sidecar"] = {"file": f"{path.stem}.eoc.safetensors", "sha256": "0" * 64}
-        written = write_plan(parse_plan(plan_dict), path, side or None)
-        row["file"] = str(path)
-        click.echo(f"{method} plan: target {100 * row['target']:.1f}%, realised {100 * row['realised']:.2f}% of full "
-                   f"FLOPs, predicted error {row['predicted_error']:.6g} -> {path}"
+    planned = sweep(cal, budgets, method, **options)
+    for plan, side in planned:
+        b = plan.budget
+        path = out if len(budgets) == 1 else out.with_name(f"{out.stem}-{round(100 * b.target)}{out.suffix}")
+        written = write_plan(plan, path, side or None)
+        click.echo(f"{method} plan: target {100 * b.target:.1f}%, realised {100 * b.realised:.2f}% of full "
+                   f"FLOPs, predicted error {plan.predicted_error:.6g} -> {path}"
                    + (f" (+ {written.sidecar.file})" if written.sidecar else ""))
     if len(budgets) > 1:
         click.echo("\n target  realised  predicted error")
-        for row in rows:
-            click.echo(f"{100 * row['target']:6.1f}% {100 * row['realised']:8.2f}%  {row['predicted_error']:.6g}")
+        for plan, _ in planned:
+            b = plan.budget
+            click.echo(f"{100 * b.target:6.1f}% {100 * b.realised:8.2f}%  {plan.predicted_error:.6g}")
 
 
 @main.command()
@@ -323,7 +322,7 @@ def eval_(target, model, reference, per_class, seed, png, json_out):
     in digit-classifier features, counted FLOPs fraction and wall-clock speed-up.
     Sample-set mode: compares two files written by `cachec sample` / `cachec run`.
     """
-    from .quality import compare_sample_files, format_table
+    from .report import compare_sample_files, format_table
 
     if target.endswith((".yaml", ".yml")):
         from .evaluation import EVAL_SEED, evaluate_plan, held_out
@@ -369,7 +368,7 @@ def run(plan_file, model, classes, prompt, per_class, seed, force, steps, guidan
 
     from .images import make_grid, save_png
     from .loading import load_model
-    from .quality import save_samples
+    from .samples import save_samples
     from .runtime import apply
     from .runtime.plan import load_plan
 
@@ -427,7 +426,7 @@ def compile_(model, budget, method, family, samples_per_condition, per_class, re
 
 
 def _write_json(path, obj) -> None:
-    from .quality import to_jsonable
+    from .runtime.io import to_jsonable
 
     Path(path).write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 

@@ -2,12 +2,11 @@
 
 ``cachec compile`` runs it. Every stage writes its file into one output folder, and a re-run reuses
 what is already there (the calibration resumes or is reused when its file exists with the same settings).
-Plan search (``family="auto"``, ``refine=2``): the planner solves a free per-unit schedule, a
-step-synchronous one and a block-group one; each is refined twice along its own cached trajectory
-(:mod:`cachec.refine`); every one of these plans runs closed-loop on *validation* seeds (disjoint from the
-calibration and evaluation seeds) and the one closest to the uncached output wins (ARCHITECTURE.md,
-lesson 6: predicted errors rank plans of one family, but error propagation can reorder free and structured
-schedules).
+Plan search (``family="auto"``, ``refine=2``, :func:`cachec.refine.search_plan`): the planner solves a
+free per-unit schedule, a step-synchronous one and a block-group one; each is refined twice along its own
+cached trajectory; every one of these plans runs closed-loop on *validation* seeds (disjoint from the
+calibration and evaluation seeds) and the one closest to the uncached output wins (predicted errors rank
+plans of one family, but error propagation can reorder free and structured schedules: docs/planner.md).
 """
 
 from __future__ import annotations
@@ -17,12 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
-from .refine import Candidate, choose, refined_plans, write_plan_dict
+from .refine import search_plan
 
 
 @dataclass
 class JobResult:
-    """Files and numbers of one main-job run."""
+    """Files and numbers of one main-job run.
+
+    Attributes:
+        calibration: the uncached calibration file.
+        plan: the chosen plan's file (``plan.yaml``).
+        result: the evaluation record (also written to ``eval.json``).
+        side_by_side: the PNG of uncached and cached samples.
+        candidates: every :class:`cachec.refine.Candidate` of the search.
+    """
 
     calibration: Path
     plan: Path
@@ -32,7 +39,7 @@ class JobResult:
 
 
 def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: int, conditions: list) -> bool:
-    from .calibrate.calfile import read_header
+    from .calibrate.format import read_header
     from .runtime.fingerprint import weights_fingerprint
 
     try:
@@ -75,7 +82,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     from .images import save_png, side_by_side
     from .loading import load_model
     from .planner import FAMILIES, Planner, load_calibration
-    from .quality import to_jsonable
+    from .runtime.io import to_jsonable
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,29 +102,23 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
                   guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
     families = list(FAMILIES) if family == "auto" else [family]
     cal_opts = dict(conditions=conditions, samples_per_condition=samples_per_condition, steps=steps, guidance=guidance)
-    planner = Planner(load_calibration(calib))
-    if method == "cachec":
-        candidates = []
-        for fam in families:
-            candidates += refined_plans(driver, calib, budget, family=fam, iterations=refine, workdir=out / "candidates",
-                                        calibrate_options=cal_opts, planner=planner, log=log)
-    else:
-        plan_dict, side = planner.plan(budget, method)
-        path = out / "candidates" / "plan.yaml"
-        path.parent.mkdir(exist_ok=True)
-        candidates = [Candidate(method, 0, path, write_plan_dict(plan_dict, side, path), plan_dict, side)]
-    log(f"[2/4] planned {method} at {100 * budget:.0f}%: {len(candidates)} candidate(s) ("
-        + ", ".join(f"{c.name} {100 * c.plan.budget.realised:.2f}%" for c in candidates) + ")")
-    if len(candidates) > 1:
-        vconds, vseeds = held_out(driver, validation_per_class, VALIDATION_SEED)
-        best = choose(driver, candidates, vconds, vseeds)
+
+    def planned(cands):
+        log(f"[2/4] planned {method} at {100 * budget:.0f}%: {len(cands)} candidate(s) ("
+            + ", ".join(f"{c.name} {100 * c.plan.budget.realised:.2f}%" for c in cands) + ")")
+
+    search = search_plan(driver, calib, budget, workdir=out / "candidates", calibrate_options=cal_opts,
+                         validation=lambda: held_out(driver, validation_per_class, VALIDATION_SEED),
+                         families=families, iterations=refine, method=method,
+                         planner=Planner(load_calibration(calib)), log=log, planned=planned)
+    best, candidates = search.best, search.candidates
+    if search.validation is not None:
         log("[3/4] closed-loop check on validation seeds: "
             + ", ".join(f"{c.name} {c.validation_psnr:.2f} dB" for c in candidates) + f" -> {best.name}")
     else:
-        best = candidates[0]
         log("[3/4] closed-loop check skipped (one candidate)")
     plan_path = out / "plan.yaml"
-    chosen = write_plan_dict(dict(best.plan_dict), best.sidecar, plan_path)
+    chosen = best.write(plan_path)
     conds, seeds = held_out(driver, eval_per_class, EVAL_SEED)
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")

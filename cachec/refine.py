@@ -1,4 +1,4 @@
-"""Trajectory refinement and closed-loop choice of a plan (ARCHITECTURE.md lesson 6).
+"""Trajectory refinement and the closed-loop plan search (docs/planner.md, "What the statistics cannot see").
 
 The planner's statistics come from *uncached* sampling, so they cannot see that a plan's anchors are
 computed on inputs its own skips already perturbed, nor how skipped units interact. Refinement closes the
@@ -8,8 +8,10 @@ with the uncached calibration's sensitivity, and repeat. The iterates are not mo
 every (family, iteration) plan is a candidate and the one closest to uncached sampling on validation
 seeds wins (:func:`cachec.evaluation.choose_plan`).
 
-A refined plan records ``budget.options.refine = k`` (k trajectory calibrations, each along the previous
-iterate); :func:`replan` rebuilds it deterministically from the uncached calibration.
+:func:`search_plan` is that search (schedule families × refinements × closed-loop choice); ``cachec
+compile`` (:mod:`cachec.pipeline_job`), ``scripts/make_shipped_plans.py`` and the ``cachec`` line of the peer
+benchmark all run it. A refined plan records ``budget.options.refine = k`` (k trajectory calibrations, each
+along the previous iterate); :func:`replan` rebuilds it deterministically from the uncached calibration.
 """
 
 from __future__ import annotations
@@ -19,42 +21,53 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .evaluation import choose_plan
+from .planner import FAMILIES
+from .runtime.plan import Plan, write_plan
 
 
 @dataclass
 class Candidate:
-    """One plan of the search: its family, refinement iteration, file and (after the choice) score."""
+    """One plan of the search.
+
+    Attributes:
+        family: schedule family (``free`` | ``step`` | ``group``), or the planner method of a baseline.
+        iteration: number k of trajectory refinements behind the plan (0: from the uncached calibration).
+        plan: the plan as the planner made it (no ``sidecar`` entry: :meth:`write` names the sidecar after
+            the file it writes).
+        sidecar: its EOC tensors, ``{"eoc/{unit}/{step}[/{part}]": float32 array}`` (empty without EOC).
+        path: the plan file written for the search.
+        written: the plan as written at ``path`` (``source`` set, so its sidecar loads): what closed-loop
+            runs apply.
+        validation_psnr: PSNR in dB against uncached sampling on the validation seeds, set by :func:`choose`
+            (None before, or when the search had a single candidate).
+    """
 
     family: str
     iteration: int
-    path: Path
-    plan: object
-    plan_dict: dict
+    plan: Plan
     sidecar: dict
+    path: Path
+    written: Plan
     validation_psnr: float | None = None
 
     @property
     def name(self) -> str:
+        """``"{family}/refine{iteration}"``, the key of the closed-loop scores."""
         return f"{self.family}/refine{self.iteration}"
 
+    def write(self, path: str | Path) -> Plan:
+        """Write this plan (and its sidecar, named ``<path stem>.eoc.safetensors``) to ``path`` atomically.
 
-def write_plan_dict(plan_dict: dict, sidecar: dict | None, path: Path):
-    """Validate and write a planner plan dict (and its EOC sidecar, named after ``path``) atomically.
+        Returns:
+            The :class:`Plan` as written (see :func:`cachec.runtime.plan.write_plan`).
+        Raises:
+            PlanError: the plan violates the schema.
+        """
+        return write_plan(self.plan, path, self.sidecar or None)
 
-    Sets ``plan_dict["sidecar"]`` to ``<path stem>.eoc.safetensors`` when the plan has one (the hash is filled
-    in by :func:`cachec.runtime.plan.write_plan`).
 
-    Returns:
-        The written :class:`cachec.runtime.plan.Plan`.
-    Raises:
-        PlanError: the dict violates the plan schema.
-    """
-    from .runtime.plan import parse_plan, write_plan
-
-    path = Path(path)
-    if plan_dict.get("sidecar"):
-        plan_dict["sidecar"] = {"file": f"{path.stem}.eoc.safetensors", "sha256": "0" * 64}
-    return write_plan(parse_plan(plan_dict), path, sidecar or None)
+def _candidate(family: str, iteration: int, plan: Plan, sidecar: dict, path: Path) -> Candidate:
+    return Candidate(family, iteration, plan, sidecar, path, write_plan(plan, path, sidecar or None))
 
 
 def refined_plans(driver, calibration: str | Path, budget: float, *, family: str, iterations: int,
@@ -68,7 +81,8 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
         budget: FLOPs fraction (0, 1].
         family: schedule family (``free`` | ``step`` | ``group``).
         iterations: number of refinements k >= 0 (k + 1 plans are returned).
-        workdir: folder for the plan and trajectory-calibration files (created).
+        workdir: folder for the plan and trajectory-calibration files (created); plans are
+            ``plan-{family}-{1000·budget}-r{k}.yaml``.
         calibrate_options: keyword arguments of :func:`cachec.calibrate.calibrate` for the trajectory runs
             (conditions, samples_per_condition, batch_size, seed, ... as in the uncached calibration).
         method: planner method (refinement is defined for ``cachec``).
@@ -96,38 +110,100 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
     for k in range(int(iterations) + 1):
         if k or planner is None:
             planner = Planner(load_calibration(str(cal_path)))
-        plan_dict, side = planner.plan(budget, method, family=family)
+        plan, side = planner.plan(budget, method, family=family)
         if k:
-            plan_dict["budget"]["options"]["refine"] = k
-        path = work / f"plan-{tag}-r{k}.yaml"
-        plan = write_plan_dict(plan_dict, side, path)
-        out.append(Candidate(family, k, path, plan, plan_dict, side))
+            plan.budget.options["refine"] = k
+        cand = _candidate(family, k, plan, side, work / f"plan-{tag}-r{k}.yaml")
+        out.append(cand)
         if k == iterations:
             break
         if log:
             log(f"    refining {family} at {100 * budget:.0f}%: calibration along iteration {k}")
         cal_path = calibrate(driver, conditions, output=work / f"calib-{tag}-along-r{k}.safetensors",
-                             along=plan, sensitivity_from=calibration, **options)
+                             along=cand.written, sensitivity_from=calibration, **options)
     return out
 
 
 def choose(driver, candidates: Sequence[Candidate], conditions, seeds) -> Candidate:
-    """The candidate closest to uncached sampling on ``conditions``/``seeds`` (sets ``validation_psnr``)."""
-    pick, scores = choose_plan(driver, {c.name: c.plan for c in candidates}, conditions, seeds)
+    """The candidate closest to uncached sampling on ``conditions``/``seeds`` (sets ``validation_psnr``).
+
+    Ties go to the first candidate in ``candidates`` order (:func:`cachec.evaluation.choose_plan`).
+    """
+    pick, scores = choose_plan(driver, {c.name: c.written for c in candidates}, conditions, seeds)
     for c in candidates:
         c.validation_psnr = scores[c.name]
     return next(c for c in candidates if c.name == pick)
 
 
+@dataclass
+class Search:
+    """Outcome of :func:`search_plan`.
+
+    Attributes:
+        best: the chosen candidate.
+        candidates: every candidate, family by family (in ``families`` order), iterations in order.
+        validation: ``(conditions, seeds)`` of the closed-loop choice, or None (one candidate: no choice run).
+    """
+
+    best: Candidate
+    candidates: list[Candidate]
+    validation: tuple[list, list[int]] | None
+
+
+def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str | Path, calibrate_options: dict,
+                validation, families: Sequence[str] = FAMILIES, iterations: int = 2, method: str = "cachec",
+                planner=None, log: Callable[[str], None] | None = None,
+                planned: Callable[[list[Candidate]], None] | None = None) -> Search:
+    """cachec's plan search: every schedule family, each refined ``iterations`` times along its own cached
+    trajectory (:func:`refined_plans`), and the candidate closest to uncached sampling on validation seeds.
+
+    Args:
+        driver: the loaded model (:func:`cachec.loading.load_model`).
+        calibration: the uncached calibration file.
+        budget: FLOPs fraction (0, 1].
+        workdir: folder of the candidate plans and trajectory calibrations (created).
+        calibrate_options: as :func:`refined_plans`.
+        validation: ``(conditions, seeds)`` of the closed-loop choice (disjoint from the calibration and
+            evaluation seeds), or a function returning them; only used with more than one candidate.
+        families: schedule families to solve (``cachec`` only).
+        iterations: refinements per family, >= 0 (``cachec`` only).
+        method: ``cachec``, or a baseline method (then one candidate, ``workdir/plan.yaml``, no refinement).
+        planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse (as :func:`refined_plans`).
+        log: progress printer of the refinements.
+        planned: called with the candidates once all are written, before the closed-loop choice runs.
+    Returns:
+        :class:`Search`; with a single candidate it is the best one and no validation sampling runs.
+    Raises:
+        ValueError: as :func:`refined_plans`, the planner and :func:`cachec.evaluation.choose_plan` raise.
+    """
+    if method == "cachec":
+        cands: list[Candidate] = []
+        for fam in families:
+            cands += refined_plans(driver, calibration, budget, family=fam, iterations=iterations, workdir=workdir,
+                                   calibrate_options=calibrate_options, planner=planner, log=log)
+    else:
+        from .planner import Planner, load_calibration
+
+        planner = planner or Planner(load_calibration(str(calibration)))
+        plan, side = planner.plan(budget, method)
+        cands = [_candidate(method, 0, plan, side, Path(workdir) / "plan.yaml")]
+    if planned:
+        planned(cands)
+    if len(cands) == 1:
+        return Search(cands[0], cands, None)
+    vconds, vseeds = validation() if callable(validation) else validation
+    return Search(choose(driver, cands, vconds, vseeds), cands, (list(vconds), list(vseeds)))
+
+
 def replan(driver, calibration: str | Path, budget: float, options: dict, workdir: str | Path,
-           calibrate_options: dict, planner=None) -> tuple[dict, dict]:
+           calibrate_options: dict, planner=None) -> tuple[Plan, dict]:
     """Rebuild a plan from its uncached calibration and its recorded options (``family``, ``refine``);
     ``planner``: as :func:`refined_plans`.
 
     Returns:
-        ``(plan dict, sidecar)`` of the last iterate.
+        ``(plan, sidecar)`` of the last iterate (as :meth:`cachec.planner.Planner.plan` returns them).
     """
     k = int(options.get("refine", 0))
     cands = refined_plans(driver, calibration, budget, family=options.get("family", "free"), iterations=k,
                           workdir=workdir, calibrate_options=calibrate_options, planner=planner)
-    return cands[-1].plan_dict, cands[-1].sidecar
+    return cands[-1].plan, cands[-1].sidecar

@@ -47,9 +47,21 @@ def calibration_options(driver) -> dict:
     return dict(opts, conditions=list(range(driver.num_classes)))
 
 
-def replan(calibration_path: Path, model: str, options: dict[float, dict], workdir: Path) -> dict[float, tuple[dict, dict]]:
+def replan(calibration_path: Path, model: str, options: dict[float, dict], workdir: Path) -> dict:
     """Plans of ``model`` at its shipped budgets, each rebuilt from its recorded options (``family``,
-    ``refine``): {budget: (plan, sidecar)}. Trajectory calibrations are written under ``workdir``."""
+    ``refine``).
+
+    Args:
+        calibration_path: a calibration made with :data:`CALIBRATION` (:func:`calibrate_reference`).
+        model: a key of :data:`BUDGETS`.
+        options: ``{budget: budget.options of the shipped plan}``.
+        workdir: folder of the trajectory calibrations and candidate plans (created).
+    Returns:
+        ``{budget: (plan, sidecar)}``: a typed :class:`cachec.runtime.plan.Plan` (not written) and its EOC
+        tensors, as :func:`cachec.refine.replan` returns them.
+    Raises:
+        KeyError: ``options`` lacks one of the model's budgets.
+    """
     from .loading import load_model
     from .planner import Planner, load_calibration
     from .refine import replan as replan_one

@@ -1,6 +1,6 @@
 """Published caching schedules as :class:`Schedule` objects, priced by the same error model as cachec.
 
-Sources (METHODS.md): FORA (arXiv 2407.01425), EOC (arXiv 2501.19243), GOC (arXiv 2503.05156).
+Sources: FORA (arXiv 2407.01425), EOC (arXiv 2501.19243), GOC (arXiv 2503.05156).
 
 - ``fora``: every unit computed at steps 0, N, 2N, ...; plain reuse in between.
 - ``eoc-paper``: the FORA schedule; every cached step corrected multiplicatively with alpha = 0.01 and

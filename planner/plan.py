@@ -1,27 +1,27 @@
-"""Build plans (docs/plan-format.md, version 1) from a calibration: cachec's solved schedule or a baseline.
+"""Build plans (docs/plan-format.md) from a calibration: cachec's solved schedule or a baseline.
 
-The output is a plain dict in exactly the documented shape plus the EOC sidecar tensors (a dict of
-numpy arrays); writing and validating is the runtime schema's job (``cachec.runtime.plan``). When the
-sidecar is non-empty, the plan's ``sidecar`` entry names ``sidecar_file`` and holds the SHA-256 of
-:func:`encode_sidecar` of the arrays: a writer must store exactly those bytes (or update the hash).
+The planner returns the runtime's typed :class:`cachec.runtime.plan.Plan` (torch-free) plus the EOC
+sidecar tensors (a dict of float32 numpy arrays). The returned plan has no ``sidecar`` entry yet:
+:func:`cachec.runtime.plan.write_plan` names the sidecar file (after the plan file) and records its sha256
+when it writes both, so the plan format is written and hashed in one place.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+
+from cachec.runtime.plan import (
+    Budget, Compensation, Guidance, ModelInfo, Plan, Provenance, Sampler, UnitPlan,
+)
 
 from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
-from .errors import PREDICTORS, ErrorModel, SegmentTable, schedule_error, segment_table
+from .error_model import PREDICTORS, ErrorModel, SegmentTable, schedule_error, segment_table
 from .schedule import Schedule, realised_fraction, round_sig
 from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, frontier, group_costs, solve
 
-PLAN_VERSION = 1
 METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
 DEFAULT_MAX_STALENESS = 8
-DEFAULT_SIDECAR = "plan.eoc.safetensors"
 
 _METHOD_OPTIONS = {
     "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors"},
@@ -39,19 +39,6 @@ def _version() -> str:
         return str(__version__)
     except Exception:  # pragma: no cover - the package always defines it
         return "unknown"
-
-
-def encode_sidecar(arrays: dict[str, np.ndarray]) -> bytes:
-    """The safetensors bytes of a plan's EOC sidecar (keys sorted; deterministic).
-
-    Args:
-        arrays: ``{"eoc/{unit}/{step}[/{part}]": float32 array}``.
-    Returns:
-        bytes to write as the sidecar file; ``sha256`` of them is the plan's ``sidecar.sha256``.
-    """
-    from safetensors.numpy import save
-
-    return save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)})
 
 
 class Planner:
@@ -147,10 +134,10 @@ class Planner:
                 raise ValueError(f"interval {sched.options['interval']} spends {r:.6g} of a full run, over the budget {budget}")
         return sched
 
-    def plan(self, budget: float | None, method: str = "cachec", sidecar_file: str = DEFAULT_SIDECAR, **options):
-        """Plan dict and sidecar arrays; see :func:`make_plan`."""
+    def plan(self, budget: float | None, method: str = "cachec", **options) -> tuple[Plan, dict[str, np.ndarray]]:
+        """``(plan, sidecar)`` of ``method`` at ``budget``; see :func:`make_plan`."""
         sched = self.schedule(budget, method, **options)
-        return build_plan(self.cal, self.model, sched, method, budget, sidecar_file)
+        return build_plan(self.cal, self.model, sched, method, budget)
 
 
 def sidecar_arrays(cal: Calibration, schedule: Schedule) -> dict[str, np.ndarray]:
@@ -185,88 +172,73 @@ def sidecar_arrays(cal: Calibration, schedule: Schedule) -> dict[str, np.ndarray
     return out
 
 
-def build_plan(cal: Calibration, model: ErrorModel, schedule: Schedule, method: str, target, sidecar_file: str = DEFAULT_SIDECAR):
-    """Turn a schedule into the plan dict of docs/plan-format.md and its sidecar arrays.
+def build_plan(cal: Calibration, model: ErrorModel, schedule: Schedule, method: str,
+               target: float | None) -> tuple[Plan, dict[str, np.ndarray]]:
+    """Turn a schedule into a typed plan (docs/plan-format.md) and its EOC sidecar arrays.
 
     Args:
         cal: calibration (model, sampler and provenance sections come from its header).
         model: the error model pricing ``predicted_error``.
         schedule: the schedule.
         method: ``budget.method``.
-        target: requested fraction, or None (then the realised fraction is the target).
-        sidecar_file: file name recorded in ``sidecar.file`` when there are EOC tensors.
+        target: requested FLOPs fraction in (0, 1], or None (then the realised fraction is the target).
     Returns:
-        ``(plan, sidecar)``: plain dict (ints, floats rounded to 8 significant digits, str, lists, None)
-        and ``{key: float32 array}`` (empty when no EOC correction).
+        ``(plan, sidecar)``: the :class:`cachec.runtime.plan.Plan` (floats of coefficients, EOC alphas,
+        realised fraction and predicted error rounded to 8 significant digits; ``sidecar`` None, for
+        :func:`cachec.runtime.plan.write_plan` to fill in) and ``{key: float32 array}`` (empty when no
+        compensation has an EOC correction).
+    Raises:
+        CalibrationError: the schedule has EOC corrections but the calibration has no prior.
     """
     h = cal.header
-    S = cal.steps
-    realised = realised_fraction(schedule.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops)
-    err = schedule_error(model, schedule)
-    arrays = sidecar_arrays(cal, schedule)
+    realised = round_sig(realised_fraction(schedule.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops))
     units = []
     for u, name in enumerate(cal.unit_names):
         comp = {}
         for s in sorted(schedule.coeffs[u]):
-            entry = {"coeffs": [round_sig(a) for a in schedule.coeffs[u][s]]}
             al = schedule.eoc_alpha[u].get(s, 0.0)
-            if al:
-                entry["eoc_alpha"] = round_sig(al)
-            comp[int(s)] = entry
-        units.append({
-            "name": name,
-            "flops": float(cal.unit_flops[u]),
-            "actions": "".join("C" if c else "." for c in schedule.compute[u]),
-            "compensation": comp,
-        })
+            comp[int(s)] = Compensation(coeffs=[round_sig(a) for a in schedule.coeffs[u][s]],
+                                        eoc_alpha=round_sig(al) if al else 0.0)
+        units.append(UnitPlan(name=name, flops=float(cal.unit_flops[u]),
+                              actions="".join("C" if c else "." for c in schedule.compute[u]), compensation=comp))
     sig = h["sigmas"]
-    plan = {
-        "cachec_plan": PLAN_VERSION,
-        "model": {
-            "class": str(h["model"]["class"]),
-            "fingerprint": str(h["model"]["fingerprint"]),
-            "adapters": [str(a) for a in h["model"].get("adapters", [])],
-            "source": h["model"].get("source"),
-        },
-        "sampler": {
-            "scheduler": str(h["scheduler"]["class"]),
-            "steps": int(S),
-            "timesteps": [float(t) for t in h["timesteps"]],
-            "sigmas": None if sig is None else [float(x) for x in sig],
-            "guidance": {
-                "mode": str(h["guidance"]["mode"]),
-                "scale": float(h["guidance"]["scale"]),
-                "branches": int(h["guidance"]["branches"]),
-            },
-            "resolution": [int(x) for x in h["resolution"]],
-        },
-        "budget": {
-            "method": method,
-            "target": round_sig(realised) if target is None else float(target),
-            "realised": round_sig(realised),
-            "full_step_flops": float(cal.full_step_flops),
-            "fixed_step_flops": float(cal.fixed_step_flops),
-            "options": {k: schedule.options[k] for k in sorted(schedule.options)},
-        },
-        "predicted_error": round_sig(err),
-        "history": schedule.history,
-        "units": units,
-        "sidecar": (
-            {"file": sidecar_file, "sha256": hashlib.sha256(encode_sidecar(arrays)).hexdigest()} if arrays else None
+    g = h["guidance"]
+    plan = Plan(
+        model=ModelInfo(cls=str(h["model"]["class"]), fingerprint=str(h["model"]["fingerprint"]),
+                        adapters=[str(a) for a in h["model"].get("adapters", [])], source=h["model"].get("source")),
+        sampler=Sampler(
+            scheduler=str(h["scheduler"]["class"]),
+            steps=int(cal.steps),
+            timesteps=[float(t) for t in h["timesteps"]],
+            sigmas=None if sig is None else [float(x) for x in sig],
+            guidance=Guidance(mode=str(g["mode"]), scale=float(g["scale"]), branches=int(g["branches"])),
+            resolution=[int(x) for x in h["resolution"]],
         ),
-        "provenance": {
-            "calibration_sha256": cal.sha256,
-            "conditions": len(h["conditions"]),
-            "samples": int(sum(cal.samples)),
-            "cachec_version": _version(),
-            "created": str(h["created"]),
-        },
-    }
-    return plan, arrays
+        budget=Budget(
+            method=method,
+            target=realised if target is None else float(target),
+            realised=realised,
+            full_step_flops=float(cal.full_step_flops),
+            fixed_step_flops=float(cal.fixed_step_flops),
+            options={k: schedule.options[k] for k in sorted(schedule.options)},
+        ),
+        predicted_error=round_sig(schedule_error(model, schedule)),
+        history=schedule.history,
+        units=units,
+        sidecar=None,
+        provenance=Provenance(
+            calibration_sha256=cal.sha256,
+            conditions=len(h["conditions"]),
+            samples=int(sum(cal.samples)),
+            cachec_version=_version(),
+            created=str(h["created"]),
+        ),
+    )
+    return plan, sidecar_arrays(cal, schedule)
 
 
-def make_plan(calibration: Calibration, budget: float | None, method: str = "cachec", *, sidecar_file: str = DEFAULT_SIDECAR,
-              ridge: float = 1e-3, predictors=PREDICTORS, **options):
+def make_plan(calibration: Calibration, budget: float | None, method: str = "cachec", *, ridge: float = 1e-3,
+              predictors=PREDICTORS, **options) -> tuple[Plan, dict[str, np.ndarray]]:
     """Compile a plan for ``calibration`` at a FLOPs ``budget`` with ``method``.
 
     Args:
@@ -274,35 +246,29 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
         budget: fraction (0, 1] of a full run's FLOPs, fixed (never-cached) FLOPs included; may be None
             for FORA-based methods with an explicit ``interval``.
         method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
-        sidecar_file: name recorded in ``sidecar.file`` when the plan has EOC tensors.
         ridge, predictors: error-model options (cachec's fitted predictors).
         **options: cachec: ``family`` ("free" | "step" | "group"), ``groups`` (block groups of the
-            ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0); fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper:
-            ``lam`` (1.2).
+            ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0);
+            fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper: ``lam`` (1.2).
     Returns:
-        ``(plan, sidecar)``: the plan dict (docs/plan-format.md) and ``{key: float32 array}``.
+        ``(plan, sidecar)``: the typed :class:`cachec.runtime.plan.Plan` (no ``sidecar`` entry until
+        :func:`cachec.runtime.plan.write_plan` writes it) and ``{key: float32 array}`` (see :func:`build_plan`).
     Raises:
         ValueError: unknown method/option, budget outside (0, 1], budget below the method's minimum
             (the message names the minimum).
     """
-    return Planner(calibration, ridge=ridge, predictors=predictors).plan(budget, method, sidecar_file=sidecar_file, **options)
+    return Planner(calibration, ridge=ridge, predictors=predictors).plan(budget, method, **options)
 
 
 def sweep(calibration: Calibration, budgets, method: str = "cachec", *, ridge: float = 1e-3, predictors=PREDICTORS,
-          sidecar_file: str = DEFAULT_SIDECAR, **options):
-    """Plans at several budgets, sharing the error model, segment table and frontier.
+          **options) -> list[tuple[Plan, dict[str, np.ndarray]]]:
+    """Plans at several budgets (fractions in (0, 1], or None as :func:`make_plan` allows), sharing the
+    error model, segment table and frontier.
 
     Returns:
-        ``(plans, table)``: list of ``(plan, sidecar)`` in the order of ``budgets``, and a list of
-        ``{"target", "realised", "predicted_error"}`` dicts (floats).
+        ``[(plan, sidecar), ...]`` in the order of ``budgets`` (as :func:`make_plan`).
     Raises:
         ValueError: as :func:`make_plan`, for the first failing budget.
     """
     planner = Planner(calibration, ridge=ridge, predictors=predictors)
-    plans, rows = [], []
-    for b in budgets:
-        plan, side = planner.plan(b, method, sidecar_file=sidecar_file, **options)
-        plans.append((plan, side))
-        rows.append({"target": plan["budget"]["target"], "realised": plan["budget"]["realised"],
-                     "predicted_error": plan["predicted_error"]})
-    return plans, rows
+    return [planner.plan(b, method, **options) for b in budgets]

@@ -1,7 +1,8 @@
 """The planner's in-memory schedule: which (unit, step) pairs are computed, and how skipped ones are predicted.
 
 Every method (cachec and the baselines) produces a :class:`Schedule`; the error model prices it
-(:func:`cachec.planner.errors.schedule_error`) and :mod:`cachec.planner.plan` turns it into a plan dict.
+(:func:`cachec.planner.error_model.schedule_error`) and :mod:`cachec.planner.plan` turns it into a typed
+:class:`cachec.runtime.plan.Plan`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Budgeted schedule solver: which (unit, step) pairs to compute under a FLOP budget.
 
-Source: ARCHITECTURE.md "Planner" and lesson 6. Units couple only through the budget. For every unit a
+See docs/planner.md ("Solver and schedule families"). Units couple only through the budget. For every unit a
 dynamic programme over steps (state: last computed step p and its distance d to the previous computed
 step, i.e. the last two computed steps; at most ``max_staleness`` consecutive skipped steps) gives the
 least coherent error with exactly n computed steps, for every n at once (the unit's frontier). The
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import EOC, SegmentTable
+from .error_model import EOC, SegmentTable
 from .schedule import Schedule, minimum_computes, round_sig
 
 FAMILIES = ("free", "step", "group")
@@ -58,7 +58,7 @@ def frontier(cost: np.ndarray, keep_last: int = 0) -> Frontier:
     computes p + r + 1 (or ends the run at S - 1).
 
     Args:
-        cost: (V, S, K+2, K+1) segment costs (see :class:`cachec.planner.errors.SegmentTable`).
+        cost: (V, S, K+2, K+1) segment costs (see :class:`cachec.planner.error_model.SegmentTable`).
         keep_last: the last ``keep_last`` steps must be computed.
     Returns:
         A :class:`Frontier`.
@@ -358,7 +358,7 @@ def solve(
     """Least-error schedule spending at most ``budget`` of a full run's FLOPs.
 
     Args:
-        table: segment costs (:func:`cachec.planner.errors.segment_table`), which fix ``max_staleness``.
+        table: segment costs (:func:`cachec.planner.error_model.segment_table`), which fix ``max_staleness``.
         unit_flops: (U,) FLOPs of one call of each unit (one sample, one branch).
         full_step, fixed_step: FLOPs of one full forward and of its never-cached part.
         budget: fraction (0, 1] of a full run's FLOPs (fixed FLOPs included).

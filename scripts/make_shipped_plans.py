@@ -17,10 +17,9 @@ from pathlib import Path
 
 from cachec.evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
 from cachec.loading import load_model
-from cachec.refine import write_plan_dict
-from cachec.planner import FAMILIES, Planner, load_calibration
-from cachec.refine import choose, refined_plans
-from cachec.quality import to_jsonable
+from cachec.planner import Planner, load_calibration
+from cachec.refine import search_plan
+from cachec.runtime.io import to_jsonable
 import torch
 
 from cachec.shipped import BUDGETS, CALIBRATION_THREADS, PLANS_DIR, REFINE, calibrate_reference, calibration_options, plan_name
@@ -37,15 +36,13 @@ def main(models: list[str]) -> None:
             conds, seeds = held_out(driver, 10, EVAL_SEED)
             planner = Planner(load_calibration(str(calib)))
             for b in BUDGETS[model]:
-                cands = []
-                for fam in FAMILIES:
-                    cands += refined_plans(driver, calib, b, family=fam, iterations=REFINE, workdir=Path(tmp) / "cands",
-                                           calibrate_options=calibration_options(driver), planner=planner)
-                best = choose(driver, cands, vconds, vseeds)
-                for c in cands:
+                search = search_plan(driver, calib, b, workdir=Path(tmp) / "cands", iterations=REFINE,
+                                     calibrate_options=calibration_options(driver), validation=(vconds, vseeds),
+                                     planner=planner)
+                for c in search.candidates:
                     print(f"{model} {b:.0%} {c.name}: realised {c.plan.budget.realised:.4f}, validation {c.validation_psnr:.2f} dB")
                 path = PLANS_DIR / plan_name(model, b)
-                plan = write_plan_dict(dict(best.plan_dict), best.sidecar, path)
+                plan = search.best.write(path)
                 r = evaluate_plan(driver, plan, conds, seeds, name=path.stem).result
                 r["family"] = plan.budget.options.get("family")
                 r["refine"] = plan.budget.options.get("refine", 0)

@@ -1,4 +1,4 @@
-"""Smoke test of the peer-comparison benchmark (bench/peers.py, bench/compare.py) on a tiny random DiT.
+"""Smoke test of the peer-comparison benchmark (bench/peers/, bench/compare.py) on a tiny random DiT.
 
 Every adapter runs one operating point on two samples; its FLOPs are counted over the whole ``generate``
 call and compared with the uncached count; nothing may stay installed afterwards. Also: the cache-context

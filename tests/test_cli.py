@@ -62,7 +62,7 @@ def test_output_folder_missing(tmp_path):
 
 
 def test_sample_writes_grid_and_raw_samples(tiny_digits_dir, tmp_path):
-    from cachec.quality import load_samples
+    from cachec.samples import load_samples
 
     out = tmp_path / "grid.png"
     code, text = run("sample", str(tiny_digits_dir), "--classes", "0-2", "--per-class", "2", "--steps", "3",

@@ -3,6 +3,7 @@ baselines, plan shape, determinism. numpy only; each test runs in well under a s
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import subprocess
@@ -10,14 +11,14 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 
 from cachec.planner import (
     CalibrationError, ErrorModel, Planner, Schedule, load_calibration, make_plan, minimum_budget, schedule_error,
     segment_table, sweep,
 )
 from cachec.planner.calibration import calibration_from_tensors
-from cachec.planner.errors import EOC, LS2, PREDICTORS, eoc_error, predictor_error
+from cachec.runtime.plan import Plan, load_plan, write_plan
+from cachec.planner.error_model import EOC, LS2, PREDICTORS, eoc_error, predictor_error
 from cachec.planner.solver import allocate, block_groups
 from cachec.planner.synthetic import (
     calibration_from_features, calibration_tensors, save_calibration, synthetic_calibration, synthetic_features,
@@ -245,12 +246,12 @@ def test_handmade_known_optimum():
     feats = {"b.0.ff": jump, "b.1.ff": np.repeat(2 * a, S, axis=2)}
     cal = calibration_from_features(feats, [1.0, 1.0], 2.0, 0.0, np.ones((2, S)))
     plan, _ = make_plan(cal, 3 / 12, "cachec", max_staleness=5, predictors=("reuse",))
-    assert [u["actions"] for u in plan["units"]] == ["C..C..", "C....."]
-    assert plan["predicted_error"] == 0.0
-    assert plan["budget"]["realised"] == 0.25
+    assert [u.actions for u in plan.units] == ["C..C..", "C....."]
+    assert plan.predicted_error == 0.0
+    assert plan.budget.realised == 0.25
     # with only step 0 affordable the jump is paid: 3 steps * ||4a||^2 coherently = (3 * 4)^2 * D
     plan, _ = make_plan(cal, 2 / 12, "cachec", max_staleness=5, predictors=("reuse",))
-    assert plan["predicted_error"] == pytest.approx((3 * 4) ** 2 * D)
+    assert plan.predicted_error == pytest.approx((3 * 4) ** 2 * D)
 
 
 @pytest.mark.parametrize("budget", [0.35, 0.5, 0.7])
@@ -363,13 +364,13 @@ def synth_planner(synth):
 @pytest.mark.parametrize("budget", [0.25, 0.40, 0.60])
 def test_realised_within_one_percent_below_budget(synth_planner, budget):
     plan, _ = synth_planner.plan(budget, "cachec")
-    assert budget - 0.01 <= plan["budget"]["realised"] <= budget
-    assert plan["budget"]["target"] == budget
+    assert budget - 0.01 <= plan.budget.realised <= budget
+    assert plan.budget.target == budget
 
 
 def test_predicted_error_decreases_with_budget(synth):
-    _, rows = sweep(synth, [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
-    errs = [r["predicted_error"] for r in rows]
+    plans = sweep(synth, [0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    errs = [plan.predicted_error for plan, _ in plans]
     assert all(b < a for a, b in zip(errs, errs[1:-1]))
     assert errs[-1] == 0.0
 
@@ -382,10 +383,10 @@ def test_cachec_beats_every_baseline_at_their_realised_flops(synth_planner):
     for method, opt in baselines:
         b = opt.pop("budget", None)
         plan, _ = synth_planner.plan(b, method, **opt)
-        r = plan["budget"]["realised"]
+        r = plan.budget.realised
         mine, _ = synth_planner.plan(r, "cachec")
-        assert mine["budget"]["realised"] <= r
-        assert mine["predicted_error"] <= plan["predicted_error"], (method, opt, r)
+        assert mine.budget.realised <= r
+        assert mine.predicted_error <= plan.predicted_error, (method, opt, r)
 
 
 def test_budget_below_floor_names_minimum(synth):
@@ -393,7 +394,7 @@ def test_budget_below_floor_names_minimum(synth):
     with pytest.raises(ValueError, match=f"minimum {minb:.6g}"):
         make_plan(synth, minb * 0.99, "cachec")
     plan, _ = make_plan(synth, minb, "cachec")
-    assert plan["budget"]["realised"] <= minb
+    assert plan.budget.realised <= minb
     with pytest.raises(ValueError, match="minimum"):
         make_plan(synth, 0.01, "fora")
     with pytest.raises(ValueError, match="minimum"):
@@ -409,64 +410,67 @@ def test_constraints_staleness_keep_last_and_step_family(synth_planner):
             run = 0 if c else run + 1
             assert run <= 3
     plan, _ = synth_planner.plan(0.3, "cachec", family="step")
-    assert len({u["actions"] for u in plan["units"]}) == 1
-    assert plan["budget"]["realised"] <= 0.3
-    assert plan["budget"]["options"]["family"] == "step"
+    assert len({u.actions for u in plan.units}) == 1
+    assert plan.budget.realised <= 0.3
+    assert plan.budget.options["family"] == "step"
 
 
 # ---- baselines ------------------------------------------------------------------------------------------
 def test_fora_interval_from_budget(synth):
     plan, _ = make_plan(synth, 0.4, "fora")
     # N=3 spends ~35%, N=2 ~50%: the closest schedule at or under 40% is N=3
-    assert plan["budget"]["options"] == {"interval": 3}
-    assert plan["units"][0]["actions"] == "C..C..C..C..C..C..C."
+    assert plan.budget.options == {"interval": 3}
+    assert plan.units[0].actions == "C..C..C..C..C..C..C."
     plan2, _ = make_plan(synth, None, "fora", interval=3)
-    assert plan2["units"] == plan["units"] and plan2["budget"]["target"] == plan2["budget"]["realised"]
+    assert plan2.units == plan.units and plan2.budget.target == plan2.budget.realised
 
 
 def test_paper_baselines(synth):
     goc, side = make_plan(synth, None, "goc-paper", interval=2)
-    assert goc["history"] == "used" and side == {}
+    assert goc.history == "used" and side == {}
     from cachec.planner.baselines import goc_gate
 
     gate = goc_gate(synth)
-    for s, c in goc["units"][0]["compensation"].items():
-        assert c["coeffs"] == ([2.2, -1.2] if gate[s] else [1.0])
+    for s, c in goc.units[0].compensation.items():
+        assert c.coeffs == ([2.2, -1.2] if gate[s] else [1.0])
     eoc, side = make_plan(synth, None, "eoc-paper", interval=2)
-    assert eoc["history"] == "used"
-    skipped = [(u["name"], s) for u in eoc["units"] for s in u["compensation"]]
+    assert eoc.history == "used"
+    skipped = [(u.name, s) for u in eoc.units for s in u.compensation]
     assert sorted(side) == sorted(f"eoc/{n}/{s}" for n, s in skipped)
-    assert all(c["eoc_alpha"] == 0.01 for u in eoc["units"] for c in u["compensation"].values())
+    assert all(c.eoc_alpha == 0.01 for u in eoc.units for c in u.compensation.values())
     P = synth.prior(0)
     name = synth.unit_names[0]
     np.testing.assert_allclose(side[f"eoc/{name}/3"], (P[3] - P[2]).astype(np.float32))
     uni, _ = make_plan(synth, 0.5, "uniform")
-    per_step = np.array([[c == "C" for c in u["actions"]] for u in uni["units"]]).sum(axis=0)
+    per_step = np.array([[c == "C" for c in u.actions] for u in uni.units]).sum(axis=0)
     assert per_step[0] == synth.n_units and per_step[1:].max() - per_step[1:].min() <= 1
 
 
 # ---- plan shape, files, determinism -------------------------------------------------------------------
-def test_plan_shape_and_tuple_sidecar():
+def test_plan_shape_and_tuple_sidecar(tmp_path):
     feats = random_features(U=2, S=6, D=10, seed=21)
     shapes = {"blocks.0.ff": [[2, 3], [4]], "blocks.1.ff": [[5, 2]]}
     cal = make_cal(feats, shapes=shapes)
     plan, side = make_plan(cal, None, "eoc-paper", interval=3)
-    assert list(plan) == ["cachec_plan", "model", "sampler", "budget", "predicted_error", "history", "units",
-                          "sidecar", "provenance"]
-    assert list(plan["budget"]) == ["method", "target", "realised", "full_step_flops", "fixed_step_flops", "options"]
-    assert plan["sampler"]["steps"] == 6 and len(plan["sampler"]["timesteps"]) == 6
-    assert plan["provenance"]["calibration_sha256"] == cal.sha256 and plan["provenance"]["samples"] == 6
-    for u in plan["units"]:
-        assert u["actions"][0] == "C" and len(u["actions"]) == 6
-        assert sorted(u["compensation"]) == [s for s, c in enumerate(u["actions"]) if c == "."]
+    assert isinstance(plan, Plan) and plan.budget.method == "eoc-paper"
+    assert plan.sampler.steps == 6 and len(plan.sampler.timesteps) == 6
+    assert plan.provenance.calibration_sha256 == cal.sha256 and plan.provenance.samples == 6
+    for u in plan.units:
+        assert u.actions[0] == "C" and len(u.actions) == 6
+        assert sorted(u.compensation) == [s for s, c in enumerate(u.actions) if c == "."]
     assert side["eoc/blocks.0.ff/1/0"].shape == (2, 3) and side["eoc/blocks.0.ff/1/1"].shape == (4,)
     assert side["eoc/blocks.1.ff/2"].shape == (5, 2) and side["eoc/blocks.1.ff/2"].dtype == np.float32
-    assert plan["sidecar"]["file"] == "plan.eoc.safetensors" and len(plan["sidecar"]["sha256"]) == 64
+    # the planner leaves the sidecar entry to the writer, which names it after the plan file and hashes it
+    assert plan.sidecar is None
+    written = write_plan(plan, tmp_path / "p.yaml", side)
+    sc = tmp_path / "p.eoc.safetensors"
+    assert written.sidecar.file == sc.name and written.sidecar.sha256 == hashlib.sha256(sc.read_bytes()).hexdigest()
+    assert load_plan(tmp_path / "p.yaml") == written
     P = cal.prior(0)
     np.testing.assert_allclose(side["eoc/blocks.0.ff/2/1"], (P[2] - P[1])[6:].astype(np.float32))
-    spent = 6 * cal.fixed_step_flops + sum(u["actions"].count("C") * u["flops"] for u in plan["units"])
+    spent = 6 * cal.fixed_step_flops + sum(u.actions.count("C") * u.flops for u in plan.units)
     realised = spent / (6 * cal.full_step_flops)
-    assert plan["budget"]["realised"] == pytest.approx(realised, rel=1e-7)
+    assert plan.budget.realised == pytest.approx(realised, rel=1e-7)
 
 
 def test_determinism(tmp_path):
@@ -477,14 +481,13 @@ def test_determinism(tmp_path):
     path = tmp_path / "cal.safetensors"
     save_calibration(str(path), header, tensors)
     outs = []
-    for _ in range(2):
+    for i in range(2):
         cal = load_calibration(str(path))
         for method in ("cachec", "eoc-paper"):
             plan, side = make_plan(cal, 0.45, method)
-            from cachec.planner import encode_sidecar
-
-            outs.append((method, yaml.safe_dump(plan, sort_keys=False), encode_sidecar(side) if side else b""))
-    assert outs[:2] == outs[2:]
+            write_plan(plan, tmp_path / str(i) / f"{method}.yaml", side or None)
+        outs.append({f.name: f.read_bytes() for f in sorted((tmp_path / str(i)).iterdir())})
+    assert outs[0] == outs[1] and "eoc-paper.eoc.safetensors" in outs[0]
 
 
 def test_load_calibration_roundtrip_and_errors(tmp_path):
@@ -561,24 +564,25 @@ def test_cachec_eoc_sidecar_is_prior_difference_from_last_computed(synth_planner
         assert sched.eoc_ref[u][s] == p and sched.coeffs[u][s] == (1.0,)
         P = synth.prior(u)
         np.testing.assert_allclose(side[f"eoc/{synth.unit_names[u]}/{s}"], (P[s] - P[p]).astype(np.float32))
-        comp = plan["units"][u]["compensation"][s]
-        assert comp == {"coeffs": [1.0], "eoc_alpha": sched.eoc_alpha[u][s]}
+        comp = plan.units[u].compensation[s]
+        assert comp.coeffs == [1.0] and comp.eoc_alpha == sched.eoc_alpha[u][s]
     # plans without EOC have no sidecar
     plan, side = make_plan(synth, 0.3, "cachec", predictors=("reuse", "ls2"))
-    assert side == {} and plan["sidecar"] is None
+    assert side == {} and plan.sidecar is None
 
 
 def test_sweep_table_matches_plans(synth):
-    plans, rows = sweep(synth, [0.3, 0.5], family="step")
-    assert [r["target"] for r in rows] == [0.3, 0.5]
-    for (plan, _), r in zip(plans, rows):
-        assert r["realised"] == plan["budget"]["realised"] <= r["target"]
-        assert r["predicted_error"] == plan["predicted_error"]
-        assert plan["budget"]["options"]["family"] == "step"
+    plans = sweep(synth, [0.3, 0.5], family="step")
+    assert [plan.budget.target for plan, _ in plans] == [0.3, 0.5]
+    planner = Planner(synth)
+    for (plan, _), b in zip(plans, [0.3, 0.5]):
+        alone, _ = planner.plan(b, "cachec", family="step")
+        assert plan == alone and plan.budget.realised <= b
+        assert plan.budget.options["family"] == "step"
 
 
 def test_explicit_interval_over_budget_is_an_error(synth):
     with pytest.raises(ValueError, match="over the budget"):
         make_plan(synth, 0.3, "fora", interval=2)
     plan, _ = make_plan(synth, 0.6, "goc-paper", interval=2)
-    assert plan["budget"]["target"] == 0.6 and plan["budget"]["options"]["interval"] == 2
+    assert plan.budget.target == 0.6 and plan.budget.options["interval"] == 2

@@ -1,18 +1,30 @@
-"""Trajectory refinement (cachec/refine.py): iterates are plans re-solved from calibrations along the previous
-plan; a refined plan is rebuilt exactly from its recorded options; the closed-loop choice picks the best."""
+"""Trajectory refinement and the plan search (cachec/refine.py): iterates are plans re-solved from calibrations
+along the previous plan; a refined plan is rebuilt exactly from its recorded options; the closed-loop choice
+picks the best; :func:`search_plan` runs families × refinements × choice and writes the winner anywhere."""
+
+import hashlib
 
 import pytest
 
 from cachec.calibrate import calibrate, read_header
-from cachec.refine import choose, refined_plans, replan
+from cachec.refine import choose, refined_plans, replan, search_plan
+from cachec.runtime.plan import load_plan
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
+OPTS = dict(conditions=[0, 1, 2, 3], samples_per_condition=2, steps=6, batch_size=4, seed=0)
 
-def test_refinement_iterates_replan_and_choice(tiny_digits, tmp_path):
-    opts = dict(conditions=[0, 1, 2, 3], samples_per_condition=2, steps=6, batch_size=4, seed=0)
-    base = calibrate(tiny_digits, opts["conditions"], output=tmp_path / "base.safetensors", steps=6,
-                     samples_per_condition=2, batch_size=4, sensitivity="factored", sensitivity_samples=2, progress=False)
+
+@pytest.fixture(scope="module")
+def base(tiny_digits, tmp_path_factory):
+    """The uncached calibration of the refinement runs (6 steps, 4 classes x 2 samples)."""
+    return calibrate(tiny_digits, OPTS["conditions"], output=tmp_path_factory.mktemp("refine") / "base.safetensors",
+                     steps=6, samples_per_condition=2, batch_size=4, sensitivity="factored", sensitivity_samples=2,
+                     progress=False)
+
+
+def test_refinement_iterates_replan_and_choice(tiny_digits, base, tmp_path):
+    opts = OPTS
     cands = refined_plans(tiny_digits, base, 0.5, family="free", iterations=2, workdir=tmp_path / "w",
                           calibrate_options=opts)
     assert [c.iteration for c in cands] == [0, 1, 2]
@@ -20,6 +32,8 @@ def test_refinement_iterates_replan_and_choice(tiny_digits, tmp_path):
     unit_step = max(u.flops for u in cands[0].plan.units) / (6 * cands[0].plan.budget.full_step_flops)
     for c in cands:
         assert 0.5 - unit_step <= c.plan.budget.realised <= 0.5
+        assert c.path == tmp_path / "w" / f"plan-free-500-r{c.iteration}.yaml"
+        assert load_plan(c.path) == c.written and c.written.source == c.path
     # each refinement calibrated along the previous iterate, with the base calibration's sensitivity
     for k in (0, 1):
         h = read_header(tmp_path / "w" / f"calib-free-500-along-r{k}.safetensors")
@@ -27,10 +41,41 @@ def test_refinement_iterates_replan_and_choice(tiny_digits, tmp_path):
     # the refinement changed the statistics the planner sees (the plan's own errors are in them now)
     assert cands[1].plan.predicted_error != cands[0].plan.predicted_error
     # a refined plan is rebuilt exactly from the uncached calibration and its options
-    plan_dict, _ = replan(tiny_digits, base, 0.5, cands[2].plan.budget.options, tmp_path / "again", opts)
-    assert [u["actions"] for u in plan_dict["units"]] == [u.actions for u in cands[2].plan.units]
-    assert plan_dict["predicted_error"] == pytest.approx(cands[2].plan.predicted_error, rel=1e-12)
+    again, _ = replan(tiny_digits, base, 0.5, cands[2].plan.budget.options, tmp_path / "again", opts)
+    assert [u.actions for u in again.units] == [u.actions for u in cands[2].plan.units]
+    assert again.predicted_error == pytest.approx(cands[2].plan.predicted_error, rel=1e-12)
     best = choose(tiny_digits, cands, [5, 6, 7], [100, 101, 102])
     assert best.validation_psnr == max(c.validation_psnr for c in cands)
     with pytest.raises(ValueError, match="iterations"):
         refined_plans(tiny_digits, base, 0.5, family="free", iterations=-1, workdir=tmp_path / "x", calibrate_options=opts)
+
+
+def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
+    asked = []
+
+    def validation():
+        asked.append(1)
+        return [5, 6, 7], [100, 101, 102]
+
+    seen = []
+    search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=validation,
+                         families=("free", "step"), iterations=0, planned=lambda cands: seen.append(len(cands)))
+    assert [c.name for c in search.candidates] == ["free/refine0", "step/refine0"] and seen == [2] and asked == [1]
+    assert search.validation == ([5, 6, 7], [100, 101, 102])
+    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    # the same choice as the separate steps
+    alone = refined_plans(tiny_digits, base, 0.4, family="free", iterations=0, workdir=tmp_path / "a", calibrate_options=OPTS)
+    alone += refined_plans(tiny_digits, base, 0.4, family="step", iterations=0, workdir=tmp_path / "a",
+                           calibrate_options=OPTS)
+    assert choose(tiny_digits, alone, [5, 6, 7], [100, 101, 102]).name == search.best.name
+    # writing a candidate elsewhere names its sidecar after the new file
+    written = search.best.write(tmp_path / "out" / "chosen.yaml")
+    assert written.budget == search.best.plan.budget and written.units == search.best.plan.units
+    if written.sidecar is not None:
+        sc = tmp_path / "out" / "chosen.eoc.safetensors"
+        assert written.sidecar.file == sc.name and written.sidecar.sha256 == hashlib.sha256(sc.read_bytes()).hexdigest()
+    # a baseline method: one candidate, no refinement, no closed-loop run
+    fora = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "f", calibrate_options=OPTS, validation=validation,
+                       method="fora")
+    assert [c.name for c in fora.candidates] == ["fora/refine0"] and fora.validation is None and asked == [1]
+    assert fora.best.path == tmp_path / "f" / "plan.yaml" and fora.best.validation_psnr is None

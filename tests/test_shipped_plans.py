@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cachec.runtime.plan import load_plan, parse_plan
+from cachec.runtime.plan import load_plan
 import torch
 
 from cachec.shipped import BUDGETS, CALIBRATION_THREADS, PLANS_DIR, calibrate_reference, plan_name, replan
@@ -41,8 +41,8 @@ def test_planner_must_show_on_reference_calibration(model, fresh_calibrations):
     for family in ("free", "group"):
         for b in (0.25, 0.40, 0.60):
             plan, _ = planner.plan(b, "cachec", family=family)
-            assert b - 0.01 <= plan["budget"]["realised"] <= b, (family, b, plan["budget"]["realised"])
-    errors = [planner.plan(b / 100, "cachec")[0]["predicted_error"] for b in range(20, 85, 5)]
+            assert b - 0.01 <= plan.budget.realised <= b, (family, b, plan.budget.realised)
+    errors = [planner.plan(b / 100, "cachec")[0].predicted_error for b in range(20, 85, 5)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     baselines = [("fora", {"interval": n}) for n in (2, 3, 4, 5)]
     baselines += [(m, {"interval": n}) for m in ("eoc-paper", "goc-paper") for n in (2, 3, 4)]
@@ -50,14 +50,14 @@ def test_planner_must_show_on_reference_calibration(model, fresh_calibrations):
     for method, opt in baselines:
         b = opt.pop("budget", None)
         theirs, _ = planner.plan(b, method, **opt)
-        r = theirs["budget"]["realised"]
+        r = theirs.budget.realised
         for family in ("free", "step", "group"):
             mine, _ = planner.plan(r, "cachec", family=family)
             if family == "free":
-                assert mine["predicted_error"] <= theirs["predicted_error"], (method, opt, r)
+                assert mine.predicted_error <= theirs.predicted_error, (method, opt, r)
             if family == "step" and method in ("fora", "eoc-paper", "goc-paper"):
                 # a FORA-type schedule is itself step-synchronous: the step family must do at least as well
-                assert mine["predicted_error"] <= theirs["predicted_error"], (method, opt, r)
+                assert mine.predicted_error <= theirs.predicted_error, (method, opt, r)
 
 
 @pytest.mark.parametrize("model", sorted(BUDGETS))
@@ -72,8 +72,8 @@ def test_shipped_plans_match_a_fresh_replan(model, fresh_calibrations, tmp_path)
         fresh = replan(fresh_calibrations(model), model, {b: p.budget.options for b, p in shipped.items()}, tmp_path)
     finally:
         torch.set_num_threads(threads)
-    for b, (plan_dict, _) in fresh.items():
-        new, old = parse_plan(plan_dict), shipped[b]
+    for b, (new, _) in fresh.items():
+        old = shipped[b]
         assert new.model.fingerprint == old.model.fingerprint
         assert [u.name for u in new.units] == [u.name for u in old.units]
         assert [u.actions for u in new.units] == [u.actions for u in old.units], f"{model} {b:.0%}: schedule changed"

@@ -1,17 +1,17 @@
 """Error model: exact squared errors of linear predictors from the Gram statistics, EOC's correction, and
 coherent (sensitivity-weighted) pricing of runs of skipped steps.
 
-Sources: ARCHITECTURE.md "Statistics that make the planner exact" and lessons 1-5; METHODS.md (FORA,
-EOC arXiv 2501.19243, GOC arXiv 2503.05156, TaylorSeer arXiv 2503.06923); the EOC error formula of
-docs/calibration-format.md.
+Sources: the error model of docs/planner.md; FORA (arXiv 2407.01425), EOC (arXiv 2501.19243), GOC
+(arXiv 2503.05156), TaylorSeer (arXiv 2503.06923); the EOC error formula of docs/calibration-format.md.
 
 Conventions. G is a unit's Gram summed over guidance branches, (S, S) float64. A linear prediction of
 step s from steps t_j with coefficients a_j has squared error ``G[s,s] - 2 sum_j a_j G[s,t_j] +
 sum_ij a_i a_j G[t_i,t_j]``, i.e. ``c^T G c`` with ``c = e_s - sum_j a_j e_{t_j}``. Errors are summed
 over the samples (and branches) of a split; the model divides by ``n_samples * branches`` so that
 predicted errors are per (sample, branch) output. Weights are the calibrated ``sensitivity[u, s]``
-(lesson 1: never normalised by ||F_s||^2). A run of consecutive skipped steps with per-step errors
-``delta_s`` is priced coherently as ``||sum_s sqrt(w_s) delta_s||^2`` (lesson 2).
+(never normalised by ||F_s||^2: the sensitivity already carries the scale). A run of consecutive skipped
+steps with per-step errors ``delta_s`` is priced coherently as ``||sum_s sqrt(w_s) delta_s||^2`` (the
+errors of one run add up before they are squared).
 
 Fit/judge: coefficients (and EOC alphas) are fitted on split 0 and every predictor is judged on split 1;
 a compensation is chosen only where it beats plain reuse on the held-out split. Without held-out

@@ -1,0 +1,169 @@
+"""cachec's plans and the planner baselines (FORA, EOC and GOC as published), executed by
+:func:`cachec.runtime.apply` on a calibration the benchmark makes itself."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from .core import BenchContext, Method, Session
+
+
+class PlanSession(Session):
+    """A cachec plan (or planner baseline) applied with :func:`cachec.runtime.apply` for the whole point."""
+
+    def __init__(self, ctx: BenchContext, plan, sidecar: dict, path: Path) -> None:
+        """Write ``plan`` (a :class:`cachec.runtime.plan.Plan` from the planner) and its EOC ``sidecar``
+        tensors to ``path`` (sidecar ``<stem>.eoc.safetensors``) and apply it to ``ctx.driver``.
+
+        Raises:
+            PlanError: the plan violates the schema. PlanMismatchError: it is for another model.
+        """
+        super().__init__()
+        from cachec.runtime import apply, load_plan, write_plan
+
+        write_plan(plan, path, sidecar or None)
+        self.handle = apply(ctx.driver, load_plan(path))
+        self.info = {
+            "plan_file": path.name,
+            "plan_realised_claim": plan.budget.realised,
+            "plan_target": plan.budget.target,
+            "predicted_error": plan.predicted_error,
+            "history": plan.history,
+            "plan_options": plan.budget.options,
+        }
+
+    def end(self) -> None:
+        rep = self.handle.report
+        if rep is not None:
+            self.info["runtime_flops_fraction_last_run"] = rep.flops_fraction
+            self.info["runtime_skipped_last_run"] = rep.skipped
+            self.info["runtime_forced_last_run"] = rep.forced
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def ensure_calibration(ctx: BenchContext) -> Path:
+    """cachec's calibration of this configuration (made once, on the calibration conditions and seeds)."""
+    if "calibration" in ctx.cache:
+        if isinstance(ctx.cache["calibration"], BaseException):
+            raise ctx.cache["calibration"]
+        return ctx.cache["calibration"]
+    import time
+
+    from cachec.calibrate.run import calibrate
+
+    conds, seeds = list(ctx.calib_conditions), list(ctx.calib_seeds)
+    # calibrate() takes conditions + samples_per_condition and seeds seed+n; the benchmark's calibration set
+    # is every condition once per seed block, so pass the conditions in sample order with spc = 1.
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError("calibration seeds must be consecutive")
+    out = Path(ctx.workdir) / f"calibration_{ctx.steps}steps.safetensors"
+    t = time.perf_counter()
+    try:
+        path = calibrate(
+            ctx.driver, conds, output=out, samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
+            seed=int(seeds[0]), batch_size=ctx.batch_size, sensitivity=ctx.sensitivity,
+            sensitivity_samples=ctx.sensitivity_samples, progress=False, restart=True,
+        )
+    except Exception as exc:
+        ctx.cache["calibration"] = exc
+        raise
+    ctx.cache["calibration_seconds"] = time.perf_counter() - t
+    ctx.cache["calibration"] = Path(path)
+    ctx.log(f"    cachec calibration: {len(conds)} samples, sensitivity={ctx.sensitivity}, "
+            f"{ctx.cache['calibration_seconds']:.1f} s -> {path}")
+    return Path(path)
+
+
+def _planner(ctx: BenchContext):
+    if "planner" not in ctx.cache:
+        from cachec.planner import Planner, load_calibration
+
+        ctx.cache["planner"] = Planner(load_calibration(str(ensure_calibration(ctx))))
+    return ctx.cache["planner"]
+
+
+def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tuple[object, dict, dict]:
+    """cachec's shipped procedure (``cachec compile``, :func:`cachec.refine.search_plan`): solve every
+    schedule family, refine each ``ctx.refine`` times along its own cached trajectory (on the calibration
+    samples), keep the plan closest to uncached sampling on validation seeds (``VALIDATION_SEED``, disjoint
+    from the calibration and evaluation seeds). Candidates are written under ``<path stem>-candidates/``.
+
+    Returns:
+        ``(plan, sidecar, {"chosen", "refine", "validation_psnr_db", "validation_images"})``: the chosen
+        :class:`cachec.runtime.plan.Plan` (not yet written to ``path``), its EOC tensors and the choice.
+    """
+    from cachec.evaluation import VALIDATION_SEED, held_out
+    from cachec.refine import search_plan
+
+    def validation():
+        if "validation" not in ctx.cache:
+            ctx.cache["validation"] = held_out(ctx.driver, ctx.validation_per_class, VALIDATION_SEED)
+        return ctx.cache["validation"]
+
+    calib = ensure_calibration(ctx)  # the file ``planner`` was loaded from
+    opts = dict(conditions=list(ctx.calib_conditions), samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
+                seed=int(ctx.calib_seeds[0]), batch_size=ctx.batch_size)
+    search = search_plan(ctx.driver, calib, budget, workdir=path.parent / f"{path.stem}-candidates",
+                         calibrate_options=opts, validation=validation, iterations=ctx.refine, planner=planner)
+    best = search.best
+    return best.plan, best.sidecar, {
+        "chosen": best.family, "refine": best.iteration,
+        "validation_psnr_db": {c.name: c.validation_psnr for c in search.candidates},
+        "validation_images": len(validation()[0]),
+    }
+
+
+class PlanMethod(Method):
+    """A plan built by :mod:`cachec.planner` (``method``) and executed by :mod:`cachec.runtime`."""
+
+    group = "cachec"
+
+    def __init__(self, name: str, method: str, budgets: Sequence[float] = (), intervals: Sequence[int] = (),
+                 quick_points: Sequence = (), choose_family: bool = False, **options) -> None:
+        super().__init__()
+        self.choose_family = choose_family
+        self.name = name
+        self.method = method
+        self.budgets = list(budgets)
+        self.intervals = list(intervals)
+        self.quick_points = list(quick_points)
+        self.options = options
+        self.knob = "budget" if budgets else "interval N"
+        if method != "cachec":
+            self.group = "planner baseline"
+        self.settings = {"planner_method": method, **options}
+        if choose_family:
+            self.settings["family"] = ("free/step/group, each refined along its own trajectory, chosen closed-loop on "
+                                       "validation seeds (as cachec compile does)")
+
+    def prepare(self, ctx: BenchContext) -> None:
+        _planner(ctx)
+
+    def grid(self, ctx: BenchContext, quick: bool = False) -> list:
+        if quick and self.quick_points:
+            return list(self.quick_points)
+        if self.budgets:
+            return list(self.budgets)
+        return [n for n in self.intervals if n < ctx.steps]
+
+    def label(self, p) -> str:
+        return f"budget {p:.0%}" if self.budgets else f"N={p}"
+
+    def session(self, ctx: BenchContext, p) -> Session:
+        planner = _planner(ctx)
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.name}-{p}").strip("-")
+        path = Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml"
+        if self.choose_family:
+            plan, side, choice = choose_family(ctx, planner, float(p), path)
+            session = PlanSession(ctx, plan, side, path)
+            session.info["family_choice"] = choice
+            return session
+        if self.budgets:
+            plan, side = planner.plan(float(p), self.method, **self.options)
+        else:
+            plan, side = planner.plan(None, self.method, interval=int(p), **self.options)
+        return PlanSession(ctx, plan, side, path)
