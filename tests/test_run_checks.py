@@ -182,7 +182,7 @@ def test_weight_changes_after_apply_are_caught_before_the_next_run(tiny_digits, 
     real = handle_mod.weights_fingerprint
     monkeypatch.setattr(handle_mod, "weights_fingerprint", lambda m: hashes.append(1) or real(m))
     try:
-        with apply(tiny_digits, plan) as handle:
+        with apply(tiny_digits, plan):
             assert len(hashes) == 1
             ref = tiny_digits.generate([3, 7], [0, 1], steps=STEPS)
             tiny_digits.generate([3, 7], [0, 1], steps=STEPS)
