@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -12,65 +9,9 @@ import click
 
 from . import __version__
 
-#: errors that are the user's input, shown as one line without a traceback
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError,
-                                                NotADirectoryError, PermissionError, RuntimeError)
-
-
-def friendly(fn):
-    """Turn user-input errors into a one-line ``Error: …`` and exit code 1 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except USER_ERRORS as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise click.ClickException(str(msg).splitlines()[0] if str(msg) else type(exc).__name__) from None
-
-    return wrapper
-
-
-def _device(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise click.ClickException("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def _dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise click.ClickException(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
-    return table[name]
-
-
-def _step_bar(total_steps: int, n_batches: int, desc: str):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps * n_batches, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
-    return bar, (lambda i, n: bar.update(1))
-
-
-def _conditions(driver, classes: str | None, prompts: str | None, prompt: tuple[str, ...] = ()) -> list:
-    from .calibrate.conditions import parse_classes, read_prompts
-
-    if classes and (prompts or prompt):
-        raise click.ClickException("give either --classes or prompts, not both")
-    if prompts:
-        return read_prompts(prompts)
-    if prompt:
-        return list(prompt)
-    if driver.condition_kind == "prompt":
-        raise click.ClickException(f"{driver.name} is text-conditional: give --prompts FILE or --prompt TEXT")
-    return parse_classes(classes or f"0-{driver.num_classes - 1}", driver.num_classes)
+from .cli_common import (USER_ERRORS, condition_options, conditions, device_option, dtype_option, friendly,  # noqa: F401
+                         output_folder, parse_resolution, resolution_flag)
+from .cli_sampling import eval_, run, sample, write_json
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,50 +28,9 @@ def main():
     """
 
 
-@main.command()
-@click.argument("model", required=False)
-@click.option("--classes", default=None, help="Class labels, e.g. '0-9' or '3,5,7' (default: all classes).")
-@click.option("--per-class", default=10, show_default=True, type=click.IntRange(min=1), help="Samples per class.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default: the model's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed SEED + i.")
-@click.option("--cfg", type=click.Choice(["batched", "split"]), default="batched", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
-              help="PNG grid; the raw samples go to the same name with .safetensors.")
-@friendly
-def sample(model, classes, per_class, steps, guidance, seed, cfg, device, dtype, out):
-    """Generate images without caching: a PNG grid plus the raw samples (.safetensors)."""
-    import torch
-
-    from .images import make_grid, save_png
-    from .loading import load_model
-    from .samples import save_samples
-
-    out = Path(out)
-    if not out.parent.exists():
-        raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
-    if steps is not None and steps <= 0:
-        raise click.ClickException(f"--steps must be positive, got {steps}")
-    driver = load_model(model, device=_device(device), dtype=_dtype(dtype))
-    conds = [c for c in _conditions(driver, classes, None) for _ in range(per_class)]
-    seeds = [seed + i for i in range(len(conds))]
-    steps = steps or driver.default_steps
-    bar, cb = _step_bar(steps, 1, f"sampling {driver.name}")
-    from .runtime.flops import count_flops
-
-    t0 = time.perf_counter()
-    images, total_flops, _ = count_flops(driver.generate, conds, seeds, steps=steps, guidance=guidance, cfg=cfg,
-                                         callback=cb)
-    wall = time.perf_counter() - t0
-    bar.close()
-    save_png(make_grid(images, ncols=per_class if per_class > 1 else 10), out)
-    raw = out.with_suffix(".safetensors")
-    meta = {"model": driver.name, "steps": steps, "guidance": guidance if guidance is not None else driver.default_guidance,
-            "cfg": cfg, "plan": None, "wall_s": wall, "flops_per_image": total_flops / len(conds)}
-    save_samples(raw, images, torch.tensor(conds), torch.tensor(seeds), meta)
-    click.echo(f"{len(conds)} samples from {driver.name} ({steps} steps, {wall:.1f} s) -> {out}, {raw}")
+main.add_command(sample)
+main.add_command(run)
+main.add_command(eval_)
 
 
 class _DefaultRunGroup(click.Group):
@@ -155,12 +55,13 @@ def calibrate():
 
 @calibrate.command("run")
 @click.argument("model", required=False)
-@click.option("--classes", default=None, help="Class labels, e.g. '0-9' or '1,3,5' (default: all classes).")
-@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="UTF-8 file, one prompt per line.")
+@condition_options
 @click.option("--samples-per-condition", type=int, default=4, show_default=True)
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sample n uses seed SEED + n.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Sample n uses seed SEED + n (all below 500000: the validation and evaluation seeds lie above).")
+@resolution_flag
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--shard", default="0/1", show_default=True, help="i/n: calibrate every n-th batch starting at i.")
 @click.option("--eoc-lags", type=int, default=2, show_default=True, help="Lags kept for EOC's inner products.")
@@ -177,9 +78,15 @@ def calibrate():
               help="Copy the sensitivity from this calibration of the same model instead of measuring it.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Calibration .safetensors file.")
 @friendly
-def calibrate_run(model, classes, prompts, samples_per_condition, steps, guidance, seed, batch_size, shard, eoc_lags,
-                  sensitivity, sensitivity_samples, cfg, device, dtype, restart, along, sensitivity_from, output):
-    """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run."""
+def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, steps, guidance, seed, resolution,
+                  batch_size, shard, eoc_lags, sensitivity, sensitivity_samples, cfg, device, dtype, restart, along,
+                  sensitivity_from, output):
+    """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run.
+
+    Conditions: --classes (default: all classes, or 10 spread over them when there are more) or prompts
+    (--prompt/--prompts, required for text models; cachec eval's held-out prompts are refused).
+    """
+    from .evaluation import check_calibration_conditions
     from .calibrate.format import read_header
     from .calibrate.run import calibrate as run_calibration
     from .loading import load_model
@@ -190,8 +97,11 @@ def calibrate_run(model, classes, prompts, samples_per_condition, steps, guidanc
         raise click.ClickException(f"--steps must be positive, got {steps}")
     if along and not sensitivity_from:
         raise click.ClickException("--along needs --sensitivity-from CALIB (the uncached calibration the plan was made from)")
-    driver = load_model(model, device=_device(device), dtype=_dtype(dtype))
-    conds = _conditions(driver, classes, prompts)
+    size = parse_resolution(resolution)
+    driver = load_model(model, device=device_option(device), dtype=dtype_option(dtype))
+    driver.set_resolution(size)
+    conds = conditions(driver, classes, prompt, prompts_file)
+    check_calibration_conditions(conds, seed, len(conds) * samples_per_condition)
     t0 = time.perf_counter()
     path = run_calibration(driver, conds, output=output, samples_per_condition=samples_per_condition, steps=steps,
                            guidance=guidance, seed=seed, batch_size=batch_size, shard=shard, eoc_lags=eoc_lags,
@@ -301,100 +211,6 @@ def inspect(plan_file, png):
         click.echo(f"heatmap -> {heatmap_png(p, png)}")
 
 
-@main.command("eval")
-@click.argument("target", type=click.Path(exists=True, dir_okay=False))
-@click.argument("model", required=False)
-@click.option("--reference", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Sample-set mode: the uncached set with the same labels and seeds (default: TARGET itself).")
-@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Plan mode: held-out samples per class.")
-@click.option("--seed", type=int, default=None, help="Plan mode: first held-out seed (default 1000000; never the "
-              "calibration seeds).")
-@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Plan mode: side-by-side PNG (uncached | cached).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
-@friendly
-def eval_(target, model, reference, per_class, seed, png, json_out):
-    """Quality of a plan (TARGET.yaml) or of a sample set (TARGET.safetensors) against uncached sampling.
-
-    \b
-    Plan mode: runs the plan and the uncached MODEL (default: the model the plan was calibrated on) on
-    held-out conditions and seeds, and reports PSNR/SSIM vs uncached, class accuracy, the Fréchet distance
-    in digit-classifier features, counted FLOPs fraction and wall-clock speed-up.
-    Sample-set mode: compares two files written by `cachec sample` / `cachec run`.
-    """
-    from .report import compare_sample_files, format_table
-
-    if target.endswith((".yaml", ".yml")):
-        from .evaluation import EVAL_SEED, evaluate_plan, held_out
-        from .images import save_png, side_by_side
-        from .loading import load_model
-        from .pipeline_job import job_table
-        from .runtime.plan import load_plan
-
-        plan = load_plan(target)
-        driver = load_model(model or plan.model.source)
-        conds, seeds = held_out(driver, per_class, EVAL_SEED if seed is None else seed)
-        result = evaluate_plan(driver, plan, conds, seeds, name=Path(target).stem)
-        click.echo(job_table(result.result))
-        if png:
-            save_png(side_by_side(result.reference, result.cached, ncols=per_class), png)
-        out = result.result
-    else:
-        out = compare_sample_files(target, reference or target, name=Path(target).stem)
-        click.echo(format_table(out))
-    if json_out:
-        _write_json(json_out, out)
-
-
-@main.command()
-@click.argument("plan_file", type=click.Path(exists=True, dir_okay=False))
-@click.argument("model", required=False)
-@click.option("--classes", default=None, help="Class labels, e.g. '0-9' (class-conditional models).")
-@click.option("--prompt", multiple=True, help="A prompt (text models); repeat for several.")
-@click.option("--per-class", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed SEED + i.")
-@click.option("--force", is_flag=True, help="Apply even if the weights' fingerprint differs from the plan's.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps [default: the plan's].")
-@click.option("--guidance", type=float, default=None, help="Guidance scale [default: the plan's].")
-@click.option("--remap", type=click.Choice(["error", "nearest", "off"]), default="error", show_default=True,
-              help="A run whose timesteps are not the plan's sequence: refuse, follow the nearest plan step, "
-                   "or compute it in full (docs/plan-format.md).")
-@click.option("--out", type=click.Path(dir_okay=False), default="cached.png", show_default=True,
-              help="PNG grid; raw samples go to the same name with .safetensors.")
-@friendly
-def run(plan_file, model, classes, prompt, per_class, seed, force, steps, guidance, remap, out):
-    """Sample with a plan applied and print the runtime's report (FLOPs fraction, counts, wall time)."""
-    import torch
-
-    from .images import make_grid, save_png
-    from .loading import load_model
-    from .samples import save_samples
-    from .runtime import apply
-    from .runtime.plan import load_plan
-
-    out = Path(out)
-    if not out.parent.exists():
-        raise click.ClickException(f"output folder {out.parent} does not exist; create it first")
-    plan = load_plan(plan_file)
-    driver = load_model(model or plan.model.source)
-    conds = [c for c in _conditions(driver, classes, None, prompt) for _ in range(per_class)]
-    seeds = [seed + i for i in range(len(conds))]
-    steps = plan.steps if steps is None else steps
-    guidance = plan.sampler.guidance.scale if guidance is None else guidance
-    with apply(driver, plan, force=force, remap=remap) as handle:
-        images = driver.generate(conds, seeds, steps=steps, guidance=guidance)
-        rep = handle.report
-    save_png(make_grid(images, ncols=per_class if per_class > 1 else 10), out)
-    if driver.condition_kind == "class":
-        meta = {"model": driver.name, "steps": steps, "guidance": guidance, "plan": str(plan_file),
-                "wall_s": rep.wall_time_s, "flops_per_image": None, "flops_fraction": rep.flops_fraction}
-        save_samples(out.with_suffix(".safetensors"), images, torch.tensor(conds), torch.tensor(seeds), meta)
-    click.echo(f"{len(conds)} samples with {plan.budget.method} plan: FLOPs {100 * rep.flops_fraction:.1f}% of uncached, "
-               f"wall {rep.wall_time_s:.2f} s; unit calls computed {rep.computed}, skipped {rep.skipped} "
-               f"(compensated {rep.compensated}) -> {out}")
-    click.echo("per-step compute %: " + " ".join(f"{100 * f:.0f}" for f in rep.step_fractions))
-
-
 @main.command("compile")
 @click.argument("model", required=False)
 @click.option("--budget", default="40%", show_default=True, help="FLOPs budget: fraction of a full run's FLOPs.")
@@ -403,32 +219,34 @@ def run(plan_file, model, classes, prompt, per_class, seed, force, steps, guidan
 @click.option("--family", type=click.Choice(["auto", "free", "step", "group"]), default="auto", show_default=True,
               help="cachec: schedule family; auto = closed-loop choice on validation seeds.")
 @click.option("--samples-per-condition", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True, help="Evaluation samples per class.")
+@click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Evaluation samples per condition.")
+@condition_options
+@resolution_flag
 @click.option("--refine", type=click.IntRange(min=0), default=2, show_default=True,
               help="cachec: re-calibrations along each plan's own cached trajectory (each iterate is a candidate).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="cachec-out", show_default=True)
 @friendly
-def compile_(model, budget, method, family, samples_per_condition, per_class, refine, out_dir):
+def compile_(model, budget, method, family, samples_per_condition, per_class, classes, prompt, prompts_file, resolution,
+             refine, out_dir):
     """The main job: calibrate MODEL, plan at BUDGET (schedule families, refined along their own cached
     trajectories, chosen closed-loop on validation seeds), evaluate against uncached sampling on held-out seeds.
 
     Writes OUT_DIR/calib.safetensors, plan.yaml, eval.json and side_by_side.png (uncached | cached) and
-    prints one table.
+    prints one table. Calibration and validation use the conditions given (--classes, default all classes or
+    10 spread over them; prompts for text models); evaluation uses the same classes, or for text models
+    cachec's held-out prompt set (see `cachec eval --help`), on held-out seeds.
     """
     from .pipeline_job import job_table, run_job
     from .planner.budget import parse_budget
 
     b = parse_budget(budget)
+    size = parse_resolution(resolution)
     job = run_job(model, b, out_dir, method=method, family=family, samples_per_condition=samples_per_condition,
-                  eval_per_class=per_class, refine=refine, log=lambda m: click.echo(m, err=True))
+                  eval_per_class=per_class, refine=refine, log=lambda m: click.echo(m, err=True),
+                  conditions=lambda driver: conditions(driver, classes, prompt, prompts_file), resolution=size)
     click.echo(job_table(job.result))
     click.echo(f"plan -> {job.plan}; side-by-side (uncached | cached) -> {job.side_by_side}")
-
-
-def _write_json(path, obj) -> None:
-    from .runtime.io import to_jsonable
-
-    Path(path).write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

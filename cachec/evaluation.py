@@ -18,9 +18,91 @@ import torch
 from .runtime.flops import count_flops
 from .report import evaluate
 
-#: evaluation seeds start here; calibration seeds start at 0 (``--seed``), validation seeds at VALIDATION_SEED
+#: evaluation seeds start here; calibration seeds start at 0 (``--seed``) and stay below VALIDATION_SEED
+#: (``cachec calibrate`` refuses more), validation seeds (the closed-loop choice) lie in [VALIDATION_SEED, EVAL_SEED)
 EVAL_SEED = 1_000_000
 VALIDATION_SEED = 500_000
+
+#: the held-out prompts of ``cachec eval`` on text models. ``cachec calibrate`` refuses to calibrate on any
+#: of them (compared case- and whitespace-insensitively), so a plan is never evaluated on its own
+#: calibration prompts unless the user passes those to ``eval`` explicitly.
+HELD_OUT_PROMPTS = (
+    "a red bicycle leaning against a brick wall",
+    "an astronaut reading a newspaper on a park bench",
+    "a bowl of ramen on a wooden table, top view",
+    "a lighthouse on a cliff at sunset",
+    "a watercolor painting of a fox in the snow",
+    "a glass teapot with blooming flowers inside",
+    "a vintage typewriter on a desk by a window",
+    "a city street in the rain at night, neon signs",
+    "a herd of elephants crossing a river",
+    "a cozy cabin in a pine forest covered in snow",
+    "a macro photo of a dragonfly on a leaf",
+    "a sailboat on a calm lake with mountains behind",
+    "a plate of pancakes with berries and syrup",
+    "an old stone bridge over a stream in autumn",
+    "a hot air balloon above a field of sunflowers",
+    "a portrait of a cat wearing a knitted scarf",
+)
+
+
+def _norm_prompt(p: str) -> str:
+    return " ".join(str(p).lower().split())
+
+
+def held_out_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` is one of :data:`HELD_OUT_PROMPTS` (case- and whitespace-insensitive)."""
+    return _norm_prompt(prompt) in {_norm_prompt(p) for p in HELD_OUT_PROMPTS}
+
+
+def check_calibration_conditions(conditions: Sequence, seed: int, n_samples: int) -> None:
+    """What ``cachec calibrate`` checks so that evaluation stays held out: no prompt of
+    :data:`HELD_OUT_PROMPTS` and seeds ``seed .. seed + n_samples − 1`` inside ``[0, VALIDATION_SEED)``.
+
+    Raises:
+        ValueError: a held-out prompt (named) or a seed outside that range.
+    """
+    for c in conditions:
+        if isinstance(c, str) and held_out_prompt(c):
+            raise ValueError(f"prompt {c!r} is one of cachec eval's held-out prompts: calibrate on other prompts")
+    if seed < 0 or seed + n_samples > VALIDATION_SEED:
+        raise ValueError(f"calibration seeds {seed}..{seed + n_samples - 1} must lie in 0..{VALIDATION_SEED - 1} "
+                         f"(validation seeds start at {VALIDATION_SEED}, evaluation seeds at {EVAL_SEED})")
+
+
+def spread(conditions: Sequence, n: int) -> list:
+    """``n`` conditions cycled evenly through ``conditions`` (K of them), condition-major: item i is
+    ``conditions[i·K // n]``, so every condition is used ⌊n/K⌋ or ⌈n/K⌉ times (n = 10·K: each 10 times, as
+    ``--per-class 10`` did) and n < K takes an evenly spaced subset.
+
+    Raises:
+        ValueError: no conditions or n < 1.
+    """
+    conditions = list(conditions)
+    if not conditions or n < 1:
+        raise ValueError(f"need at least one condition and one sample, got {len(conditions)} and {n}")
+    k = len(conditions)
+    return [conditions[i * k // n] for i in range(n)]
+
+
+def held_out_set(driver, n: int | None = None, seed: int = EVAL_SEED, conditions: Sequence | None = None
+                 ) -> tuple[list, list[int]]:
+    """Held-out conditions and seeds of ``cachec eval``: ``n`` samples (default: the registry entry's
+    ``eval_samples``) cycled through ``conditions`` (default: every class, or :data:`HELD_OUT_PROMPTS` for
+    text models) by :func:`spread`, seeds ``seed + i``.
+
+    Raises:
+        ValueError: ``seed`` below :data:`EVAL_SEED` (those are calibration/validation seeds), n < 1, or
+            conditions of the wrong kind (:meth:`Driver.check_conditions`).
+    """
+    if seed < EVAL_SEED:
+        raise ValueError(f"held-out seeds start at {EVAL_SEED} (calibration seeds lie below {VALIDATION_SEED}, "
+                         f"validation seeds below {EVAL_SEED}); got --seed {seed}")
+    n = driver.spec.eval_samples if n is None else int(n)
+    if conditions is None:
+        conditions = list(range(driver.num_classes)) if driver.condition_kind == "class" else list(HELD_OUT_PROMPTS)
+    conds = spread(driver.check_conditions(conditions), n)
+    return conds, [seed + i for i in range(n)]
 
 
 @dataclass
@@ -51,25 +133,29 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
 
     Args:
         driver: a :class:`cachec.loading.Driver` for the plan's model.
-        plan: a loaded :class:`cachec.runtime.plan.Plan` (its steps and guidance are used).
+        plan: a loaded :class:`cachec.runtime.plan.Plan` (its steps, guidance and resolution are used:
+            the driver is set to the plan's resolution).
         conditions, seeds: N conditions and N seeds (held-out: never the calibration ones).
         batch_size: samples per sampling call; uncached and cached batches alternate.
         flop_samples: samples used for the FLOP count (FLOPs per image do not depend on the batch).
         name: row name for tables.
 
     Returns:
-        A :class:`PlanRun`; ``result`` holds the metrics of :func:`cachec.report.evaluate` plus ``budget_target``,
+        A :class:`PlanRun`; ``result`` holds the metrics of :func:`cachec.report.evaluate` (the
+        digit-classifier ones only where the registry entry has ``digit_metrics``) plus ``budget_target``,
         ``plan_flops_fraction`` (the plan's accounting), ``flops_fraction`` (counted: cached ÷ uncached
         FLOPs of the same call), ``speedup`` (uncached ÷ cached wall time), ``runtime_report`` (the
         runtime's report of the last cached batch).
 
     Raises:
-        ValueError: as :meth:`Driver.generate`; PlanMismatchError when the plan does not fit the model.
+        ValueError: as :meth:`Driver.generate` and :meth:`Driver.set_resolution`; PlanMismatchError when the
+            plan does not fit the model.
     """
     from .runtime import apply
 
     conditions, seeds = list(conditions), [int(s) for s in seeds]
     steps, guidance = plan.sampler.steps, plan.sampler.guidance.scale
+    driver.set_resolution(plan.sampler.resolution)
     refs, cached = [], []
     wall_ref = wall_cached = 0.0
     report = None
@@ -88,10 +174,9 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
     with apply(driver, plan):
         flops_cached = _counted(driver, conditions[:k], seeds[:k], steps, guidance)
     reference, candidate = torch.cat(refs), torch.cat(cached)
-    labels = conditions if driver.condition_kind == "class" else list(range(len(conditions)))
-    result = evaluate(candidate, reference, labels, flops_per_image=flops_cached / k, wall_s=wall_cached,
-                      name=name or f"{plan.budget.method} {100 * plan.budget.target:.0f}%") \
-        if driver.condition_kind == "class" else _pixel_only(candidate, reference, name)
+    result = evaluate(candidate, reference, conditions, flops_per_image=flops_cached / k, wall_s=wall_cached,
+                      name=name or f"{plan.budget.method} {100 * plan.budget.target:.0f}%",
+                      digit_metrics=driver.spec.digit_metrics)
     result.update(
         budget_target=plan.budget.target,
         plan_flops_fraction=plan.budget.realised,
@@ -103,14 +188,6 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
         n_images=len(conditions),
     )
     return PlanRun(reference, candidate, conditions, seeds, result)
-
-
-def _pixel_only(candidate, reference, name):
-    from .metrics import psnr, ssim
-    from .runtime.io import to_jsonable
-
-    p, s = psnr(candidate, reference), ssim(candidate, reference)
-    return to_jsonable({"name": name, "psnr_db": {"mean": float(p.mean())}, "ssim": {"mean": float(s.mean())}})
 
 
 def choose_plan(driver, candidates: dict, conditions: Sequence, seeds: Sequence[int], *,

@@ -10,6 +10,7 @@ model registry (:mod:`cachec.runtime.registry`); nothing here names a pipeline c
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,24 @@ class Driver:
             UnsupportedModelError: the pipeline class is not registered.
         """
         return spec_for_pipeline(self.pipe)
+
+    def set_resolution(self, resolution: Sequence[int] | None) -> None:
+        """Sample at ``resolution`` = (H, W) pixels from now on (None: keep the current one).
+
+        Raises:
+            ValueError: not two positive ints, or a size other than the current one for a family whose
+                pipeline takes no size (registry ``takes_size``: DiT, the digit models).
+        """
+        if resolution is None:
+            return
+        h, w = (int(x) for x in resolution)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"resolution must be positive, got {h}x{w}")
+        if (h, w) != tuple(self.resolution) and not self.spec.takes_size:
+            r = self.resolution
+            raise ValueError(f"{self.name} samples at a fixed {r[0]}x{r[1]} ({type(self.pipe).__name__} takes no "
+                             f"size): cannot sample at {h}x{w}")
+        self.resolution = (h, w)
 
     def check_conditions(self, conditions: Sequence) -> list:
         """Validate conditions for this model.
@@ -140,8 +159,10 @@ class Driver:
         if spec.condition == "class":
             kwargs["class_labels"] = conditions
         else:
+            kwargs["prompt"] = conditions
+        if spec.takes_size:
             h, w = self.resolution
-            kwargs.update(prompt=conditions, height=h, width=w)
+            kwargs.update(height=h, width=w)
         kwargs.update(spec.call_kwargs)
         out = self.pipe(**kwargs)
         images = out.images
@@ -150,6 +171,36 @@ class Driver:
         if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
             images = images.permute(0, 3, 1, 2)
         return images.float().cpu()
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Within the block, diffusers' and transformers' loading bars, info/warning logs and their
+    FutureWarning/DeprecationWarning are silenced (cachec prints its own progress). Errors are not hidden:
+    exceptions propagate and error-level logs still print. Previous settings are restored afterwards."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        tlog = None
+    saved = [(dlog, dlog.get_verbosity(), dlog.is_progress_bar_enabled())]
+    if tlog is not None:
+        saved.append((tlog, tlog.get_verbosity(), tlog.is_progress_bar_enabled()))
+    try:
+        for mod, _, _ in saved:
+            mod.set_verbosity_error()
+            mod.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for mod, level, bars in saved:
+            mod.set_verbosity(level)
+            (mod.enable_progress_bar if bars else mod.disable_progress_bar)()
 
 
 def shipped_models() -> list[str]:
@@ -163,7 +214,8 @@ def _load_reference(folder: Path, name: str, device, dtype) -> Driver:
     from .pipeline import DigitsPipeline
 
     card = json.loads((folder / REFERENCE_CARD).read_text())
-    transformer = DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), torch_dtype=dtype)
+    with quiet_diffusers():
+        transformer = DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype)
     transformer.to(device).eval()
     sched_cls = FlowMatchEulerDiscreteScheduler if card["objective"] == "flow" else DDIMScheduler
     scheduler = sched_cls.from_pretrained(str(folder / "scheduler"))
@@ -184,7 +236,8 @@ def _load_diffusers(source: str, name: str, device, dtype) -> Driver:
     import diffusers
 
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        with quiet_diffusers():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype)
     except Exception as exc:  # diffusers raises many types for "not a pipeline" / offline hub
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load a diffusers pipeline from {source!r}: {first}") from exc
@@ -206,12 +259,12 @@ def _load_diffusers(source: str, name: str, device, dtype) -> Driver:
         raise ModelLoadError(
             f"cannot tell the default resolution of {cls} from {source!r}: set driver.resolution = (H, W) after loading"
         )
-    # the pipelines' own default (height = width = default latent size x VAE scale factor)
-    size = int(latent_size) * int(vae_factor)
+    # the registry's default, else the pipelines' own (height = width = default latent size x VAE scale factor)
+    size = tuple(spec.default_resolution or (int(latent_size) * int(vae_factor),) * 2)
     num_classes = int(transformer.config.num_embeds_ada_norm) if spec.condition == "class" else None
     return Driver(
         pipe, name, spec.condition, num_classes, int(spec.default_steps), float(spec.default_guidance),
-        (size, size), {"pipeline": cls},
+        size, {"pipeline": cls},
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IMAGE_SHAPE", "as_image_batch", "as_labels", "check_unit_range", "psnr", "ssim"]
+__all__ = ["IMAGE_SHAPE", "as_image_batch", "as_labels", "check_unit_range", "mean_ci", "psnr", "ssim"]
 
 #: (C, H, W) of one image of the reference models
 IMAGE_SHAPE = (1, 32, 32)
@@ -175,3 +175,42 @@ def ssim(
     identical = (a == b).flatten(1).all(dim=1)
     return torch.where(identical, torch.ones_like(score), score)
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# confidence intervals
+
+
+def mean_ci(values: torch.Tensor, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """Paired bootstrap confidence interval of the mean of per-pair scores (e.g. PSNR of each cached image
+    against its uncached twin of the same condition and seed): the pairs are resampled with replacement
+    ``resamples`` times (a fixed generator seeded with ``seed``, so the interval is reproducible) and the
+    interval is the ``(1 − level)/2`` and ``(1 + level)/2`` percentiles of the resampled means.
+
+    Args:
+        values: (N,) per-pair scores (any float dtype; computed in float64).
+        level: coverage in (0, 1).
+
+    Returns:
+        ``(low, high)`` in the unit of ``values``, or None when it means nothing: fewer than 2 pairs, or a
+        non-finite score (PSNR of bit-identical images is +inf).
+
+    Raises:
+        ValueError: ``level`` outside (0, 1), ``resamples < 1`` or ``values`` not 1-d.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    v = torch.as_tensor(values).detach().to("cpu", torch.float64)
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-d (N,), got {tuple(v.shape)}")
+    n = v.shape[0]
+    if n < 2 or not bool(torch.isfinite(v).all()):
+        return None
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(0, n, (int(resamples), n), generator=g)
+    means = v[idx].mean(dim=1)
+    q = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return float(lo), float(hi)

@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
+from .evaluation import (EVAL_SEED, HELD_OUT_PROMPTS, VALIDATION_SEED, check_calibration_conditions, evaluate_plan,
+                         spread)
 from .refine import search_plan
 
 
@@ -54,7 +55,8 @@ def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: i
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
             method: str = "cachec", family: str = "auto", samples_per_condition: int = 4,
             eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "factored",
-            refine: int = 2, progress: bool = True, log=print) -> JobResult:
+            refine: int = 2, progress: bool = True, log=print, conditions=None,
+            resolution: tuple[int, int] | None = None) -> JobResult:
     """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
 
     Args:
@@ -64,9 +66,12 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         method: planner method (``cachec`` or a baseline).
         family: ``"free"``, ``"step"``, ``"group"`` or ``"auto"`` (closed-loop choice among them on
             validation seeds; cachec only).
-        samples_per_condition: calibration samples per class (calibration seeds 0..N−1).
-        eval_per_class: evaluation samples per class (seeds from :data:`EVAL_SEED`).
-        validation_per_class: samples per class of the family choice (seeds from :data:`VALIDATION_SEED`).
+        samples_per_condition: calibration samples per condition (calibration seeds 0..N−1).
+        eval_per_class: evaluation samples per condition (seeds from :data:`EVAL_SEED`); text models are
+            evaluated on :data:`cachec.evaluation.HELD_OUT_PROMPTS` (as many samples in all).
+        validation_per_class: samples per condition of the family choice (seeds from :data:`VALIDATION_SEED`).
+        conditions: calibration conditions, or a callable ``driver -> conditions`` (default: every class).
+        resolution: ``(H, W)`` pixels to sample at (pipelines that take a size), default the model's.
         sensitivity: calibration sensitivity method.
         refine: trajectory refinements per family (:mod:`cachec.refine`); every iterate is a candidate of
             the closed-loop choice (cachec only; 0 = plans from the uncached calibration only).
@@ -87,10 +92,16 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     driver = load_model(model)
-    if driver.condition_kind != "class":
-        raise ValueError(f"{driver.name} is text-conditional; `cachec compile` runs on class-conditional models "
-                         "(use the stage commands with --prompts for text models)")
-    conditions = list(range(driver.num_classes))
+    driver.set_resolution(resolution)
+    if callable(conditions):
+        conditions = conditions(driver)
+    if conditions is None:
+        if driver.condition_kind != "class":
+            raise ValueError(f"{driver.name} is text-conditional: give calibration prompts (--prompt/--prompts)")
+        conditions = list(range(driver.num_classes))
+    conditions = driver.check_conditions(conditions)
+    check_calibration_conditions(conditions, 0, len(conditions) * samples_per_condition)
+    n_cond = len(conditions)
     steps, guidance = driver.default_steps, driver.default_guidance
     calib = out / "calib.safetensors"
     if calib.exists() and _calibration_matches(calib, driver, steps, guidance, samples_per_condition, conditions):
@@ -108,7 +119,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             + ", ".join(f"{c.name} {100 * c.plan.budget.realised:.2f}%" for c in cands) + ")")
 
     search = search_plan(driver, calib, budget, workdir=out / "candidates", calibrate_options=cal_opts,
-                         validation=lambda: held_out(driver, validation_per_class, VALIDATION_SEED),
+                         validation=lambda: _seeded(spread(conditions, validation_per_class * n_cond), VALIDATION_SEED),
                          families=families, iterations=refine, method=method,
                          planner=Planner(load_calibration(calib)), log=log, planned=planned)
     best, candidates = search.best, search.candidates
@@ -119,7 +130,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         log("[3/4] closed-loop check skipped (one candidate)")
     plan_path = out / "plan.yaml"
     chosen = best.write(plan_path)
-    conds, seeds = held_out(driver, eval_per_class, EVAL_SEED)
+    eval_conditions = conditions if driver.condition_kind == "class" else HELD_OUT_PROMPTS
+    conds, seeds = _seeded(spread(eval_conditions, eval_per_class * n_cond), EVAL_SEED)
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")
     run.result.update(model=driver.name, family=best.family, refine=best.iteration,
@@ -131,6 +143,10 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     return JobResult(calib, plan_path, run.result, png, candidates)
 
 
+def _seeded(conds: list, seed: int) -> tuple[list, list[int]]:
+    return conds, [seed + i for i in range(len(conds))]
+
+
 def job_table(result: dict) -> str:
     """The one-table summary of a main-job (or plan evaluation) result."""
     def f(v, spec):
@@ -140,12 +156,18 @@ def job_table(result: dict) -> str:
     fd = result.get("frechet_distance") or {}
     psnr = result.get("psnr_db") or {}
     ssim = result.get("ssim") or {}
-    head = ["budget", "realised FLOPs", "speed-up", "PSNR dB", "SSIM", "class acc (ref)", "Fréchet (ref)"]
+    head = ["budget", "realised FLOPs", "speed-up", "PSNR dB", "PSNR 95% CI", "SSIM", "class acc (ref)", "Fréchet (ref)"]
+
+    def ci(d):
+        c = d.get("ci95")
+        return "n/a" if not c else f"[{f(c[0], '.2f')}, {f(c[1], '.2f')}]"
+
     row = [
         f"{100 * result['budget_target']:.0f}%",
         f"{100 * result['flops_fraction']:.1f}%",
         f"{f(result.get('speedup'), '.2f')}x",
         f"{f(psnr.get('mean'), '.2f')} ± {f(psnr.get('std'), '.2f')}",
+        ci(psnr),
         f"{f(ssim.get('mean'), '.4f')}",
         f"{f(acc.get('candidate'), '.1%')} ({f(acc.get('reference'), '.1%')})",
         f"{f(fd.get('candidate'), '.1f')} ({f(fd.get('reference'), '.1f')})",

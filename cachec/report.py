@@ -30,7 +30,7 @@ import torch
 
 from .classifier import classify, reference_features
 from .frechet import FRECHET_NAME, frechet_distance
-from .metrics import IMAGE_SHAPE, as_image_batch, as_labels, check_unit_range, psnr, ssim
+from .metrics import IMAGE_SHAPE, as_image_batch, as_labels, check_unit_range, mean_ci, psnr, ssim
 from .runtime.io import to_jsonable
 from .samples import load_samples
 
@@ -48,14 +48,27 @@ def _json_float(v: Any) -> float | str | None:
     return None if v is None else to_jsonable(float(v))
 
 
+#: what no cachec report measures, and why (keys of ``not_measured``)
+NEVER_MEASURED = {
+    "lpips": "LPIPS needs pretrained network weights, which cachec does not ship and never downloads",
+    "fid": "FID needs Inception weights, which cachec does not ship and never downloads",
+}
+#: why the digit-classifier metrics are left out for other models
+NOT_DIGITS = "the digit classifier is trained on 1x32x32 MNIST digits (classes 0..9): its score means nothing here"
+
+
 def _summary(values: torch.Tensor) -> dict[str, Any]:
-    """mean/std(population)/min/max of a float64 vector; any +inf makes the mean inf and the std NaN."""
+    """mean/std(population)/min/max of a float64 vector and ``ci95``, the paired bootstrap 95 % interval of
+    the mean (:func:`cachec.metrics.mean_ci`; null for N < 2 or a non-finite score); any +inf makes the
+    mean inf and the std NaN."""
     v = values.to(torch.float64)
     if v.numel() == 0:
-        return {"mean": None, "std": None, "min": None, "max": None, "per_image": []}
+        return {"mean": None, "std": None, "min": None, "max": None, "ci95": None, "per_image": []}
     std = float(v.std(unbiased=False)) if bool(torch.isfinite(v).all()) else float("nan")
+    ci = mean_ci(v)
     return {
         "mean": _json_float(float(v.mean())),
+        "ci95": [_json_float(ci[0]), _json_float(ci[1])] if ci is not None else None,
         "std": _json_float(std),
         "min": _json_float(float(v.min())),
         "max": _json_float(float(v.max())),
@@ -71,13 +84,18 @@ def evaluate(
     flops_per_image: float | None = None,
     wall_s: float | None = None,
     name: str | None = None,
+    digit_metrics: bool = True,
 ) -> dict[str, Any]:
-    """Compare candidate (cached) samples with reference (uncached) samples of the same labels and seeds.
+    """Compare candidate (cached) samples with reference (uncached) samples of the same conditions and seeds.
 
     Args:
-        candidate, reference: float tensors (N, 1, 32, 32) with values in [0, 1]; row i of both must come
-            from the same class label, guidance and seed.
-        labels: int (N,) requested digit classes 0..9 (tensor, array or sequence).
+        candidate, reference: float tensors (N, C, H, W) with values in [0, 1] ((N, 1, 32, 32) with
+            ``digit_metrics``); row i of both must come from the same condition, guidance and seed.
+        labels: int (N,) requested digit classes 0..9 (tensor, array or sequence); only read with
+            ``digit_metrics`` (any value, e.g. None, otherwise).
+        digit_metrics: also measure class accuracy and the Fréchet distance in digit-classifier features
+            (the digit models); False for any other model: those entries are null and ``not_measured``
+            says why.
         flops_per_image: passed through (FLOPs of the candidate sampler per image; see :mod:`cachec.runtime.flops`).
         wall_s: passed through (candidate wall-clock seconds, the caller's choice of scope).
         name: optional row name for :func:`format_table`.
@@ -93,6 +111,7 @@ def evaluate(
             psnr_of_mean_mse_db                           # 10·log10(1 / mse_mean): finite unless all identical
             n_identical                                   # image pairs that are bit-identical
             max_abs_diff                                  # largest pixel difference
+            not_measured: {metric: why}                   # what this report leaves out, and why
             class_accuracy: {candidate, reference}        # fraction judged the requested label
             class_agreement                               # fraction where the classifier gives both the same label
             frechet_distance: {name, candidate, reference, candidate_vs_reference, real_set_size}
@@ -100,29 +119,22 @@ def evaluate(
             flops_per_image, wall_s                       # pass-through
 
     Raises:
-        TypeError / ValueError: shapes differ or are not (N, 1, 32, 32), values outside [0, 1] or
-            non-finite, labels not (N,) integers in 0..9.
-        RuntimeError: classifier or digit data package missing.
+        TypeError / ValueError: shapes differ (or are not (N, 1, 32, 32) with ``digit_metrics``), values
+            outside [0, 1] or non-finite, labels not (N,) integers in 0..9 (``digit_metrics``).
+        RuntimeError: classifier or digit data package missing (``digit_metrics``).
     """
     cand = as_image_batch(candidate, "candidate").to("cpu", torch.float32)
     ref = as_image_batch(reference, "reference").to("cpu", torch.float32)
     for t, what in ((cand, "candidate"), (ref, "reference")):
-        if tuple(t.shape[1:]) != IMAGE_SHAPE:
+        if digit_metrics and tuple(t.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"{what} must have shape (N, 1, 32, 32), got {tuple(t.shape)}")
         check_unit_range(t, what)
     if cand.shape != ref.shape:
         raise ValueError(f"candidate and reference shapes differ: {tuple(cand.shape)} vs {tuple(ref.shape)}")
     n = cand.shape[0]
+    if not digit_metrics:
+        return _pixel_report(cand, ref, n, name, flops_per_image, wall_s)
     lab = as_labels(labels, n)
-
-    p = psnr(cand, ref)
-    s = ssim(cand, ref)
-    sq = (cand.double() - ref.double()).pow(2)
-    mse_mean = float(sq.mean()) if n else float("nan")
-    if not n:
-        psnr_mean_mse = float("nan")
-    else:
-        psnr_mean_mse = math.inf if mse_mean == 0.0 else 10.0 * math.log10(1.0 / mse_mean)
 
     cand_pred, cand_feat = classify(cand)
     ref_pred, ref_feat = classify(ref)
@@ -144,15 +156,41 @@ def evaluate(
     return {
         "name": name,
         "n_images": n,
+        **_pixel_part(cand, ref, n),
+        "not_measured": dict(NEVER_MEASURED),
+        "class_accuracy": {"candidate": frac(cand_pred == lab), "reference": frac(ref_pred == lab)},
+        "class_agreement": frac(cand_pred == ref_pred),
+        "frechet_distance": {"name": FRECHET_NAME, **{k: _json_float(v) for k, v in fd.items()}, "real_set_size": real_n},
+        "flops_per_image": to_jsonable(flops_per_image),
+        "wall_s": _json_float(wall_s),
+    }
+
+
+def _pixel_part(cand: torch.Tensor, ref: torch.Tensor, n: int) -> dict[str, Any]:
+    p = psnr(cand, ref)
+    sq = (cand.double() - ref.double()).pow(2)
+    mse_mean = float(sq.mean()) if n else float("nan")
+    psnr_mean_mse = float("nan") if not n else (math.inf if mse_mean == 0.0 else 10.0 * math.log10(1.0 / mse_mean))
+    return {
         "psnr_db": _summary(p),
-        "ssim": _summary(s),
+        "ssim": _summary(ssim(cand, ref)),
         "mse_mean": _json_float(mse_mean),
         "psnr_of_mean_mse_db": _json_float(psnr_mean_mse),
         "n_identical": int(torch.isinf(p).sum()),
         "max_abs_diff": _json_float(float((cand - ref).abs().max())) if n else None,
-        "class_accuracy": {"candidate": frac(cand_pred == lab), "reference": frac(ref_pred == lab)},
-        "class_agreement": frac(cand_pred == ref_pred),
-        "frechet_distance": {"name": FRECHET_NAME, **{k: _json_float(v) for k, v in fd.items()}, "real_set_size": real_n},
+    }
+
+
+def _pixel_report(cand, ref, n, name, flops_per_image, wall_s) -> dict[str, Any]:
+    """:func:`evaluate` without the digit-classifier metrics (null, with the reason in ``not_measured``)."""
+    return {
+        "name": name,
+        "n_images": n,
+        **_pixel_part(cand, ref, n),
+        "not_measured": {"class_accuracy": NOT_DIGITS, "frechet_distance": NOT_DIGITS, **NEVER_MEASURED},
+        "class_accuracy": None,
+        "class_agreement": None,
+        "frechet_distance": None,
         "flops_per_image": to_jsonable(flops_per_image),
         "wall_s": _json_float(wall_s),
     }
@@ -172,14 +210,16 @@ def _fmt_pm(d: dict | None, spec: str) -> str:
     mean = _fmt_num(d["mean"], spec)
     if d.get("std") is None:
         return mean
-    return f"{mean} ± {_fmt_num(d['std'], spec)}"
+    ci = d.get("ci95")
+    tail = f" [{_fmt_num(ci[0], spec)}, {_fmt_num(ci[1], spec)}]" if ci else ""
+    return f"{mean} ± {_fmt_num(d['std'], spec)}{tail}"
 
 
 def format_table(results: dict | Sequence[dict]) -> str:
     """A fixed-width text table of one or more :func:`evaluate` results, one row each.
 
-    Columns: name (or the row index), N, PSNR dB mean ± std, PSNR of the mean MSE (dB), SSIM mean ± std,
-    class accuracy candidate (reference), Fréchet distance (digit-classifier features) to held-out real
+    Columns: name (or the row index), N, PSNR dB mean ± std [95 % interval of the mean], PSNR of the mean
+    MSE (dB), SSIM mean ± std [95 % interval], class accuracy candidate (reference), Fréchet distance (digit-classifier features) to held-out real
     digits candidate (reference), GFLOP per image, wall seconds. Missing values print as ``-``.
 
     Raises:
@@ -234,13 +274,26 @@ def compare_sample_files(
     ``reference_flops_per_image``, ``reference_wall_s`` and ``flops_fraction`` (candidate / reference
     FLOPs per image, null when either is unknown).
 
+    The digit-classifier metrics are measured only where they apply (a sample set of the digit models:
+    format version 1, a ``family`` whose registry entry has ``digit_metrics``, or, without a family, 1×32×32
+    images of classes 0..9); otherwise they are null and ``not_measured`` says why. ``speedup`` is the
+    reference's ``wall_s`` over the candidate's (null when either is unknown; the two were timed by
+    separate commands, so machine load can differ between them).
+
     Raises:
-        ValueError: labels, seeds or set sizes differ (the message names which and the first differing
-            index), the two files name different models, or anything :func:`load_samples` raises.
+        ValueError: conditions (labels or prompts), seeds or set sizes differ (the message names which and
+            the first differing index), the two files name different models, or anything :func:`load_samples`
+            raises.
     """
     cand = load_samples(candidate_path)
     ref = load_samples(reference_path)
-    for what in ("labels", "seeds"):
+    if cand.condition_kind != ref.condition_kind:
+        raise ValueError(f"{cand.path} holds {cand.condition_kind} conditions, {ref.path} {ref.condition_kind} ones")
+    if cand.prompts is not None and cand.prompts != ref.prompts:
+        i = next((k for k, (a, b) in enumerate(zip(cand.prompts, ref.prompts)) if a != b), min(len(cand.prompts), len(ref.prompts)))
+        raise ValueError(f"prompts of {cand.path} and {ref.path} do not match (lengths {len(cand.prompts)} vs "
+                         f"{len(ref.prompts)}, first difference at index {i}); samples must be paired by prompt and seed")
+    for what in ("labels", "seeds") if cand.prompts is None else ("seeds",):
         a, b = getattr(cand, what), getattr(ref, what)
         if a.shape != b.shape or not torch.equal(a, b):
             raise ValueError(
@@ -256,8 +309,10 @@ def compare_sample_files(
         flops_per_image=cand.meta.get("flops_per_image"),
         wall_s=cand.meta.get("wall_s"),
         name=name,
+        digit_metrics=_digit_set(ref),
     )
     cf, rf = cand.meta.get("flops_per_image"), ref.meta.get("flops_per_image")
+    cw, rw = cand.meta.get("wall_s"), ref.meta.get("wall_s")
     result.update(
         candidate_file=cand.path,
         reference_file=ref.path,
@@ -266,5 +321,19 @@ def compare_sample_files(
         reference_flops_per_image=to_jsonable(rf),
         reference_wall_s=_json_float(ref.meta.get("wall_s")) if isinstance(ref.meta.get("wall_s"), (int, float)) else None,
         flops_fraction=(cf / rf) if isinstance(cf, (int, float)) and isinstance(rf, (int, float)) and rf > 0 else None,
+        speedup=(rw / cw) if isinstance(cw, (int, float)) and isinstance(rw, (int, float)) and cw > 0 else None,
     )
     return result
+
+
+def _digit_set(s) -> bool:
+    """Whether the digit classifier applies to a sample set (see :func:`compare_sample_files`)."""
+    from .runtime.registry import registered
+
+    if s.version == 1:
+        return True
+    family = s.meta.get("family")
+    if family is not None:
+        return any(spec.name == family and spec.digit_metrics for spec in registered())
+    return (s.labels is not None and tuple(s.images.shape[1:]) == IMAGE_SHAPE
+            and (not len(s.labels) or int(s.labels.max()) <= 9))

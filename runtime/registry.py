@@ -60,6 +60,15 @@ class ModelSpec:
         default_steps: sampling steps the family is meant to be run with (None: the model folder's own
             card gives it).
         default_guidance: guidance scale the family is meant to be run with (None: from the model card).
+        takes_size: the pipeline call takes ``height=``/``width=`` in pixels (so ``--resolution HxW`` applies);
+            False where the size is fixed by the transformer (DiT, the digit models).
+        default_resolution: ``(H, W)`` pixels the family samples at by default; None: the pipeline's own
+            default, its default latent size (``default_sample_size`` or the transformer's
+            ``sample_size``) times the VAE scale factor.
+        digit_metrics: the digit classifier (class accuracy, Fréchet distance in its features) applies to
+            the family's images (1×32×32 digits, classes 0..9).
+        eval_samples: default number of held-out samples of ``cachec eval`` (a count that finishes in
+            minutes on a CPU at the family's usual size).
     """
 
     name: str
@@ -75,6 +84,10 @@ class ModelSpec:
     split_cfg: bool = False
     default_steps: int | None = 20
     default_guidance: float | None = 4.5
+    takes_size: bool = True
+    default_resolution: tuple[int, int] | None = None
+    digit_metrics: bool = False
+    eval_samples: int = 8
 
     def matches_pipeline(self, class_name: str) -> bool:
         """Whether a pipeline class name belongs to this family."""
@@ -177,6 +190,7 @@ register(ModelSpec(
     condition="class",
     step_callback=False,  # DiTPipeline has no callback_on_step_end
     default_guidance=4.0,
+    takes_size=False,  # DiTPipeline samples at the transformer's sample_size
 ))
 register(ModelSpec(
     name="pixart",
@@ -222,4 +236,7 @@ register(ModelSpec(
     split_cfg=True,
     default_steps=None,  # the reference folder's cachec_model.json
     default_guidance=None,
+    takes_size=False,
+    digit_metrics=True,
+    eval_samples=100,  # 10 per class, as the shipped plans and the README's main job are evaluated
 ))

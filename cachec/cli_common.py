@@ -1,0 +1,175 @@
+"""What every ``cachec`` command shares: one-line user errors, device/dtype options, progress bars, and the
+condition options (``--classes``, ``--prompt``, ``--prompts``, ``--resolution``) parsed one way everywhere.
+
+The commands live in :mod:`cachec.cli` (calibrate, plan, inspect, compile) and :mod:`cachec.cli_sampling`
+(sample, run, eval).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from pathlib import Path
+
+import click
+
+#: errors that are the user's input, shown as one line without a traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError,
+                                                NotADirectoryError, PermissionError, RuntimeError)
+#: default number of classes sampled when ``--classes`` is not given and the model has more classes
+DEFAULT_CLASS_COUNT = 10
+
+
+def friendly(fn):
+    """Turn user-input errors into a one-line ``Error: …`` and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except USER_ERRORS as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise click.ClickException(str(msg).splitlines()[0] if str(msg) else type(exc).__name__) from None
+
+    return wrapper
+
+
+def device_option(device: str) -> str:
+    """``--device`` checked: a CUDA device needs a GPU.
+
+    Raises:
+        click.ClickException: ``cuda…`` without CUDA.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def dtype_option(name: str):
+    """``--dtype`` name → torch dtype.
+
+    Raises:
+        click.ClickException: unknown name.
+    """
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise click.ClickException(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def step_bar(total_steps: int, n_batches: int, desc: str):
+    """A tqdm bar on stderr and a ``callback(step, steps)`` that advances it."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps * n_batches, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return bar, (lambda i, n: bar.update(1))
+
+
+def output_folder(path: str | Path) -> Path:
+    """``path`` as a Path whose parent folder exists.
+
+    Raises:
+        click.ClickException: the folder is missing.
+    """
+    p = Path(path)
+    if not p.parent.exists():
+        raise click.ClickException(f"output folder {p.parent} does not exist; create it first")
+    return p
+
+
+def condition_options(fn):
+    """Add ``--classes``, ``--prompt`` (repeatable) and ``--prompts FILE`` to a command."""
+    fn = click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+                      help="Text models: UTF-8 file, one prompt per line (blank lines skipped).")(fn)
+    fn = click.option("--prompt", "prompt", multiple=True,
+                      help="Text models: a prompt; repeat for several (after those of --prompts).")(fn)
+    fn = click.option("--classes", default=None,
+                      help="Class-conditional models: labels, ranges and subsets, e.g. '0-9', '1,3,5' or '0-4,207,980'.")(fn)
+    return fn
+
+
+def resolution_flag(fn):
+    """Add ``--resolution HxW`` (pixels) to a command."""
+    return click.option("--resolution", default=None, metavar="HxW",
+                        help="Image size in pixels, e.g. 512x512, for pipelines that take a size (text models; "
+                             "default: the model's).")(fn)
+
+
+_RES = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def parse_resolution(text: str | None) -> tuple[int, int] | None:
+    """``"HxW"`` (also ``"H×W"``) → ``(H, W)``; None → None.
+
+    Raises:
+        ValueError: not two positive integers separated by ``x``.
+    """
+    if text is None:
+        return None
+    m = _RES.match(str(text))
+    if m is None or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise ValueError(f"cannot parse --resolution {text!r}: expected HxW in pixels, e.g. 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def given_conditions(driver, classes: str | None, prompt: tuple[str, ...] = (), prompts_file: str | None = None
+                     ) -> list | None:
+    """The conditions the user gave (None when none): ``--classes`` parsed for the model's class count, or
+    the prompts of ``--prompts FILE`` followed by those of ``--prompt``. One parser for every command
+    (:func:`cachec.calibrate.conditions.parse_classes`, :func:`~cachec.calibrate.conditions.read_prompts`).
+
+    Raises:
+        ValueError: classes and prompts together, the wrong kind for the model (classes for a text model,
+            prompts for a class-conditional one), an unparsable or out-of-range class list, an empty prompt,
+            or an unreadable/empty prompt file.
+        FileNotFoundError: no such prompt file.
+    """
+    from .calibrate.conditions import parse_classes, read_prompts
+
+    prompt = tuple(prompt or ())
+    if classes is not None and (prompt or prompts_file):
+        raise ValueError("give either --classes or prompts (--prompt/--prompts), not both")
+    if classes is not None:
+        if driver.condition_kind != "class":
+            raise ValueError(f"{driver.name} is text-conditional: give --prompt TEXT or --prompts FILE, not --classes")
+        return parse_classes(classes, driver.num_classes)
+    if not (prompt or prompts_file):
+        return None
+    if driver.condition_kind != "prompt":
+        raise ValueError(f"{driver.name} is class-conditional: give --classes (e.g. 0-9), not prompts")
+    for p in prompt:
+        if not p.strip():
+            raise ValueError("--prompt is empty: give the prompt text")
+    return (read_prompts(prompts_file) if prompts_file else []) + [p.strip() for p in prompt]
+
+
+def default_classes(driver) -> list[int]:
+    """Classes used when none are given: all of them, or :data:`DEFAULT_CLASS_COUNT` spread evenly over them
+    when the model has more (e.g. 0, 100, …, 900 of ImageNet's 1000)."""
+    k = int(driver.num_classes)
+    if k <= DEFAULT_CLASS_COUNT:
+        return list(range(k))
+    return [i * k // DEFAULT_CLASS_COUNT for i in range(DEFAULT_CLASS_COUNT)]
+
+
+def conditions(driver, classes: str | None, prompt: tuple[str, ...] = (), prompts_file: str | None = None) -> list:
+    """:func:`given_conditions`, else :func:`default_classes` for class-conditional models.
+
+    Raises:
+        ValueError: as :func:`given_conditions`; a text model without prompts.
+    """
+    got = given_conditions(driver, classes, prompt, prompts_file)
+    if got is not None:
+        return got
+    if driver.condition_kind == "prompt":
+        raise ValueError(f"{driver.name} is text-conditional: give --prompt TEXT (repeatable) or --prompts FILE")
+    return default_classes(driver)
