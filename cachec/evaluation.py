@@ -145,7 +145,7 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
         digit-classifier ones only where the registry entry has ``digit_metrics``) plus ``budget_target``,
         ``plan_flops_fraction`` (the plan's accounting), ``flops_fraction`` (counted: cached ÷ uncached
         FLOPs of the same call), ``speedup`` (uncached ÷ cached wall time), ``runtime_report`` (the
-        runtime's report of the last cached batch).
+        runtime's report of the last cached batch), ``conditions`` and ``seeds`` (the N used).
 
     Raises:
         ValueError: as :meth:`Driver.generate` and :meth:`Driver.set_resolution`; PlanMismatchError when the
@@ -186,6 +186,8 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
         speedup=wall_ref / wall_cached if wall_cached > 0 else None,
         runtime_report=report.as_dict() if report is not None else None,
         n_images=len(conditions),
+        conditions=list(conditions),
+        seeds=list(seeds),
     )
     return PlanRun(reference, candidate, conditions, seeds, result)
 
