@@ -61,7 +61,8 @@ class ModelSpec:
             card gives it).
         default_guidance: guidance scale the family is meant to be run with (None: from the model card).
         takes_size: the pipeline call takes ``height=``/``width=`` in pixels (so ``--resolution HxW`` applies);
-            False where the size is fixed by the transformer (DiT, the digit models).
+            False where the size is fixed by the transformer (DiT, the digit models). None (the default):
+            True for text (``"prompt"``) families, False for class-conditional ones.
         default_resolution: ``(H, W)`` pixels the family samples at by default; None: the pipeline's own
             default, its default latent size (``default_sample_size`` or the transformer's
             ``sample_size``) times the VAE scale factor.
@@ -84,10 +85,14 @@ class ModelSpec:
     split_cfg: bool = False
     default_steps: int | None = 20
     default_guidance: float | None = 4.5
-    takes_size: bool = True
+    takes_size: bool | None = None
     default_resolution: tuple[int, int] | None = None
     digit_metrics: bool = False
     eval_samples: int = 8
+
+    def __post_init__(self):
+        if self.takes_size is None:
+            object.__setattr__(self, "takes_size", self.condition == "prompt")
 
     def matches_pipeline(self, class_name: str) -> bool:
         """Whether a pipeline class name belongs to this family."""
