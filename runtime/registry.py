@@ -204,6 +204,7 @@ register(ModelSpec(
     blocks=_DIT_BLOCKS,
     # binning would resize to the aspect-ratio bins; clean_caption needs bs4/ftfy and only warns without them
     call_kwargs={"use_resolution_binning": False, "clean_caption": False},
+    step_callback=False,  # PixArtSigmaPipeline swallows callback_on_step_end into **kwargs (never calls it)
 ))
 register(ModelSpec(
     name="sd3",

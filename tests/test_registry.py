@@ -189,7 +189,13 @@ def test_registry_entries_keep_the_families_behaviour():
         "flux": ("prompt", False, False, 20, 3.5, False),
         "digits": ("class", True, True, None, None, True),
     }
-    assert by_name["dit"].step_callback is False and by_name["pixart"].step_callback is True
+    # neither DiTPipeline nor the PixArt pipelines call callback_on_step_end (PixArt swallows it in **kwargs)
+    assert by_name["dit"].step_callback is False and by_name["pixart"].step_callback is False
+    assert by_name["sd3"].step_callback is True and by_name["flux"].step_callback is True
+    # sizes and evaluation: text families take a size, the digit metrics apply to the digit models only
+    assert {n: (s.takes_size, s.digit_metrics, s.eval_samples) for n, s in by_name.items()} == {
+        "dit": (False, False, 8), "pixart": (True, False, 8), "sd3": (True, False, 8), "flux": (True, False, 8),
+        "digits": (False, True, 100)}
     # the DiT transformer answers with the first family that names it; both agree on its unit layout
     assert spec_for_transformer(_named("DiTTransformer2DModel")()).name == "dit"
     assert by_name["dit"].unit_layout() == by_name["digits"].unit_layout()
