@@ -154,3 +154,24 @@ def test_eval_conditions_are_held_out(tiny_pipelines, tiny_digits):
     # the digit models: the default 100 samples are exactly the former 10 per class, class-major
     assert held_out_set(tiny_digits) == held_out(tiny_digits, 10)
     assert held_out_set(tiny_pipelines["dit"], 4)[0] == [0, 250, 500, 750]
+
+
+def test_compare_prompt_sets_without_digit_metrics(tmp_path):
+    from cachec.cli_sampling import eval_summary
+    from cachec.report import compare_sample_files
+
+    ref = torch.rand(3, 3, 16, 16) * 0.9
+    prompts, seeds = ["a", "b", "a"], [1_000_000, 1_000_001, 1_000_002]
+    samples.save_samples(tmp_path / "ref.safetensors", ref, prompts, seeds, _meta(wall_s=2.0, family="flux"))
+    samples.save_samples(tmp_path / "cand.safetensors", ref + 0.05, prompts, seeds, _meta(wall_s=1.0, family="flux"))
+    res = compare_sample_files(tmp_path / "cand.safetensors", tmp_path / "ref.safetensors")
+    assert res["class_accuracy"] is None and res["frechet_distance"] is None
+    assert "class_accuracy" in res["not_measured"] and "lpips" in res["not_measured"]
+    assert res["speedup"] == 2.0 and res["psnr_db"]["ci95"] is not None
+    lo, hi = res["psnr_db"]["ci95"]
+    assert lo <= res["psnr_db"]["mean"] <= hi
+    text = eval_summary(res)
+    assert "95% CI [" in text and "speed-up: 2.00x" in text and "not measured: frechet_distance" in text
+    samples.save_samples(tmp_path / "other.safetensors", ref, ["a", "c", "a"], seeds, _meta(family="flux"))
+    with pytest.raises(ValueError, match="prompts .* first difference at index 1"):
+        compare_sample_files(tmp_path / "other.safetensors", tmp_path / "ref.safetensors")
