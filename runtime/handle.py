@@ -27,6 +27,7 @@ fingerprint before the next run, with the same :class:`PlanMismatchError` as at 
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import sys
 import warnings
@@ -89,6 +90,7 @@ class CacheHandle:
         self._removed = False
         if scheduler is not None:
             original = scheduler.set_timesteps
+            self._own_set_timesteps = scheduler.__dict__.get("set_timesteps")  # another instance patch, kept
 
             # wraps: pipelines inspect set_timesteps' signature (e.g. whether it accepts `sigmas`)
             @functools.wraps(original)
@@ -117,8 +119,11 @@ class CacheHandle:
         if self._removed:
             return
         self._hooks.remove()
-        if self._scheduler is not None and "set_timesteps" in self._scheduler.__dict__:
-            del self._scheduler.set_timesteps
+        if self._scheduler is not None:
+            if self._own_set_timesteps is None:
+                self._scheduler.__dict__.pop("set_timesteps", None)
+            else:
+                self._scheduler.set_timesteps = self._own_set_timesteps
         model = unwrap(self.transformer)
         if model.__dict__.get(_HANDLE_ATTR) is self:
             del model.__dict__[_HANDLE_ATTR]
@@ -202,7 +207,7 @@ def _check_weights(model, plan: Plan, force: bool, stacklevel: int) -> None:
         f"{cls} has {fingerprint[:19]}…)"
     )
     if not force:
-        raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True to use it anyway")
+        raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True (cachec run --force) to use it anyway")
     warnings.warn(message + "; applying it anyway (force=True)", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
@@ -210,7 +215,7 @@ def call_argument(holder, name: str):
     """The value of argument ``name`` of ``holder.__call__`` while that call is running (None otherwise).
 
     diffusers pipelines keep ``guidance_scale`` local to ``__call__`` (DiTPipeline, PixArt), so the plan
-    executor reads it from the running call's frame, once per sampling run. Numbers only (bool is not one).
+    executor reads it from the running call's frame, once per sampling run. Real numbers, numpy scalars and one-element tensors (bool is not a number).
     """
     frame = sys._getframe(1)
     for _ in range(64):
@@ -219,7 +224,11 @@ def call_argument(holder, name: str):
         code = frame.f_code
         if code.co_name == "__call__" and name in code.co_varnames and frame.f_locals.get("self") is holder:
             value = frame.f_locals.get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
+                value = value.item()
+            elif hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 return None
             return float(value)
         frame = frame.f_back

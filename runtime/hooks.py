@@ -24,6 +24,7 @@ import torch
 from .units import UnitSpec, unwrap
 
 Feature = tuple[torch.Tensor, ...]
+_ABSENT = object()
 
 
 class UnitHandler(Protocol):
@@ -136,7 +137,7 @@ class HookHandle:
         self._removed = False
         model = unwrap(transformer)
         self._signature = inspect.signature(model.forward)
-        self._patched: list[Any] = []
+        self._patched: list[tuple[Any, Any]] = []  # (module, its own instance `forward` before, or _ABSENT)
         # The call hooks resolve the step in eager Python. They are excluded from torch.compile tracing so
         # that a transformer compiled *after* the hooks were installed (compile wraps the hooked module)
         # still runs them eagerly instead of failing inside dynamo.
@@ -167,6 +168,7 @@ class HookHandle:
 
     def _wrap(self, module, index: int, spec: UnitSpec) -> None:
         original = module.forward
+        previous = module.__dict__.get("forward", _ABSENT)  # another library's instance patch, kept
         handler = self.handler
         substitute = getattr(handler, "substitute", None)
         layout = {"as_tuple": None}
@@ -213,15 +215,17 @@ class HookHandle:
                 return _rebuild(tuple(x + f for x, f in zip(inputs, feature)), layout["as_tuple"])
 
         module.forward = forward
-        self._patched.append(module)
+        self._patched.append((module, previous))
 
     def remove(self) -> None:
         """Restore every wrapped module and remove the transformer hooks (idempotent)."""
         if self._removed:
             return
-        for module in self._patched:
-            if "forward" in module.__dict__:
-                del module.forward
+        for module, previous in reversed(self._patched):
+            if previous is _ABSENT:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
         for h in self._hooks:
             h.remove()
         self._removed = True

@@ -427,7 +427,14 @@ def load_plan(path: str | os.PathLike) -> Plan:
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path).absolute()
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    if raw.startswith(b"\x89PNG") or (b"\x00" in raw[:8] and raw[8:9] == b"{"):  # PNG, or safetensors' header
+        raise PlanError(f"{path}: is a binary (safetensors or PNG) file, not a plan YAML; a calibration becomes a "
+                        "plan with `cachec plan CALIB --budget 40%`")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{path}: not a plan YAML (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,54 @@ def test_calibration_along_a_plan_follows_the_same_sequence_rule(tiny_digits_ddi
     with pytest.raises(PlanScheduleError, match="which is the plan's step 2, not its step 1"):
         calibrate(tiny_digits_ddim, [0], output=tmp_path / "a.safetensors", steps=STEPS, along=plan,
                   sensitivity="none", progress=False)
+
+
+# ------------------------------------------------------------------------------------ found by a critic
+
+
+@pytest.mark.parametrize("scale", [np.float32(1.0), torch.tensor(1.0)])
+def test_guidance_scale_of_any_numeric_type_is_checked(tiny_digits, scale):
+    plan = skip_plan(tiny_digits)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with apply(tiny_digits, plan):
+        with pytest.raises(PlanScheduleError, match="no CFG, 1 branch"):
+            tiny_digits.pipe([3, 7], STEPS, scale, gens)
+
+
+def test_remove_restores_other_instance_patches(tiny_digits):
+    plan = skip_plan(tiny_digits)
+    ff = tiny_digits.transformer.transformer_blocks[1].ff
+    sched = tiny_digits.scheduler
+    orig_ff, orig_st = ff.forward, sched.set_timesteps
+    calls = []
+
+    def patched_ff(*a, **k):
+        calls.append(1)
+        return orig_ff(*a, **k)
+
+    def patched_st(*a, **k):
+        return orig_st(*a, **k)
+
+    ff.forward, sched.set_timesteps = patched_ff, patched_st
+    try:
+        with apply(tiny_digits, plan):
+            tiny_digits.generate([3, 7], [0, 1], steps=STEPS)
+        assert ff.__dict__["forward"] is patched_ff and sched.__dict__["set_timesteps"] is patched_st
+        before = len(calls)
+        tiny_digits.generate([3, 7], [0, 1], steps=STEPS)
+        assert len(calls) == before + STEPS  # the other library's patch still runs
+    finally:
+        del ff.forward, sched.set_timesteps
+
+
+def test_a_binary_file_is_not_a_plan(tmp_path):
+    from cachec.runtime.plan import PlanError, load_plan
+
+    f = tmp_path / "calib.safetensors"
+    f.write_bytes((20).to_bytes(8, "little") + b'{"__metadata__":{}}' + b"\x00" * 8)
+    with pytest.raises(PlanError, match="not a plan YAML.*cachec plan"):
+        load_plan(f)
+    g = tmp_path / "junk.yaml"
+    g.write_bytes(b"\xc0\xff junk")
+    with pytest.raises(PlanError, match="not UTF-8"):
+        load_plan(g)
