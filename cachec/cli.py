@@ -10,7 +10,7 @@ import click
 from . import __version__
 
 from .cli_common import (USER_ERRORS, condition_options, conditions, device_option, dtype_option, friendly,  # noqa: F401
-                         output_folder, parse_resolution, resolution_flag)
+                         check_output, output_folder, parse_resolution, resolution_flag)
 from .cli_sampling import eval_, run, sample, write_json
 
 
@@ -77,10 +77,11 @@ def calibrate():
 @click.option("--sensitivity-from", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Copy the sensitivity from this calibration of the same model instead of measuring it.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Calibration .safetensors file.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT even if it is not a calibration file.")
 @friendly
 def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, steps, guidance, seed, resolution,
                   batch_size, shard, eoc_lags, sensitivity, sensitivity_samples, cfg, device, dtype, restart, along,
-                  sensitivity_from, output):
+                  sensitivity_from, output, overwrite):
     """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run.
 
     Conditions: --classes (default: all classes, or 10 spread over them when there are more) or prompts
@@ -93,6 +94,7 @@ def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, s
 
     if not Path(output).parent.is_dir():
         raise click.ClickException(f"output folder {Path(output).parent} does not exist; create it first")
+    check_output(output, "calibration", overwrite)
     if steps is not None and steps <= 0:
         raise click.ClickException(f"--steps must be positive, got {steps}")
     if along and not sensitivity_from:
@@ -154,8 +156,10 @@ def calibrate_merge(files, output):
 @click.option("--keep-last", type=click.IntRange(min=0), default=None, help="cachec: always compute the last N steps.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.yaml", show_default=True,
               help="Plan YAML (with --sweep: NAME-<percent>.yaml per budget).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and its sidecar name) even if they are not plan files.")
 @friendly
-def plan(calibration, budget, sweep_range, method, interval, family, groups, max_staleness, keep_last, output):
+def plan(calibration, budget, sweep_range, method, interval, family, groups, max_staleness, keep_last, output,
+         overwrite):
     """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
     from .planner import load_calibration, sweep
     from .planner.budget import parse_budget, parse_sweep
@@ -180,6 +184,10 @@ def plan(calibration, budget, sweep_range, method, interval, family, groups, max
     elif interval is not None:
         options["interval"] = interval
     budgets = parse_sweep(sweep_range) if sweep_range else [parse_budget(budget) if budget else None]
+    paths = [out] if len(budgets) == 1 else [
+        out.with_name(f"{out.stem}-{round(100 * b)}{out.suffix}") for b in budgets]
+    for path in paths:
+        check_output(path, "plan", overwrite)
     cal = load_calibration(calibration)
     planned = sweep(cal, budgets, method, **options)
     for plan, side in planned:

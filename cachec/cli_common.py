@@ -173,3 +173,41 @@ def conditions(driver, classes: str | None, prompt: tuple[str, ...] = (), prompt
     if driver.condition_kind == "prompt":
         raise ValueError(f"{driver.name} is text-conditional: give --prompt TEXT (repeatable) or --prompts FILE")
     return default_classes(driver)
+
+
+def _is_plan_yaml(path: Path) -> bool:
+    head = path.read_bytes()[:4096]
+    return head.startswith(b"# cachec plan") or b"\ncachec_plan:" in head or head.startswith(b"cachec_plan:")
+
+
+def check_output(path: str | Path, kind: str, overwrite: bool = False) -> None:
+    """Refuse to replace an existing file that is not of ``kind`` (unless ``overwrite``).
+
+    Args:
+        path: the output file a command is about to write.
+        kind: ``"plan"`` (a plan YAML; its sidecar name ``<stem>.eoc.safetensors`` is checked too: it may only
+            replace another sidecar) or ``"calibration"``.
+
+    Raises:
+        click.ClickException: one line naming the file, what it is and ``--overwrite``.
+    """
+    from .samples import describe_file
+
+    p = Path(path)
+    if kind == "plan" and p.suffix not in (".yaml", ".yml"):
+        raise click.ClickException(f"{p}: a plan is a YAML file: give -o NAME.yaml")
+    if overwrite:
+        return
+    if kind == "plan":
+        if p.is_dir() or (p.exists() and not _is_plan_yaml(p)):
+            raise click.ClickException(f"{p} exists and is not a cachec plan: refusing to replace it (pass --overwrite)")
+        side = p.with_name(f"{p.stem}.eoc.safetensors")
+        if side.exists() and describe_file(side) != "a plan sidecar":
+            raise click.ClickException(f"{side} (the plan's sidecar name) exists and is {describe_file(side)}: "
+                                       "refusing to replace it (pass --overwrite or choose another -o)")
+    elif kind == "calibration":
+        if p.exists() and describe_file(p) != "a cachec calibration file":
+            raise click.ClickException(f"{p} exists and is {describe_file(p) or 'a cachec sample set'}: refusing to "
+                                       "replace it with a calibration (pass --overwrite)")
+    else:
+        raise ValueError(f"unknown output kind {kind!r}")

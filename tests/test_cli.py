@@ -148,3 +148,27 @@ def test_run_with_another_step_count_needs_remap(tiny_digits_dir, tmp_path):
     assert code == 0 and "FLOPs 100.0%" in out, out
     code, out = run(*args, "--steps", "6")
     assert code == 0 and "skipped 0" in out, out
+
+
+def test_plan_and_calibrate_outputs_never_replace_other_kinds_of_file(tiny_digits_dir, tmp_path):
+    calib = tmp_path / "c.safetensors"
+    from cachec.calibrate import calibrate
+    from cachec.loading import load_model
+
+    calibrate(load_model(str(tiny_digits_dir)), [0, 1], output=calib, steps=3, sensitivity="none", progress=False)
+    before = calib.read_bytes()
+    _assert_one_line_error(*run("plan", str(calib), "--budget", "50%", "-o", str(calib)), "a plan is a YAML file")
+    (tmp_path / "p.eoc.safetensors").write_bytes(before)  # a calibration under the plan's sidecar name
+    _assert_one_line_error(*run("plan", str(calib), "--budget", "50%", "-o", str(tmp_path / "p.yaml")),
+                           "p.eoc.safetensors", "cachec calibration file", "--overwrite")
+    (tmp_path / "notes.yaml").write_text("shopping: [milk]\n")
+    _assert_one_line_error(*run("plan", str(calib), "--budget", "50%", "-o", str(tmp_path / "notes.yaml")),
+                           "not a cachec plan", "--overwrite")
+    code, out = run("plan", str(calib), "--budget", "50%", "-o", str(tmp_path / "q.yaml"))
+    assert code == 0, out
+    code, out = run("plan", str(calib), "--budget", "60%", "-o", str(tmp_path / "q.yaml"))  # a plan: replaced
+    assert code == 0, out
+    _assert_one_line_error(*run("calibrate", "run", str(tiny_digits_dir), "--classes", "0-1", "--steps", "3",
+                                "--sensitivity", "none", "-o", str(tmp_path / "q.yaml")),
+                           "q.yaml", "refusing to replace it with a calibration", "--overwrite")
+    assert calib.read_bytes() == before and (tmp_path / "notes.yaml").read_text() == "shopping: [milk]\n"
