@@ -17,7 +17,7 @@ Public API:
 
 from __future__ import annotations
 
-import importlib
+from cachec.runtime.lazy import lazy_exports
 
 # name -> submodule that defines it
 _EXPORTS = {
@@ -39,14 +39,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cachec.calibrate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
