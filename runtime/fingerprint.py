@@ -3,7 +3,7 @@
 The hash covers every parameter and buffer name, its shape, and its sum and sum of absolute values
 computed in float64 and rounded to 4 significant digits, so the same weights in float32, float64 or float16,
 on CPU or GPU, give the same fingerprint while a different checkpoint (or a fused LoRA) gives another.
-bfloat16 rounding moves most tensors' 4-digit sums (measured: 203 of 234 tensors of digits-flow), so a plan
+bfloat16 rounding moves most tensors' 4-digit sums, so a plan
 made in float32 needs ``force=True`` on bfloat16 weights (a dtype-invariant fingerprint is open work).
 """
 
