@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--shard", default="0/1")
     p.add_argument("--eoc-lags", type=int, default=2)
+    p.add_argument("--eoc-prior", default="channel", choices=["channel", "token", "element"])
+    p.add_argument("--sketch-dim", type=int, default=8192, help="Gram sketch dimension r (0: exact)")
     p.add_argument("--sensitivity", default="full", choices=["full", "factored", "none"])
     p.add_argument("--sensitivity-samples", type=int, default=4)
     p.add_argument("--cfg", default="batched", choices=["batched", "split"])
     p.add_argument("--restart", action="store_true")
     p.add_argument("--checkpoint-every", type=float, default=30.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -44,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     try:
-        driver = load_model(a.model, device=device)
+        import torch
+
+        driver = load_model(a.model, device=device, dtype=getattr(torch, a.dtype))
         if a.prompts:
             conditions = read_prompts(a.prompts)
         else:
@@ -53,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             driver, conditions, output=a.output, samples_per_condition=a.samples_per_condition, steps=a.steps,
             guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, shard=a.shard, eoc_lags=a.eoc_lags,
             sensitivity=a.sensitivity, sensitivity_samples=a.sensitivity_samples, progress=not a.no_progress,
-            cfg=a.cfg, restart=a.restart, checkpoint_every=a.checkpoint_every,
+            cfg=a.cfg, restart=a.restart, checkpoint_every=a.checkpoint_every, eoc_prior=a.eoc_prior,
+            sketch_dim=a.sketch_dim,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"Error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)

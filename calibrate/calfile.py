@@ -56,7 +56,9 @@ def show(path: str | Path) -> str:
         f"fixed {100 * fl['fixed_step'] / fl['full_step']:.1f}%  ({fl['counter']})",
         f"sensitivity {h['sensitivity']['method']}, {h['sensitivity']['samples']} samples, {h['sensitivity']['seconds']:.1f} s; "
         f"range {_fmt(float(t['sensitivity'].min()))} … {_fmt(float(t['sensitivity'].max()))}",
-        f"eoc lags    {h['eoc_lags']}; {len(names)} units",
+        f"eoc lags    {h['eoc_lags']}, prior per {h['eoc_prior']}; gram {h['gram_sketch']['method']}"
+        + (f" (sketch dim {h['gram_sketch']['dim']})" if h["gram_sketch"]["method"] == "countsketch" else "")
+        + f"; {len(names)} units",
         "",
         f"{'unit':<40} {'kind':<10} {'numel':>8} {'MFLOP':>9} {'latency ms':>10} {'rel Δ/step':>10} {'cos':>6} {'sens':>9}",
     ]
@@ -87,6 +89,8 @@ _MUST_MATCH = (
     ("samples_per_condition", lambda h: h["samples_per_condition"]),
     ("seed", lambda h: h["seed"]),
     ("eoc_lags", lambda h: h["eoc_lags"]),
+    ("eoc_prior", lambda h: h["eoc_prior"]),
+    ("gram sketch", lambda h: h["gram_sketch"]),
     ("sensitivity method", lambda h: h["sensitivity"]["method"]),
     ("plan followed (along_plan)", lambda h: h.get("along_plan")),
 )

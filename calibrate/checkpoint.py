@@ -83,7 +83,8 @@ def run_config(job: CalibrationJob, ctx: RunContext, model_class: str, fingerpri
         "format_version": FORMAT_VERSION, "model_class": model_class, "fingerprint": fingerprint,
         "conditions": list(job.conditions), "samples_per_condition": job.samples_per_condition, "steps": job.steps,
         "guidance": job.guidance, "seed": job.seed, "batch_size": job.batch_size, "shard": f"{shard_i}/{shard_n}",
-        "eoc_lags": job.eoc_lags, "sensitivity": job.sensitivity, "sensitivity_samples": job.sensitivity_samples,
+        "eoc_lags": job.eoc_lags, "eoc_prior": job.eoc_prior, "sketch_dim": job.sketch_dim,
+        "sketch_seed": job.sketch_seed, "sensitivity": job.sensitivity, "sensitivity_samples": job.sensitivity_samples,
         "cfg": job.cfg, "world": ctx.world, "rank": ctx.rank, "units": [u.name for u in ctx.units],
     }
     if ctx.along is not None:
@@ -136,7 +137,8 @@ class RunState:
     def allocate(self, device) -> None:
         """Allocate zero sums for ``structure`` on ``device``."""
         st = self.structure
-        self.acc = Accumulators([u["numel"] for u in st["units"]], st["steps"], st["branches"], self.config["eoc_lags"], device)
+        self.acc = Accumulators([u["sketch_dim"] for u in st["units"]], [u["eoc_groups"] for u in st["units"]], st["steps"],
+                                st["branches"], self.config["eoc_lags"], device)
 
     def save(self, path: Path) -> None:
         """Write the state to ``path`` atomically. Raises OSError if the folder is not writable."""

@@ -25,19 +25,26 @@ import numpy as np
 from cachec.runtime.io import atomic_write
 
 FORMAT = "cachec-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "cachec_calibration"
 
-#: header keys required by format version 1, in file order (docs/calibration-format.md, "Header")
+#: header keys required by format version 2, in file order (docs/calibration-format.md, "Header")
 HEADER_KEYS = (
     "format", "format_version", "created", "cachec_version", "model", "scheduler", "steps", "timesteps",
     "sigmas", "guidance", "resolution", "conditions", "samples_per_condition", "seed", "samples",
-    "prior_count", "goc_count", "eoc_lags", "units", "flops", "sensitivity", "shards",
+    "prior_count", "goc_count", "eoc_lags", "eoc_prior", "gram_sketch", "units", "flops", "sensitivity", "shards",
 )
 #: optional header keys, after the required ones when present (docs/calibration-format.md)
 OPTIONAL_HEADER_KEYS = ("along_plan",)
 #: keys of one entry of ``header["units"]``
-UNIT_KEYS = ("name", "kind", "mode", "shapes", "numel")
+UNIT_KEYS = ("name", "kind", "mode", "shapes", "numel", "sketch_dim", "eoc_groups")
+#: groupings of the EOC prior statistics (docs/calibration-format.md, "EOC prior"): one value per channel
+#: (last axis of each output part), per token (all axes but the last), or per element (opt-in, large)
+EOC_PRIORS = ("channel", "token", "element")
+#: how ``gram/{unit}`` was computed: from the features themselves, or from a CountSketch of them
+GRAM_METHODS = ("exact", "countsketch")
+#: default sketch dimension r: units with more output elements per sample are sketched to r values
+DEFAULT_SKETCH_DIM = 8192
 #: per-unit tensor kinds, stored as ``{kind}/{unit name}`` (docs/calibration-format.md, "Tensors")
 PER_UNIT_TENSORS = ("gram", "prior_sum", "eoc_q", "eoc_m")
 #: tensors over all units, (U,) or (U, S)
@@ -58,7 +65,7 @@ def _require(cond: bool, msg: str) -> None:
 
 # ---- header -------------------------------------------------------------------------------------------
 def validate_header(header: object) -> dict:
-    """Check a calibration header (a decoded JSON object) against format version 1.
+    """Check a calibration header (a decoded JSON object) against format version 2.
 
     Keys outside the format are tolerated here (readers ignore them); :meth:`CalibrationHeader.from_dict`
     refuses them.
@@ -73,9 +80,13 @@ def validate_header(header: object) -> dict:
     """
     _require(isinstance(header, dict), f"calibration header: expected a JSON object, got {type(header).__name__}")
     _require(header.get("format") == FORMAT, f"calibration header.format: expected {FORMAT!r}, got {header.get('format')!r}")
+    version = header.get("format_version")
     _require(
-        header.get("format_version") == FORMAT_VERSION,
-        f"calibration header.format_version: expected {FORMAT_VERSION}, got {header.get('format_version')!r}",
+        version == FORMAT_VERSION,
+        f"calibration header.format_version: this file has format version {version!r}, this cachec reads version "
+        f"{FORMAT_VERSION} only"
+        + (" (version 1 stored per-element statistics that grow with tokens × channels)" if version == 1 else "")
+        + ": re-run cachec calibrate to make a new file",
     )
     for key in HEADER_KEYS:
         _require(key in header, f"calibration header.{key}: missing")
@@ -96,6 +107,13 @@ def validate_header(header: object) -> dict:
              "calibration header.flops: expected {full_step, fixed_step, counter}")
     _require(float(fl["full_step"]) > 0, "calibration header.flops.full_step: expected > 0")
     _require(float(fl["fixed_step"]) >= 0, "calibration header.flops.fixed_step: expected >= 0")
+    _require(header["eoc_prior"] in EOC_PRIORS,
+             f"calibration header.eoc_prior: expected one of {list(EOC_PRIORS)}, got {header['eoc_prior']!r}")
+    gs = header["gram_sketch"]
+    _require(isinstance(gs, dict) and all(k in gs for k in ("method", "dim", "seed")),
+             "calibration header.gram_sketch: expected {method, dim, seed}")
+    _require(gs["method"] in GRAM_METHODS, f"calibration header.gram_sketch.method: expected one of {list(GRAM_METHODS)}")
+    _require(isinstance(gs["dim"], int) and gs["dim"] >= 0, "calibration header.gram_sketch.dim: expected an int >= 0")
     units = header["units"]
     _require(isinstance(units, list) and len(units) >= 1, "calibration header.units: expected a non-empty list")
     names = set()
@@ -107,7 +125,52 @@ def validate_header(header: object) -> dict:
         total = sum(int(np.prod(s)) for s in u["shapes"])
         _require(total == u["numel"],
                  f"calibration header.units[{i}].numel: {u['numel']} != {total} (sum of the shapes' sizes)")
+        want = sketch_dim(total, gs["dim"]) if gs["method"] == "countsketch" else total
+        _require(u["sketch_dim"] == want,
+                 f"calibration header.units[{i}].sketch_dim: {u['sketch_dim']} != {want} (numel {total}, sketch dim {gs['dim']})")
+        groups = sum(g for _, g, _ in eoc_group_layout(u["shapes"], header["eoc_prior"]))
+        _require(u["eoc_groups"] == groups,
+                 f"calibration header.units[{i}].eoc_groups: {u['eoc_groups']} != {groups} ({header['eoc_prior']} grouping)")
     return header
+
+
+def sketch_dim(numel: int, dim: int) -> int:
+    """r_u, the length of the vectors a unit's Gram is computed from: ``numel`` itself when ``dim`` is 0
+    or ``numel <= dim`` (exact), else ``dim`` (CountSketch)."""
+    return int(numel) if dim <= 0 or numel <= dim else int(dim)
+
+
+def eoc_group_layout(shapes: Sequence[Sequence[int]], grouping: str) -> list[tuple[tuple[int, ...], int, int]]:
+    """How a unit's flattened output splits into the groups of its EOC prior statistics.
+
+    Each tuple part of per-sample shape ``sh`` (flattened in C order, parts concatenated) contributes
+    ``G_part`` groups, stored consecutively: ``channel`` — one group per index of the last axis (a group
+    holds ``prod(sh[:-1])`` elements, every token of that channel); ``token`` — one group per index of the
+    leading axes (``sh[-1]`` elements each); ``element`` — every element its own group. A 0-d part is one
+    group of one element.
+
+    Args:
+        shapes: the unit's per-sample part shapes (header ``units[i].shapes``).
+        grouping: one of :data:`EOC_PRIORS`.
+    Returns:
+        Per part ``(broadcast_shape, G_part, group_size)``: the shape a per-group tensor of the part takes
+        to broadcast over the part (``(1, …, 1, C)`` per channel, ``(*sh[:-1], 1)`` per token, ``sh`` per
+        element), its number of groups, and the elements per group.
+    Raises:
+        CalibrationError: an unknown grouping.
+    """
+    _require(grouping in EOC_PRIORS, f"EOC prior grouping {grouping!r}: expected one of {list(EOC_PRIORS)}")
+    out = []
+    for sh in shapes:
+        sh = tuple(int(x) for x in sh)
+        n = int(np.prod(sh)) if sh else 1
+        if not sh or grouping == "element":
+            out.append((sh, n, 1))
+        elif grouping == "channel":
+            out.append(((1,) * (len(sh) - 1) + (sh[-1],), sh[-1], n // max(sh[-1], 1)))
+        else:
+            out.append((sh[:-1] + (1,), n // max(sh[-1], 1), sh[-1]))
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +196,8 @@ class CalibrationHeader:
         samples: ``[n_split0, n_split1]``.
         prior_count, goc_count: (sample, branch) outputs summed in ``prior_sum`` / ``goc_*_sum``.
         eoc_lags: K (int >= 0).
+        eoc_prior: grouping of the EOC prior statistics, one of :data:`EOC_PRIORS`.
+        gram_sketch: ``{"method": "exact" | "countsketch", "dim": r, "seed": int}`` (how ``gram`` was made).
         units: U dicts with :data:`UNIT_KEYS`.
         flops: ``{"full_step", "fixed_step", "counter"}``, FLOPs of one forward for one sample, one branch.
         sensitivity: ``{"method", "samples", "seconds"}`` (plus ``copied_from`` when copied).
@@ -161,6 +226,8 @@ class CalibrationHeader:
     prior_count: int
     goc_count: int
     eoc_lags: int
+    eoc_prior: str
+    gram_sketch: dict
     units: list
     flops: dict
     sensitivity: dict
@@ -184,7 +251,7 @@ class CalibrationHeader:
 
         Raises:
             CalibrationError: not a dict; keys missing from or foreign to the format (both lists named:
-                ``calibration header keys differ from format 1: missing [...], extra [...]``); or any
+                ``calibration header keys differ from format 2: missing [...], extra [...]``); or any
                 check of :func:`validate_header` (naming the key).
         """
         _require(isinstance(header, dict), f"calibration header: expected a JSON object, got {type(header).__name__}")
@@ -315,8 +382,8 @@ def write_calibration(path: str | Path, header: CalibrationHeader | dict, tensor
     size = path.stat().st_size
     if size > WARN_BYTES:
         warnings.warn(
-            f"calibration file {path} is {size / 1e6:.0f} MB (> 500 MB): the per-element EOC statistics "
-            "(prior_sum, eoc_q, eoc_m) grow with units × steps × feature size",
+            f"calibration file {path} is {size / 1e6:.0f} MB (> 500 MB): the EOC prior statistics grow with "
+            "units × steps × groups (eoc_prior='element' stores every feature element; 'channel' is the compact default)",
             stacklevel=2,
         )
     return path

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .conditions import batch_samples, num_batches, sample_plan
+from .format import DEFAULT_SKETCH_DIM
 
 
 def parse_shard(text: str | tuple | None) -> tuple[int, int]:
@@ -52,6 +53,9 @@ class CalibrationJob:
         batch_size: samples per pipeline call (>= 1).
         shard: ``(i, n)``, this process runs batches ``b % n == i``.
         eoc_lags: K (>= 0).
+        eoc_prior: grouping of the EOC prior statistics (``channel``, ``token`` or ``element``).
+        sketch_dim: r, the sketch dimension of the Gram statistics (0: exact, never sketched).
+        sketch_seed: seed of unit 0's sketch (unit u: ``sketch_seed + u``).
         sensitivity: ``"full"``, ``"factored"`` or ``"none"``.
         sensitivity_samples: samples of the sensitivity probes (>= 1 unless ``"none"``).
         cfg: ``"batched"`` or ``"split"``.
@@ -77,6 +81,9 @@ class CalibrationJob:
     checkpoint_every: float
     overlap: bool
     progress: bool
+    eoc_prior: str = "channel"
+    sketch_dim: int = DEFAULT_SKETCH_DIM
+    sketch_seed: int = 0
 
     @functools.cached_property
     def _samples(self) -> tuple[list, list[int]]:

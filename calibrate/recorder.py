@@ -21,7 +21,6 @@ are not supported; a repeated timestep inside batched CFG is reported as an erro
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -217,10 +216,9 @@ def _sync(device: torch.device) -> None:
 
 
 class Recorder:
-    """Records every unit's feature trajectory of one batch (the hook core's handler; it always computes).
-
-    For each unit u and branch b it fills ``traj[u][b]``, a float32 tensor (N, S, D_u) on the features'
-    device: row i is the batch's i-th sample, D_u the concatenation of the flattened tuple parts.
+    """Streams every unit's output of one batch into a :class:`~.streaming.BatchRecord` (the hook core's
+    handler; it always computes). No trajectory is kept: per (unit, branch) the record holds the step's
+    sketch and EOC group sums and a window of the last ``eoc_lags`` raw outputs.
 
     Args:
         units: the unit specs (order = unit index).
@@ -228,6 +226,8 @@ class Recorder:
         device: the transformer's device (for synchronised latency timing on CUDA).
 
     Attributes:
+        record: the :class:`~.streaming.BatchRecord` the current batch is streamed into (set by the caller
+            before :meth:`start_run`).
         shapes: per unit, the per-sample shapes of its tuple parts (fixed by the first stored feature).
         lat_sum, lat_count: summed seconds and number of timed unit calls.
         timing: when True, unit calls of steps >= 1 (all steps if S == 1) are timed.
@@ -240,7 +240,7 @@ class Recorder:
         self.tracker = tracker
         self.device = torch.device(device or "cpu")
         self.shapes: list[list[tuple[int, ...]] | None] = [None] * len(units)
-        self.traj: list[dict[int, torch.Tensor]] = [dict() for _ in units]
+        self.record = None
         self.lat_sum = [0.0] * len(units)
         self.lat_count = [0] * len(units)
         self.timing = False
@@ -250,8 +250,11 @@ class Recorder:
         self._timed = False
         self.on_step = None  # called at the first call of every step (progress bars)
 
-    def start_run(self, n_samples: int) -> None:
+    def start_run(self, n_samples: int, first_sample: int = 0) -> None:
+        """A batch of ``n_samples`` samples (global indices from ``first_sample``) begins."""
         self.tracker.start_run(n_samples)
+        if self.record is not None:
+            self.record.reset(n_samples, first_sample)
 
     def finish_run(self) -> None:
         self.tracker.finish_run()
@@ -287,19 +290,13 @@ class Recorder:
             raise ValueError(
                 f"unit {self.units[index].name} changed its per-sample output shapes from {self.shapes[index]} to {shapes}"
             )
-        n, S = self.tracker.n, self.tracker.S
-        D = sum(math.prod(s) for s in shapes)
+        if self.record is None:
+            return
+        n = self.tracker.n
         for branch, rows in info.parts:
-            buf = self.traj[index].get(branch)
-            if buf is None or buf.shape[0] != n or buf.device != feature[0].device:
-                buf = torch.empty(n, S, D, dtype=torch.float32, device=feature[0].device)
-                self.traj[index][branch] = buf
-            dst = buf[:, info.step]
-            off = 0
-            for p in feature:
-                size = math.prod(p.shape[1:])
-                dst[:, off:off + size].copy_(p[rows].reshape(n, size))
-                off += size
+            parts = [p[rows].reshape(n, -1).float() for p in feature]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            self.record.push(index, branch, info.step, x, shapes)
 
     def predict(self, index: int) -> Feature:
         raise RuntimeError("the calibration recorder never skips a unit")

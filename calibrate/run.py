@@ -9,8 +9,9 @@ Flow of one call (each step lives in its own module):
    ``torchrun`` (``WORLD_SIZE > 1``) rank r of W takes every W-th of those (:mod:`.job`,
    :mod:`.distributed`);
 3. hooks are installed once on the transformer (:func:`cachec.runtime.hooks.install`); each batch is an
-   ordinary ``Driver.generate`` call during which the recorder keeps every unit's float32 trajectory;
-   after the call the trajectories are folded into float64 sums (:mod:`.sampling`, :mod:`.stats`). The
+   ordinary ``Driver.generate`` call during which the recorder streams every unit's output into sketches
+   and EOC group sums (:mod:`.streaming`); after the call they are folded into float64 sums
+   (:mod:`.sampling`, :mod:`.stats`). The
    first batch also fixes the timestep schedule, the guidance layout and the unit shapes, measures unit
    latencies (steps >= 1) and counts FLOPs on its first transformer call (:mod:`.costs`);
 4. a partial state (``OUT.partial.safetensors``: sums, completed batches, configuration hash) is written
@@ -45,7 +46,7 @@ from .checkpoint import (  # noqa: F401  (partial_paths re-exported: cachec.cali
     RunState, load_sensitivity_partial, partial_paths, run_config, save_sensitivity_partial,
 )
 from .costs import mean_latency
-from .format import CalibrationHeader, write_calibration
+from .format import DEFAULT_SKETCH_DIM, EOC_PRIORS, CalibrationHeader, write_calibration
 from .job import CalibrationJob, RunContext, parse_shard
 from .recorder import Recorder, ShadowRecorder, StepTracker, Switch, batched_cond_first
 from .sampling import sample_batches
@@ -65,6 +66,8 @@ def calibrate(
     batch_size: int = 8,
     shard: tuple[int, int] | str = (0, 1),
     eoc_lags: int = 2,
+    eoc_prior: str = "channel",
+    sketch_dim: int = DEFAULT_SKETCH_DIM,
     sensitivity: str = "full",
     sensitivity_samples: int = 4,
     progress: bool = True,
@@ -91,10 +94,16 @@ def calibrate(
         steps: sampling steps S (default: the model's).
         guidance: CFG scale (default: the model's); ``<= 1`` records a single branch.
         seed: sample n uses seed ``seed + n``.
-        batch_size: samples per pipeline call (memory ∝ batch_size × units × S × feature size, float32).
+        batch_size: samples per pipeline call (memory beyond plain sampling ≈ 4 · batch_size · B · Σ_u
+            (S · r_u + eoc_lags · D_u) bytes, docs/calibration-format.md "Memory").
         shard: ``(i, n)`` or ``"i/n"``: this process calibrates batches ``b % n == i``; merge the shard files
             with :func:`cachec.calibrate.merge`.
         eoc_lags: K, lags of the EOC inner products.
+        eoc_prior: grouping of the EOC prior: ``"channel"`` (default, S × channels values per unit),
+            ``"token"``, or ``"element"`` (the full per-element prior: large files, opt-in).
+        sketch_dim: r; a unit with more than r output elements per sample has its Gram computed from a
+            CountSketch of dimension r (relative error of any predictor's error ≤ sqrt(2/r) in standard
+            deviation, docs/calibration-format.md); 0 computes every Gram exactly.
         sensitivity: ``"full"``, ``"factored"`` or ``"none"`` (docs/calibration.md).
         sensitivity_samples: samples used by the sensitivity probes (the first ones of the sample order).
         progress: show tqdm progress bars (rank 0 only).
@@ -137,6 +146,10 @@ def calibrate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if int(eoc_lags) < 0:
         raise ValueError(f"eoc_lags must be >= 0, got {eoc_lags}")
+    if eoc_prior not in EOC_PRIORS:
+        raise ValueError(f"unknown eoc_prior {eoc_prior!r}; choose one of {', '.join(EOC_PRIORS)}")
+    if int(sketch_dim) < 0:
+        raise ValueError(f"sketch_dim must be >= 0 (0: exact Grams), got {sketch_dim}")
     if sensitivity not in sens_mod.METHODS:
         raise ValueError(f"unknown sensitivity method {sensitivity!r}; choose one of {', '.join(sens_mod.METHODS)}")
     if sensitivity != "none" and int(sensitivity_samples) < 1:
@@ -152,6 +165,7 @@ def calibrate(
         guidance=guidance, seed=int(seed), batch_size=int(batch_size), shard=parse_shard(shard),
         eoc_lags=int(eoc_lags), sensitivity=sensitivity, sensitivity_samples=int(sensitivity_samples), cfg=cfg,
         restart=bool(restart), checkpoint_every=float(checkpoint_every), overlap=bool(overlap), progress=bool(progress),
+        eoc_prior=eoc_prior, sketch_dim=int(sketch_dim),
     )
     shard_i, shard_n = job.shard
     if shard_i >= job.n_batches:
@@ -301,6 +315,9 @@ def _header(job: CalibrationJob, ctx: RunContext, state: RunState, sens_info: di
         prior_count=sum(acc.samples) * B,
         goc_count=sum(acc.samples) * B,
         eoc_lags=job.eoc_lags,
+        eoc_prior=job.eoc_prior,
+        gram_sketch={"method": "countsketch" if any(u["sketch_dim"] < u["numel"] for u in st["units"]) else "exact",
+                     "dim": job.sketch_dim, "seed": job.sketch_seed},
         units=st["units"],
         flops=st["flops"],
         sensitivity=sens_info,

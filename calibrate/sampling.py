@@ -1,8 +1,9 @@
 """The sampling loop: one ordinary ``Driver.generate`` call per batch, recorded and folded into the sums.
 
-During a call the recorder (hooks installed once by the caller) keeps every unit's float32 trajectory;
-after the call the trajectories are folded into float64 sums (:class:`~.stats.Accumulators`), inline or
-on a worker thread while the next batch samples. The first batch also fixes the run's structure
+During a call the recorder (hooks installed once by the caller) streams every unit's output into a
+:class:`~.streaming.BatchRecord` (sketches and EOC group sums, never the trajectory); after the call the
+record is folded into float64 sums (:class:`~.stats.Accumulators`), inline or on a worker thread while
+the next batch samples. The first batch also fixes the run's structure
 (timestep schedule, guidance layout, unit shapes, FLOPs). A batch counts as completed only once its fold
 has finished; the partial state is written after a completed batch when ``checkpoint_every`` seconds
 have passed, and when the loop is interrupted.
@@ -20,8 +21,10 @@ from cachec.runtime.io import to_jsonable
 
 from .checkpoint import RunState
 from .costs import FLOP_COUNTER, count_unit_flops
+from .format import eoc_group_layout, sketch_dim
 from .job import CalibrationJob, RunContext
 from .recorder import Recorder
+from .streaming import BatchRecord
 
 
 def _sigmas(scheduler, steps: int) -> list[float] | None:
@@ -35,15 +38,27 @@ def _sigmas(scheduler, steps: int) -> list[float] | None:
     return sig[:steps]
 
 
-def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[float], float, float]) -> dict:
+def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[float], float, float],
+              sketch: int = 0, eoc_prior: str = "channel") -> dict:
     """The facts the first batch fixes (stored in the partial state, copied into the header).
 
+    Args:
+        sketch: the run's sketch dimension r (0: exact Grams); ``eoc_prior``: its EOC grouping.
     Returns:
         ``{"steps", "timesteps", "sigmas", "mode", "branches", "scheduler": {"class", "config"}, "units":
-        [{name, kind, mode, shapes, numel}], "unit_flops", "flops": {full_step, fixed_step, counter}}``.
+        [{name, kind, mode, shapes, numel, sketch_dim, eoc_groups}], "unit_flops", "flops": {full_step,
+        fixed_step, counter}}``.
     """
     tracker = recorder.tracker
     unit_flops, full, fixed = flops
+
+    def entry(i: int, u) -> dict:
+        shapes = [list(s) for s in recorder.shapes[i]]
+        numel = int(sum(math.prod(s) for s in recorder.shapes[i]))
+        groups = sum(g for _, g, _ in eoc_group_layout(shapes, eoc_prior))
+        return {"name": u.name, "kind": u.kind, "mode": u.mode, "shapes": shapes, "numel": numel,
+                "sketch_dim": sketch_dim(numel, sketch), "eoc_groups": int(groups)}
+
     return {
         "steps": steps,
         "timesteps": [float(t) for t in tracker.schedule],
@@ -51,11 +66,7 @@ def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[f
         "mode": tracker.mode,
         "branches": tracker.branches,
         "scheduler": {"class": type(driver.scheduler).__name__, "config": to_jsonable(dict(driver.scheduler.config))},
-        "units": [
-            {"name": u.name, "kind": u.kind, "mode": u.mode, "shapes": [list(s) for s in recorder.shapes[i]],
-             "numel": int(sum(math.prod(s) for s in recorder.shapes[i]))}
-            for i, u in enumerate(units)
-        ],
+        "units": [entry(i, u) for i, u in enumerate(units)],
         "unit_flops": unit_flops,
         "flops": {"full_step": full, "fixed_step": fixed, "counter": FLOP_COUNTER},
     }
@@ -82,20 +93,21 @@ class Folder:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachec-fold")
         self.pending = None
 
-    def _fold(self, traj, first_sample: int) -> None:
+    def _fold(self, record: BatchRecord, first_sample: int) -> None:
         state = self.state
         with torch.no_grad():
             for u in range(self.n_units):
                 for branch in range(state.structure["branches"]):
-                    state.acc.add(u, branch, traj[u][branch], first_sample)
+                    state.acc.add(u, branch, record.y[u][branch], first_sample)
+                state.acc.add_eoc(u, record.prior[u], record.q[u], record.m[u])
 
-    def submit(self, batch: int, idx: range, traj, lat_sum, lat_count) -> None:
-        """Start folding batch ``batch`` (samples ``idx``, trajectories ``traj[u][branch]`` (N, S, D_u))."""
+    def submit(self, batch: int, idx: range, record: BatchRecord, lat_sum, lat_count) -> None:
+        """Start folding batch ``batch`` (samples ``idx``, streamed into ``record``)."""
         self.state.consistent = False
         if self.pool is not None:
-            future = self.pool.submit(self._fold, traj, idx.start)
+            future = self.pool.submit(self._fold, record, idx.start)
         else:
-            self._fold(traj, idx.start)
+            self._fold(record, idx.start)
             future = None
         self.pending = (future, batch, idx, list(lat_sum), list(lat_count))
 
@@ -145,8 +157,9 @@ def sample_batches(job: CalibrationJob, ctx: RunContext, state: RunState, switch
 
     driver, units, steps = ctx.driver, ctx.units, job.steps
     folder = Folder(state, len(units), overlap=bool(job.overlap))
-    # trajectory buffers, reused between batches; two sets when a fold overlaps the next batch
-    buffer_sets = [[dict() for _ in units] for _ in range(2 if folder.pool is not None else 1)]
+    # per-batch records, reused between batches; two when a fold overlaps the next batch
+    records = [BatchRecord(steps, job.eoc_lags, job.eoc_prior, job.sketch_dim, job.sketch_seed)
+               for _ in range(2 if folder.pool is not None else 1)]
     last_save = time.monotonic()
     unsaved = False
     done_before = len(state.completed)
@@ -168,14 +181,14 @@ def sample_batches(job: CalibrationJob, ctx: RunContext, state: RunState, switch
         for i, b in enumerate(todo):
             idx = job.batch(b)
             first = state.structure is None
-            recorder.traj = buffer_sets[i % len(buffer_sets)]
+            recorder.record = records[i % len(records)]
             recorder.timing = not state.lat_count.any() and i == 0
             recorder.capture = first
             recorder.captured = None
             recorder.lat_sum = [0.0] * len(units)
             recorder.lat_count = [0] * len(units)
             switch.target = target
-            recorder.start_run(len(idx))
+            recorder.start_run(len(idx), idx.start)
             with torch.no_grad():
                 driver.generate([conds[n] for n in idx], [seeds[n] for n in idx], steps=steps,
                                 guidance=job.guidance, cfg=job.cfg)
@@ -184,11 +197,11 @@ def sample_batches(job: CalibrationJob, ctx: RunContext, state: RunState, switch
             if first:
                 flops = count_unit_flops(ctx.transformer, units, recorder.captured)
                 recorder.captured = None
-                state.structure = structure(driver, units, recorder, steps, flops)
-                state.allocate(next(iter(recorder.traj[0].values())).device)
+                state.structure = structure(driver, units, recorder, steps, flops, job.sketch_dim, job.eoc_prior)
+                state.allocate(next(iter(recorder.record.y[0].values())).device)
             if folder.wait():  # the previous batch, folded while this one was sampled
                 committed()
-            folder.submit(b, idx, recorder.traj, recorder.lat_sum, recorder.lat_count)
+            folder.submit(b, idx, recorder.record, recorder.lat_sum, recorder.lat_count)
         if folder.wait():
             committed()
     except BaseException:
@@ -207,5 +220,5 @@ def sample_batches(job: CalibrationJob, ctx: RunContext, state: RunState, switch
     finally:
         folder.close()
         bar.close()
-        recorder.traj = None  # free the trajectories
+        recorder.record = None  # free the per-batch buffers
     return unsaved

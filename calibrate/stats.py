@@ -1,17 +1,17 @@
 """Streaming float64 accumulators of the calibration statistics (docs/calibration-format.md, "Tensors").
 
-One batch of samples at a time, each unit's recorded trajectory ``X`` — float32 of shape (N, S, D_u): N
-samples of the batch, S steps, D_u flattened feature elements, for one guidance branch — is folded into
-sums that do not depend on the number of samples:
+One batch of samples at a time, folded into sums that do not depend on the number of samples:
 
-- ``gram[u]`` (B, 2, S, S): ``Σ_{n in split k} X[n] X[n]ᵀ`` per branch b and split k;
-- ``prior_sum[u]`` (S, D_u): ``Σ_{n,b} X[n]``;
-- ``eoc_q[u]`` (2, S, D_u): ``Σ_{n in k, b} X[n] ⊙ X[n]``;
-- ``eoc_m[u]`` (2, S, K, D_u): lag j at index j−1, ``Σ_{n in k, b} (X[n,s] − X[n,s−j]) ⊙ X[n,s−j]``
-  (zero where s < j). The difference of two float32 values is exact in float64;
-- ``goc_rel_sum`` (U, S): ``Σ_{n,b} ‖X_s − X_{s−1}‖ / ‖X_s‖`` (0 at s = 0; a term is 0 where ‖X_s‖ = 0);
-- ``goc_cos_sum`` (U, S): ``Σ_{n,b} cos(X_s − X_{s−1}, X_{s−1} − X_{s−2})`` (0 at s < 2; a term is 0
-  where either difference is exactly zero).
+- from each unit's sketched trajectory ``Y`` — float32 (N, S, r_u): N samples of the batch, S steps, the
+  r_u sketch values of :class:`~.streaming.CountSketch` (the features themselves when exact), one
+  guidance branch — :meth:`Accumulators.add` folds
+  - ``gram[u]`` (B, 2, S, S): ``Σ_{n in split k} Y[n] Y[n]ᵀ`` per branch b and split k;
+  - ``goc_rel_sum`` (U, S): ``Σ_{n,b} ‖Y_s − Y_{s−1}‖ / ‖Y_s‖`` (0 at s = 0; a term is 0 where ‖Y_s‖ = 0);
+  - ``goc_cos_sum`` (U, S): ``Σ_{n,b} cos(Y_s − Y_{s−1}, Y_{s−1} − Y_{s−2})`` (0 at s < 2; a term is 0
+    where either difference is exactly zero);
+- from a batch's EOC group sums (:class:`~.streaming.BatchRecord`, already summed over the batch's rows
+  per split), :meth:`Accumulators.add_eoc` adds ``prior_sum[u]`` (S, G_u), ``eoc_q[u]`` (2, S, G_u) and
+  ``eoc_m[u]`` (2, S, K, G_u).
 
 Split k of a sample is its *global* index mod 2. All arithmetic is float64 on the trajectory's device;
 the order of the additions is fixed (batch by batch, unit by unit, branch by branch, sample by sample),
@@ -32,7 +32,8 @@ class Accumulators:
     """The summed statistics of one calibration (or one shard / one rank of it).
 
     Args:
-        numels: D_u per unit (U entries).
+        dims: r_u per unit (U entries): the length of the vectors the Grams are computed from.
+        groups: G_u per unit: the number of EOC prior groups.
         steps: S.
         branches: B (1 or 2).
         eoc_lags: K >= 0.
@@ -44,16 +45,17 @@ class Accumulators:
         samples: [n_split0, n_split1] samples folded in (each with B branches).
     """
 
-    def __init__(self, numels: list[int], steps: int, branches: int, eoc_lags: int, device="cpu"):
+    def __init__(self, dims: list[int], groups: list[int], steps: int, branches: int, eoc_lags: int, device="cpu"):
         S, B, K = int(steps), int(branches), int(eoc_lags)
-        self.numels = [int(d) for d in numels]
+        self.numels = [int(d) for d in dims]
+        self.groups = [int(g) for g in groups]
         self.S, self.B, self.K = S, B, K
         self.device = torch.device(device)
         z = dict(dtype=F64, device=self.device)
-        self.gram = [torch.zeros(B, 2, S, S, **z) for _ in numels]
-        self.prior_sum = [torch.zeros(S, d, **z) for d in self.numels]
-        self.eoc_q = [torch.zeros(2, S, d, **z) for d in self.numels]
-        self.eoc_m = [torch.zeros(2, S, K, d, **z) for d in self.numels]
+        self.gram = [torch.zeros(B, 2, S, S, **z) for _ in dims]
+        self.prior_sum = [torch.zeros(S, g, **z) for g in self.groups]
+        self.eoc_q = [torch.zeros(2, S, g, **z) for g in self.groups]
+        self.eoc_m = [torch.zeros(2, S, K, g, **z) for g in self.groups]
         U = len(self.numels)
         self.goc_rel_sum = torch.zeros(U, S, **z)
         self.goc_cos_sum = torch.zeros(U, S, **z)
@@ -61,13 +63,13 @@ class Accumulators:
 
     # ------------------------------------------------------------------------------------------------
     def add(self, unit: int, branch: int, X: torch.Tensor, first_sample: int) -> None:
-        """Fold one unit's trajectory for one branch of one batch into the sums.
+        """Fold one unit's sketched trajectory for one branch of one batch into the Gram and GOC sums.
 
         Args:
             unit: unit index.
             branch: guidance branch b (0 conditional, 1 unconditional).
-            X: float32 (or float64) tensor (N, S, D_u) on ``device``: X[i, s] is the flattened feature of
-                global sample ``first_sample + i`` at step s.
+            X: float32 (or float64) tensor (N, S, r_u) on ``device``: X[i, s] is the sketch of the
+                flattened feature of global sample ``first_sample + i`` at step s.
             first_sample: global index of the batch's first sample (fixes the splits).
 
         Raises:
@@ -76,7 +78,7 @@ class Accumulators:
         N, S, D = X.shape
         if S != self.S or D != self.numels[unit]:
             raise ValueError(f"trajectory of unit {unit} has shape {tuple(X.shape)}, expected (N, {self.S}, {self.numels[unit]})")
-        X64, E, diff = self._scratch(N, S, D, X.device)
+        X64, E = self._scratch(N, S, D, X.device)
         X64.copy_(X)
         # Per-sample Gram, computed in the difference basis E = [X_0, X_1 - X_0, ..., X_{S-1} - X_{S-2}]
         # (the difference of two float32 values is exact in float64): one matmul gives both the Gram of
@@ -92,16 +94,6 @@ class Accumulators:
             rows = slice((k - p0) % 2, None, 2)
             if G[rows].shape[0]:
                 gram[branch, k] += G[rows].sum(0)
-        self.prior_sum[unit] += X64.sum(0)
-        lags = range(1, min(self.K, S - 1) + 1)
-        q, m = self.eoc_q[unit], self.eoc_m[unit]
-        for i in range(N):
-            k = (first_sample + i) % 2
-            x = X64[i]
-            q[k].addcmul_(x, x)
-            for j in lags:
-                d = E[i, 1:] if j == 1 else torch.sub(x[j:], x[:-j], out=diff[: S - j])
-                m[k, j:, j - 1].addcmul_(d, x[:-j])
         # GOC: relative one-step change and the cosine of consecutive changes, from the Gram of the
         # one-step differences (exact: a difference of two float32 values is exact in float64)
         if S > 1:
@@ -118,17 +110,35 @@ class Accumulators:
                 cos = torch.where(ok, dot / torch.where(ok, den, 1.0), 0.0)
                 self.goc_cos_sum[unit, 2:] += cos.sum(0)
 
-    def _scratch(self, N: int, S: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reusable float64 buffers (N, S, D), (N, S, D), (S, D) — fresh large allocations page-fault on
-        every batch, which costs as much as the arithmetic."""
+    def _scratch(self, N: int, S: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reusable float64 buffers (N, S, r), (N, S, r) — fresh large allocations page-fault on every
+        batch, which costs as much as the arithmetic."""
         key = (N, S, D, str(device))
         cache = self.__dict__.setdefault("_scratch_buffers", {})
         if key not in cache:
             if len(cache) >= 8:
                 cache.clear()
             z = dict(dtype=F64, device=device)
-            cache[key] = (torch.empty(N, S, D, **z), torch.empty(N, S, D, **z), torch.empty(S, D, **z))
+            cache[key] = (torch.empty(N, S, D, **z), torch.empty(N, S, D, **z))
         return cache[key]
+
+    def add_eoc(self, unit: int, prior: torch.Tensor, q: torch.Tensor, m: torch.Tensor) -> None:
+        """Add one batch's EOC group sums of a unit (summed over its rows and branches).
+
+        Args:
+            unit: unit index.
+            prior: (S, G_u) float64, ``Σ g(x_s)``.
+            q: (2, S, G_u) float64, per split ``Σ g(x_s ⊙ x_s)``.
+            m: (2, S, K, G_u) float64, per split and lag ``Σ g((x_s − x_{s−j}) ⊙ x_{s−j})``.
+        Raises:
+            ValueError: wrong shape.
+        """
+        if tuple(prior.shape) != tuple(self.prior_sum[unit].shape) or tuple(m.shape) != tuple(self.eoc_m[unit].shape):
+            raise ValueError(f"EOC sums of unit {unit} have shapes {tuple(prior.shape)}, {tuple(m.shape)}; expected "
+                             f"{tuple(self.prior_sum[unit].shape)}, {tuple(self.eoc_m[unit].shape)}")
+        self.prior_sum[unit] += prior
+        self.eoc_q[unit] += q
+        self.eoc_m[unit] += m
 
     def count(self, first_sample: int, n: int) -> None:
         """Count ``n`` samples starting at global index ``first_sample`` into ``samples``."""

@@ -2,10 +2,10 @@
 
 numpy only. The file itself — format identity, header keys and validation, reading, and the one exception
 type :class:`CalibrationError` (re-exported here as ``cachec.planner.CalibrationError``) — is owned by
-:mod:`cachec.calibrate.format` (torch-free). The big per-element tensors (``prior_sum``, ``eoc_q``,
-``eoc_m``) are read one unit at a time and reduced at load to the few scalars the error model needs (the
-EOC inner products of the contract's ``E(alpha)`` formula); the prior itself is re-read lazily, and only
-for the (unit, step) pairs a plan corrects, when its sidecar is built.
+:mod:`cachec.calibrate.format` (torch-free). The EOC group tensors (``prior_sum``, ``eoc_q``, ``eoc_m``:
+per channel by default) are read one unit at a time and reduced at load to the few scalars the error
+model needs (the EOC inner products of the contract's ``E(alpha)`` formula); the prior itself is re-read
+lazily, and only for the (unit, step) pairs a plan corrects, when its sidecar is built.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from cachec.calibrate.format import CalibrationError, read_header, read_tensors, tensor_keys, validate_header
+from cachec.calibrate.format import (
+    CalibrationError, eoc_group_layout, read_header, read_tensors, tensor_keys, validate_header,
+)
 from cachec.runtime.io import file_sha256
 
 
@@ -100,13 +102,20 @@ class Calibration:
         """The header's unit descriptors (name, kind, mode, shapes, numel)."""
         return self.header["units"]
 
+    def prior_layout(self, unit: int) -> list[tuple[tuple[int, ...], int, int]]:
+        """Per tuple part of the unit: ``(broadcast shape, groups, elements per group)`` of its EOC prior
+        (:func:`cachec.calibrate.format.eoc_group_layout` for the header's ``eoc_prior``)."""
+        return eoc_group_layout(self.units[unit]["shapes"], self.header["eoc_prior"])
+
     def prior(self, unit: int) -> np.ndarray:
-        """The EOC prior of one unit, ``prior_sum / prior_count``.
+        """The EOC prior of one unit: per group, the mean over the (sample, branch) outputs and over the
+        group's elements, ``prior_sum / (prior_count · group size)``.
 
         Args:
             unit: unit index in ``unit_names`` order.
         Returns:
-            (S, D_u) float64 array.
+            (S, G_u) float64 array (G_u = ``units[unit]["eoc_groups"]``; parts' groups concatenated, see
+            :meth:`prior_layout`).
         Raises:
             CalibrationError: the prior is not available (``prior_count`` is 0 or the tensor is missing).
         """
@@ -115,7 +124,12 @@ class Calibration:
             raise CalibrationError("prior_count is 0: the calibration has no EOC prior")
         if self._tensor is None:
             raise CalibrationError("this Calibration was built without access to its prior tensors")
-        return np.asarray(self._tensor(f"prior_sum/{self.unit_names[unit]}"), dtype=np.float64) / count
+        return np.asarray(self._tensor(f"prior_sum/{self.unit_names[unit]}"), dtype=np.float64) / (count * _group_sizes(self.prior_layout(unit)))
+
+
+def _group_sizes(layout) -> np.ndarray:
+    """(G,) float64 elements per group of a unit's EOC prior, parts concatenated."""
+    return np.concatenate([np.full(groups, float(size)) for _, groups, size in layout])
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -167,12 +181,12 @@ def _check_values(key: str, arr: np.ndarray, axes: tuple[str, ...], unit_names: 
     Args:
         key: the tensor's key (``gram/{unit}``, ``sensitivity``, ...), named in the message.
         arr: the tensor, already shape-checked.
-        axes: one label per axis of ``arr``: ``unit``, ``branch``, ``split``, ``step``, ``lag``, ``element``.
+        axes: one label per axis of ``arr``: ``unit``, ``branch``, ``split``, ``step``, ``lag``, ``group``.
         unit_names: names for the ``unit`` axis.
         nonnegative: also refuse values < 0.
     Raises:
         CalibrationError: one line naming the key and the entry's position (unit, branch, split, step(s),
-            lag, element), e.g. ``calibration tensor gram/blocks.3.ff: non-finite value (nan) at branch 0,
+            lag, group), e.g. ``calibration tensor gram/blocks.3.ff: non-finite value (nan) at branch 0,
             split 1, steps (4, 7): the calibration run diverged ...``.
     """
     if not np.isfinite(arr).all():
@@ -215,7 +229,7 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
     Raises:
         CalibrationError: invalid header, missing tensor (named), wrong shape or dtype; a non-finite
             statistic, or a negative ``sensitivity`` / ``unit_flops`` (named with its unit, step(s) and,
-            where the tensor has them, branch, split, lag and element).
+            where the tensor has them, branch, split, lag and EOC prior group).
     """
     validate_header(header)
     S = header["steps"]
@@ -250,15 +264,16 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
     quad = np.zeros((U, 2, S, K))
     count = int(header["prior_count"])
     for i, (n, u) in enumerate(zip(names, units)):
-        Dn = int(u["numel"])
-        prior = _check(f"prior_sum/{n}", get(f"prior_sum/{n}"), (S, Dn))
-        q = _check(f"eoc_q/{n}", get(f"eoc_q/{n}"), (2, S, Dn))
-        m = _check(f"eoc_m/{n}", get(f"eoc_m/{n}"), (2, S, K, Dn))
-        _check_values(f"prior_sum/{n}", prior, ("step", "element"))
-        _check_values(f"eoc_q/{n}", q, ("split", "step", "element"))
-        _check_values(f"eoc_m/{n}", m, ("split", "step", "lag", "element"))
+        Gn = int(u["eoc_groups"])
+        prior = _check(f"prior_sum/{n}", get(f"prior_sum/{n}"), (S, Gn))
+        q = _check(f"eoc_q/{n}", get(f"eoc_q/{n}"), (2, S, Gn))
+        m = _check(f"eoc_m/{n}", get(f"eoc_m/{n}"), (2, S, K, Gn))
+        _check_values(f"prior_sum/{n}", prior, ("step", "group"))
+        _check_values(f"eoc_q/{n}", q, ("split", "step", "group"))
+        _check_values(f"eoc_m/{n}", m, ("split", "step", "lag", "group"))
         if count > 0 and K > 0:
-            lin[i], quad[i] = _eoc_reduce(prior / count, q, m, K)
+            sizes = _group_sizes(eoc_group_layout(u["shapes"], header["eoc_prior"]))
+            lin[i], quad[i] = _eoc_reduce(prior / (count * sizes), q, m, K)
         del prior, q, m
     return Calibration(
         header=header, sha256=sha256, unit_names=names, gram=gram, unit_flops=flops.copy(),
@@ -268,7 +283,7 @@ def calibration_from_tensors(header: dict, tensor: Callable[[str], np.ndarray], 
 
 
 def load_calibration(path: str) -> Calibration:
-    """Load a calibration ``.safetensors`` file (docs/calibration-format.md, format version 1).
+    """Load a calibration ``.safetensors`` file (docs/calibration-format.md, format version 2).
 
     Args:
         path: file path.

@@ -143,31 +143,35 @@ class Planner:
 def sidecar_arrays(cal: Calibration, schedule: Schedule) -> dict[str, np.ndarray]:
     """EOC tensors ``D = P_s - P_ref`` of every (unit, step) with a non-zero ``eoc_alpha``.
 
-    Stored float32 in the unit's per-sample shape (header ``units[].shapes``); tuple outputs are split
-    into ``eoc/{unit}/{s}/{part}`` (part = 0, 1, ...), single outputs are ``eoc/{unit}/{s}``.
+    Each part's tensor has the broadcast shape of the calibration's prior grouping
+    (:meth:`Calibration.prior_layout`: ``(1, …, 1, C)`` per channel, ``(*tokens, 1)`` per token, the part's
+    per-sample shape per element); the runtime broadcasts it over the part. float32 for the compact
+    groupings, float16 for ``element`` (the opt-in full prior, stored only for the corrected pairs).
+    Tuple outputs are split into ``eoc/{unit}/{s}/{part}`` (part = 0, 1, ...), single outputs are
+    ``eoc/{unit}/{s}``.
 
     Returns:
-        dict key -> float32 array.
+        dict key -> float32 (or float16) array.
     Raises:
         CalibrationError: the calibration has no prior.
     """
     out = {}
+    dtype = np.float16 if cal.header["eoc_prior"] == "element" else np.float32
     for u, name in enumerate(cal.unit_names):
         pairs = schedule.eoc_alpha[u]
         if not pairs:
             continue
         P = cal.prior(u)
-        shapes = [tuple(int(x) for x in sh) for sh in cal.units[u]["shapes"]]
-        sizes = [int(np.prod(sh)) for sh in shapes]
+        layout = cal.prior_layout(u)
         for s in sorted(pairs):
             D = P[s] - P[schedule.eoc_ref[u][s]]
-            if len(shapes) == 1:
-                out[f"eoc/{name}/{s}"] = D.reshape(shapes[0]).astype(np.float32)
+            if len(layout) == 1:
+                out[f"eoc/{name}/{s}"] = D.reshape(layout[0][0]).astype(dtype)
             else:
                 off = 0
-                for part, (sh, n) in enumerate(zip(shapes, sizes)):
-                    out[f"eoc/{name}/{s}/{part}"] = D[off:off + n].reshape(sh).astype(np.float32)
-                    off += n
+                for part, (bshape, groups, _) in enumerate(layout):
+                    out[f"eoc/{name}/{s}/{part}"] = D[off:off + groups].reshape(bshape).astype(dtype)
+                    off += groups
         del P
     return out
 

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from cachec.calibrate.format import FORMAT, FORMAT_VERSION, METADATA_KEY
+from cachec.calibrate.format import FORMAT, FORMAT_VERSION, METADATA_KEY, eoc_group_layout
 
 from .calibration import Calibration, calibration_from_tensors
 
@@ -23,31 +23,50 @@ DIT_XL_FF_FLOPS = 2 * 2.72e9
 DIT_XL_FULL_FLOPS = 2 * 118.6e9
 
 
-def unit_statistics(F: np.ndarray, eoc_lags: int = 2) -> dict[str, np.ndarray]:
-    """All per-unit tensors of the calibration format from one unit's features.
+def _group(v: np.ndarray, layout, grouping: str) -> np.ndarray:
+    """Sum the last axis (flattened per-sample elements) of ``v`` into the EOC prior groups."""
+    out, off = [], 0
+    for _, groups, size in layout:
+        part = v[..., off:off + groups * size]
+        if size == 1:
+            out.append(part)
+        elif grouping == "channel":
+            out.append(part.reshape(*v.shape[:-1], size, groups).sum(-2))
+        else:
+            out.append(part.reshape(*v.shape[:-1], groups, size).sum(-1))
+        off += groups * size
+    return np.concatenate(out, axis=-1)
+
+
+def unit_statistics(F: np.ndarray, eoc_lags: int = 2, shapes=None, eoc_prior: str = "channel") -> dict[str, np.ndarray]:
+    """All per-unit tensors of the calibration format from one unit's features (exact Gram).
 
     Args:
         F: (N, B, S, D) float64 features F(u, n, b, s) of one unit (sample n in split n mod 2).
         eoc_lags: K.
+        shapes: the unit's per-sample part shapes (default ``[[D]]``: then every grouping is per element).
+        eoc_prior: grouping of the EOC statistics (docs/calibration-format.md).
     Returns:
-        ``{"gram": (B,2,S,S), "prior_sum": (S,D), "eoc_q": (2,S,D), "eoc_m": (2,S,K,D),
-        "goc_rel": (S,), "goc_cos": (S,)}`` float64 (sums, as stored).
+        ``{"gram": (B,2,S,S), "prior_sum": (S,G), "eoc_q": (2,S,G), "eoc_m": (2,S,K,G),
+        "goc_rel": (S,), "goc_cos": (S,)}`` float64 (sums, as stored; G groups).
     """
     F = np.asarray(F, dtype=np.float64)
     N, B, S, D = F.shape
+    layout = eoc_group_layout(shapes or [[D]], eoc_prior)
+    G = sum(g for _, g, _ in layout)
     gram = np.zeros((B, 2, S, S))
-    eoc_q = np.zeros((2, S, D))
-    eoc_m = np.zeros((2, S, eoc_lags, D))
+    eoc_q = np.zeros((2, S, G))
+    eoc_m = np.zeros((2, S, eoc_lags, G))
     for k in range(2):
         Fk = F[k::2]
         if len(Fk) == 0:
             continue
         gram[:, k] = np.einsum("nbsd,nbtd->bst", Fk, Fk)
-        eoc_q[k] = (Fk * Fk).sum(axis=(0, 1))
+        eoc_q[k] = _group((Fk * Fk).sum(axis=(0, 1)), layout, eoc_prior)
         for j in range(1, eoc_lags + 1):
             if j < S:
                 prev = Fk[:, :, :-j]
-                eoc_m[k, j:, j - 1] = ((Fk[:, :, j:] - prev) * prev).sum(axis=(0, 1))
+                eoc_m[k, j:, j - 1] = _group(((Fk[:, :, j:] - prev) * prev).sum(axis=(0, 1)), layout, eoc_prior)
     dF = np.diff(F, axis=2)  # (N, B, S-1, D): F_s - F_{s-1} for s = 1..S-1
     rel = np.zeros(S)
     cos = np.zeros(S)
@@ -57,7 +76,8 @@ def unit_statistics(F: np.ndarray, eoc_lags: int = 2) -> dict[str, np.ndarray]:
     if S > 2:
         dots = (dF[:, :, 1:] * dF[:, :, :-1]).sum(axis=3)
         cos[2:] = (dots / np.maximum(dn[:, :, 1:] * dn[:, :, :-1], 1e-300)).sum(axis=(0, 1))
-    return {"gram": gram, "prior_sum": F.sum(axis=(0, 1)), "eoc_q": eoc_q, "eoc_m": eoc_m, "goc_rel": rel, "goc_cos": cos}
+    prior = _group(F.sum(axis=(0, 1)), layout, eoc_prior)
+    return {"gram": gram, "prior_sum": prior, "eoc_q": eoc_q, "eoc_m": eoc_m, "goc_rel": rel, "goc_cos": cos}
 
 
 def calibration_tensors(
@@ -73,6 +93,7 @@ def calibration_tensors(
     timesteps=None,
     sigmas=None,
     guidance_scale: float = 4.0,
+    eoc_prior: str = "channel",
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Header and tensors of a calibration file computed from explicit features.
 
@@ -85,6 +106,7 @@ def calibration_tensors(
         shapes: per unit the per-sample tuple-part shapes (default ``[[D_u]]``).
         kinds: per unit kind string (default from the name's last component).
         timesteps, sigmas: S values each (defaults: linspace(1000, 0) without the end, sigmas None).
+        eoc_prior: grouping of the EOC statistics (with the default 1-d shapes every grouping is per element).
     Returns:
         ``(header, tensors)`` following docs/calibration-format.md.
     """
@@ -103,16 +125,17 @@ def calibration_tensors(
     cos = np.zeros((U, S))
     units = []
     for i, n in enumerate(names):
-        st = unit_statistics(features[n], eoc_lags)
         D = features[n].shape[3]
+        sh = (shapes or {}).get(n, [[D]])
+        st = unit_statistics(features[n], eoc_lags, sh, eoc_prior)
         tensors[f"gram/{n}"] = st["gram"]
         tensors[f"prior_sum/{n}"] = st["prior_sum"]
         tensors[f"eoc_q/{n}"] = st["eoc_q"]
         tensors[f"eoc_m/{n}"] = st["eoc_m"]
         rel[i], cos[i] = st["goc_rel"], st["goc_cos"]
-        sh = (shapes or {}).get(n, [[D]])
         units.append({"name": n, "kind": (kinds or {}).get(n, n.rsplit(".", 1)[-1]), "mode": "output",
-                      "shapes": [list(map(int, s)) for s in sh], "numel": int(D)})
+                      "shapes": [list(map(int, s)) for s in sh], "numel": int(D), "sketch_dim": int(D),
+                      "eoc_groups": int(st["prior_sum"].shape[1])})
     tensors["goc_rel_sum"] = rel
     tensors["goc_cos_sum"] = cos
     tensors["unit_flops"] = unit_flops.copy()
@@ -138,6 +161,8 @@ def calibration_tensors(
         "prior_count": int(N * B),
         "goc_count": int(N * B),
         "eoc_lags": int(eoc_lags),
+        "eoc_prior": eoc_prior,
+        "gram_sketch": {"method": "exact", "dim": 0, "seed": 0},
         "units": units,
         "flops": {"full_step": float(full_step), "fixed_step": float(fixed_step), "counter": "synthetic"},
         "sensitivity": {"method": "synthetic", "samples": int(N), "seconds": 0.0},

@@ -68,8 +68,26 @@ def _capture(driver, conds, seeds, steps, guidance, cfg, batch_size):
     return {k: torch.cat(v).numpy() for k, v in feats.items()}
 
 
-def _direct_stats(F, K):
-    """Statistics of docs/calibration-format.md computed directly from F (N, B, S, D) float64."""
+def _grouped(v, shapes, grouping):
+    """Sum the last axis of v (a unit's flattened elements) into EOC prior groups, part by part."""
+    out, off = [], 0
+    for sh in shapes:
+        n = int(np.prod(sh))
+        part = v[..., off:off + n].reshape(*v.shape[:-1], *sh)
+        if grouping == "channel":
+            part = part.reshape(*v.shape[:-1], -1, sh[-1]).sum(-2)
+        elif grouping == "token":
+            part = part.sum(-1).reshape(*v.shape[:-1], -1)
+        else:
+            part = part.reshape(*v.shape[:-1], -1)
+        out.append(part)
+        off += n
+    return np.concatenate(out, -1)
+
+
+def _direct_stats(F, K, shapes=None, grouping="element"):
+    """Statistics of docs/calibration-format.md computed directly from F (N, B, S, D) float64 (the EOC
+    tensors summed into ``grouping``'s groups of the parts ``shapes``)."""
     N, B, S, D = F.shape
     split = np.arange(N) % 2
     gram = np.zeros((B, 2, S, S))
@@ -91,19 +109,23 @@ def _direct_stats(F, K):
         if s >= 2:
             e = F[:, :, s - 1] - F[:, :, s - 2]
             cos[s] = ((d * e).sum(-1) / (np.linalg.norm(d, axis=-1) * np.linalg.norm(e, axis=-1))).sum()
+    if grouping != "element":
+        prior, q, m = (_grouped(a, shapes, grouping) for a in (prior, q, m))
     return gram, prior, q, m, rel, cos
 
 
 # ---- exactness ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg,guidance", [("batched", 3.0), ("split", 3.0), ("batched", 1.0)])
-def test_streamed_statistics_equal_direct(tiny_digits, tmp_path, cfg, guidance):
+@pytest.mark.parametrize("cfg,guidance,grouping", [("batched", 3.0, "channel"), ("split", 3.0, "token"),
+                                                   ("batched", 1.0, "element")])
+def test_streamed_statistics_equal_direct(tiny_digits, tmp_path, cfg, guidance, grouping):
     conds, steps, bs, K = [0, 1, 2, 3, 4], 5, 2, 2
     out = calibrate(tiny_digits, conds, output=tmp_path / "c.safetensors", steps=steps, guidance=guidance, seed=7,
-                    batch_size=bs, cfg=cfg, sensitivity="none", progress=False, eoc_lags=K)
+                    batch_size=bs, cfg=cfg, sensitivity="none", progress=False, eoc_lags=K, eoc_prior=grouping)
     h = read_header(out)
     t = _load(out)
     B = 1 if guidance <= 1 else 2
     assert tuple(h) == HEADER_KEYS
+    assert h["eoc_prior"] == grouping and h["gram_sketch"]["method"] == "exact"
     assert h["guidance"] == {"mode": "none" if B == 1 else cfg, "scale": guidance, "branches": B}
     assert h["samples"] == [3, 2] and h["prior_count"] == 5 * B and h["goc_count"] == 5 * B
     assert h["steps"] == steps and len(h["timesteps"]) == steps and h["shards"] == []
@@ -112,7 +134,9 @@ def test_streamed_statistics_equal_direct(tiny_digits, tmp_path, cfg, guidance):
     for i, u in enumerate(h["units"]):
         Fu = F[u["name"]]
         assert Fu.shape[-1] == u["numel"] and Fu.shape[1] == B
-        gram, prior, q, m, rel, cos = _direct_stats(Fu, K)
+        assert u["sketch_dim"] == u["numel"]  # small units: exact Grams
+        gram, prior, q, m, rel, cos = _direct_stats(Fu, K, u["shapes"], grouping)
+        assert prior.shape[-1] == u["eoc_groups"]
         assert _rel(t[f"gram/{u['name']}"], gram) < 1e-10
         assert _rel(t[f"prior_sum/{u['name']}"], prior) < 1e-10
         assert _rel(t[f"eoc_q/{u['name']}"], q) < 1e-10

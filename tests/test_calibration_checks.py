@@ -59,9 +59,9 @@ CASES = [
     ("goc_cos_sum", (3, 2), -np.inf, "unit transformer_blocks.1.ff, step 2"),
     ("unit_flops", (2,), np.inf, "unit transformer_blocks.1.attn1"),
     ("unit_latency_s", (3,), np.nan, "unit transformer_blocks.1.ff"),
-    ("prior_sum/transformer_blocks.0.ff", (3, 1), np.nan, "step 3, element 1"),
-    ("eoc_q/transformer_blocks.1.attn1", (1, 2, 0), np.inf, "split 1, step 2, element 0"),
-    ("eoc_m/transformer_blocks.1.ff", (0, 4, 1, 3), np.nan, "split 0, step 4, lag 2, element 3"),
+    ("prior_sum/transformer_blocks.0.ff", (3, 1), np.nan, "step 3, group 1"),
+    ("eoc_q/transformer_blocks.1.attn1", (1, 2, 0), np.inf, "split 1, step 2, group 0"),
+    ("eoc_m/transformer_blocks.1.ff", (0, 4, 1, 3), np.nan, "split 0, step 4, lag 2, group 3"),
 ]
 
 
@@ -160,7 +160,7 @@ def test_write_calibration_round_trip_and_refusals(valid, tmp_path):
         write_calibration(tmp_path / "x.safetensors", header, {k: v for k, v in tensors.items() if k != "sensitivity"})
     with pytest.raises(CalibrationError, match="unit_flops: expected float64"):
         write_calibration(tmp_path / "x.safetensors", header, dict(tensors, unit_flops=tensors["unit_flops"].astype(np.float32)))
-    with pytest.raises(CalibrationError, match="calibration tensor extra: not a tensor of format 1"):
+    with pytest.raises(CalibrationError, match="calibration tensor extra: not a tensor of format 2"):
         write_calibration(tmp_path / "x.safetensors", header, dict(tensors, extra=np.zeros(1)))
     with pytest.raises(CalibrationError, match="calibration tensor nope: missing"):
         read_tensors(path, ["nope"])

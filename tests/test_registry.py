@@ -134,6 +134,7 @@ def test_calibration_reads_the_batched_cfg_half_order_from_the_entry(toy_driver)
     """Branch 0 is the conditional branch although the toy pipeline puts it second: at step 0 both runs see
     the same noise, so the guided run's branch 0 is the unguided run's only branch."""
     from cachec.calibrate.recorder import Recorder, StepTracker, batched_cond_first
+    from cachec.calibrate.streaming import BatchRecord
     from cachec.runtime.hooks import install
     from cachec.runtime.units import find_units
 
@@ -144,11 +145,12 @@ def test_calibration_reads_the_batched_cfg_half_order_from_the_entry(toy_driver)
     def record(guidance):
         tracker = StepTracker(driver.transformer, 2, batched_cond_first(driver.pipe))
         recorder = Recorder(units, tracker)
+        recorder.record = BatchRecord(2, 0, "channel", sketch_dim=0)  # exact: the sketches are the features
         with install(driver.transformer, units, recorder):
             recorder.start_run(2)
             driver.generate([3, 7], [0, 1], steps=2, guidance=guidance)
             recorder.finish_run()
-        return recorder.traj
+        return recorder.record.y
 
     guided, unguided = record(3.0), record(1.0)
     for u in range(len(units)):

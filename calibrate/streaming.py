@@ -1,0 +1,211 @@
+"""Per-step streaming of unit features into what the statistics need (docs/calibration-format.md, "Memory").
+
+A calibration never keeps a unit's feature trajectory. At each transformer call the recorder hands every
+unit's output for one guidance branch — ``x``, float32 (n, D_u), the flattened per-sample output of the
+batch's n samples — to :meth:`BatchRecord.push`, which keeps only
+
+- ``y = R x``, the unit's **sketch** (n, r_u) float32 at this step (:class:`CountSketch`; ``R`` is the
+  identity when ``D_u <= r``, so the Gram is exact there): the Gram and the GOC statistics are folded from
+  these after the batch (:meth:`cachec.calibrate.stats.Accumulators.add`);
+- the **EOC group sums** of this step, added at once into per-batch split sums (:func:`group_sums`):
+  ``Σ_rows g(x)``, ``Σ_rows g(x ⊙ x)`` and, for lags j = 1..K, ``Σ_rows g((x − x_{s−j}) ⊙ x_{s−j})``;
+- a window of the last K raw features per (unit, branch), float32 (n, K, D_u), for those lagged products.
+
+Memory beyond plain sampling: ``4 · n · B · Σ_u (S · r_u + K · D_u)`` bytes of buffers plus the split sums
+``8 · (1 + 2 + 2K) · S · Σ_u G_u`` bytes (G_u groups, :func:`cachec.calibrate.format.eoc_group_layout`) —
+no term in S × D_u.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .format import eoc_group_layout, sketch_dim
+
+F64 = torch.float64
+
+
+class CountSketch:
+    """A fixed random linear map ``R``: (D,) → (r,), ``E[RᵀR] = I`` (Charikar et al., "Finding frequent
+    items in data streams", 2002; balanced buckets).
+
+    Element i goes, with sign ``σ_i = ±1``, into bucket ``π(i) mod r`` (π a random permutation), so each
+    bucket sums ⌈D/r⌉ or ⌊D/r⌋ elements. For any fixed vector e, ``E‖Re‖² = ‖e‖²`` and the relative
+    standard deviation of ``‖Re‖²`` is at most ``sqrt(2/r)`` (1.6 % at r = 8192); errors of linear
+    predictors are such vectors (``e = x_s − Σ_j a_j x_{t_j}``), so the planner's errors keep this
+    *relative* accuracy however small they are. ``D <= r`` (or ``dim = 0``) gives the identity.
+
+    Args:
+        numel: D.
+        dim: r (0: never sketch).
+        seed: the map's seed (the calibration's ``gram_sketch.seed`` plus the unit index): the same seed
+            gives the same map on every rank, shard and resumed run.
+        device: where the map lives (the features' device).
+    """
+
+    def __init__(self, numel: int, dim: int, seed: int, device):
+        self.numel = int(numel)
+        self.dim = sketch_dim(numel, dim)
+        self.identity = self.dim == self.numel
+        if self.identity:
+            return
+        g = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(self.numel, generator=g)
+        sign = torch.randint(0, 2, (self.numel,), generator=g, dtype=torch.int64) * 2 - 1
+        rows = math.ceil(self.numel / self.dim)
+        # gather index (rows * r): bucket b holds the elements i with perm[i] = b + r*m; the padding index
+        # numel points at an appended zero column
+        slots = torch.full((rows * self.dim,), self.numel, dtype=torch.int64)
+        slots[perm] = torch.arange(self.numel)
+        self.index = slots.to(device)
+        self.sign = sign.to(device=device, dtype=F64)
+        self.rows = rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``R x`` for a batch of rows.
+
+        Args:
+            x: (n, D) float32 or float64.
+        Returns:
+            (n, r) float32: ``x`` itself (as float32) for the identity, else the sketch summed in float64
+            (a fixed reduction order: deterministic on a given device).
+        """
+        if self.identity:
+            return x.float()
+        n = x.shape[0]
+        signed = torch.nn.functional.pad(x.to(F64) * self.sign, (0, 1))
+        return signed[:, self.index].view(n, self.rows, self.dim).sum(1).float()
+
+
+def group_sums(v: torch.Tensor, layout, grouping: str) -> torch.Tensor:
+    """Per-group sums of flattened per-sample outputs.
+
+    Args:
+        v: (n, D) tensor (any float dtype), rows = samples.
+        layout: :func:`cachec.calibrate.format.eoc_group_layout` of the unit for ``grouping``.
+        grouping: ``channel``, ``token`` or ``element``.
+    Returns:
+        (n, G) tensor of v's dtype, parts' groups concatenated in order.
+    """
+    n = v.shape[0]
+    out = []
+    off = 0
+    for _, groups, size in layout:
+        part = v[:, off:off + groups * size]
+        if size == 1:
+            out.append(part)
+        elif grouping == "channel":  # C-order (tokens, C): the last axis is the group
+            out.append(part.reshape(n, size, groups).sum(1))
+        else:  # per token: the last axis is summed
+            out.append(part.reshape(n, groups, size).sum(2))
+        off += groups * size
+    return out[0] if len(out) == 1 else torch.cat(out, 1)
+
+
+class BatchRecord:
+    """What one batch leaves behind for the statistics (see the module docstring).
+
+    Args:
+        steps: S.
+        eoc_lags: K.
+        eoc_prior: grouping of the EOC statistics (:data:`cachec.calibrate.format.EOC_PRIORS`).
+        sketch_dim: r (0: exact Grams).
+        sketch_seed: seed of unit 0's sketch (unit u uses ``sketch_seed + u``).
+
+    Attributes (after the batch):
+        y: ``y[u][b]`` (n, S, r_u) float32 sketches.
+        prior: ``prior[u]`` (S, G_u) float64, ``Σ_{rows, b} g(x_s)``.
+        q: ``q[u]`` (2, S, G_u) float64, per split k ``Σ_{rows in k, b} g(x_s ⊙ x_s)``.
+        m: ``m[u]`` (2, S, K, G_u) float64, ``Σ_{rows in k, b} g((x_s − x_{s−j}) ⊙ x_{s−j})`` at index j−1
+            (zero where s < j).
+        layouts: per unit the group layout; ``sketch_dims``, ``groups``: r_u and G_u.
+    """
+
+    def __init__(self, steps: int, eoc_lags: int, eoc_prior: str, sketch_dim: int = 0, sketch_seed: int = 0):
+        self.S, self.K = int(steps), int(eoc_lags)
+        self.eoc_prior = eoc_prior
+        self.sketch_dim, self.sketch_seed = int(sketch_dim), int(sketch_seed)
+        self.sketches: dict[int, CountSketch] = {}  # kept across batches: the same map every batch
+        self.layouts: dict[int, list] = {}
+        self.n = 0
+        self.first_sample = 0
+        self.reset(0, 0)
+
+    def reset(self, n_samples: int, first_sample: int) -> None:
+        """Start a batch of ``n_samples`` samples whose first has global index ``first_sample``
+        (split of row i: ``(first_sample + i) mod 2``). Buffers of the right size are reused."""
+        self.n, self.first_sample = int(n_samples), int(first_sample)
+        self._split_rows = None
+        for d in (getattr(self, "prior", {}), getattr(self, "q", {}), getattr(self, "m", {})):
+            for t in d.values():
+                t.zero_()
+        if not hasattr(self, "y"):
+            self.y: dict[int, dict[int, torch.Tensor]] = {}
+            self.window: dict[int, dict[int, torch.Tensor]] = {}
+            self.prior: dict[int, torch.Tensor] = {}
+            self.q: dict[int, torch.Tensor] = {}
+            self.m: dict[int, torch.Tensor] = {}
+
+    def unit_layout(self, unit: int, shapes) -> list:
+        """The group layout of a unit (fixed by its first output's shapes)."""
+        if unit not in self.layouts:
+            self.layouts[unit] = eoc_group_layout(shapes, self.eoc_prior)
+        return self.layouts[unit]
+
+    def _rows(self, device) -> list[torch.Tensor]:
+        if self._split_rows is None or self._split_rows[0].device != device:
+            idx = torch.arange(self.n, device=device)
+            self._split_rows = [idx[(self.first_sample + idx) % 2 == k] for k in (0, 1)]
+        return self._split_rows
+
+    def push(self, unit: int, branch: int, step: int, x: torch.Tensor, shapes) -> None:
+        """Fold one unit's output of one branch at one step.
+
+        Args:
+            unit, branch, step: where the output belongs.
+            x: (n, D_u) float32 (rows = the batch's samples, flattened parts concatenated).
+            shapes: the unit's per-sample part shapes.
+        """
+        n, D = x.shape
+        dev = x.device
+        layout = self.unit_layout(unit, shapes)
+        G = sum(g for _, g, _ in layout)
+        S, K = self.S, self.K
+        sk = self.sketches.get(unit)
+        if sk is None or sk.numel != D or (not sk.identity and sk.index.device != dev):
+            sk = self.sketches[unit] = CountSketch(D, self.sketch_dim, self.sketch_seed + unit, dev)
+        ys = self.y.setdefault(unit, {})
+        buf = ys.get(branch)
+        if buf is None or buf.shape[0] != n or buf.device != dev:
+            buf = ys[branch] = torch.empty(n, S, sk.dim, dtype=torch.float32, device=dev)
+        buf[:, step] = sk(x)
+        if unit not in self.prior or self.prior[unit].device != dev:
+            self.prior[unit] = torch.zeros(S, G, dtype=F64, device=dev)
+            self.q[unit] = torch.zeros(2, S, G, dtype=F64, device=dev)
+            self.m[unit] = torch.zeros(2, S, K, G, dtype=F64, device=dev)
+        x64 = x.to(F64)
+        rows = self._rows(dev)
+        self.prior[unit][step] += group_sums(x64, layout, self.eoc_prior).sum(0)
+        sq = group_sums(x64 * x64, layout, self.eoc_prior)
+        for k in (0, 1):
+            if len(rows[k]):
+                self.q[unit][k, step] += sq[rows[k]].sum(0)
+        if K == 0:
+            return
+        wins = self.window.setdefault(unit, {})
+        win = wins.get(branch)
+        if win is None or win.shape[0] != n or win.device != dev or win.shape[2] != D:
+            win = wins[branch] = torch.empty(n, K, D, dtype=torch.float32, device=dev)
+        for j in range(1, min(K, step) + 1):
+            prev = win[:, (step - j) % K].to(F64)
+            prod = group_sums((x64 - prev) * prev, layout, self.eoc_prior)
+            for k in (0, 1):
+                if len(rows[k]):
+                    self.m[unit][k, step, j - 1] += prod[rows[k]].sum(0)
+        win[:, step % K].copy_(x)
+
+    def release_windows(self) -> None:
+        """Free the raw-feature windows (between calibrations; a batch reuses them)."""
+        self.window = {}
