@@ -9,8 +9,8 @@ import click
 
 from . import __version__
 
-from .cli_common import (USER_ERRORS, condition_options, conditions, device_option, dtype_option, friendly,  # noqa: F401
-                         check_output, output_folder, parse_resolution, resolution_flag)
+from .cli_common import (USER_ERRORS, condition_options, conditions, device_dtype_options, device_option,  # noqa: F401
+                         dtype_option, friendly, check_output, output_folder, parse_resolution, resolution_flag)
 from .cli_sampling import eval_, run, sample, write_json
 
 
@@ -69,8 +69,7 @@ def calibrate():
               help="How the final-sample sensitivity per unit and step is measured (docs/calibration.md).")
 @click.option("--sensitivity-samples", type=int, default=4, show_default=True)
 @click.option("--cfg", type=click.Choice(["batched", "split"]), default="batched", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
+@device_dtype_options
 @click.option("--restart", is_flag=True, help="Discard a partial run of another configuration instead of refusing.")
 @click.option("--along", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Sample along this plan's cached trajectory (units computed in shadow); needs --sensitivity-from.")

@@ -1,5 +1,6 @@
-"""What every ``cachec`` command shares: one-line user errors, device/dtype options, progress bars, and the
-condition options (``--classes``, ``--prompt``, ``--prompts``, ``--resolution``) parsed one way everywhere.
+"""What every ``cachec`` command shares: one-line user errors, the ``--device``/``--dtype`` options, progress
+bars, and the condition options (``--classes``, ``--prompt``, ``--prompts``, ``--resolution``) parsed one way
+everywhere.
 
 The commands live in :mod:`cachec.cli` (calibrate, plan, inspect, compile) and :mod:`cachec.cli_sampling`
 (sample, run, eval).
@@ -37,33 +38,73 @@ def friendly(fn):
     return wrapper
 
 
+#: ``--dtype`` names → torch dtype names (the dtypes a model can be loaded in)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def device_dtype_options(fn):
+    """Add ``--device`` and ``--dtype`` (checked with :func:`device_option` / :func:`dtype_option`) to a command."""
+    fn = click.option("--dtype", default="float32", show_default=True, metavar="float32|bfloat16|float16",
+                      help="dtype the model is loaded in (also fp32, bf16, fp16). A plan's weight fingerprint is "
+                           "the same for float32 and bfloat16 loads of one checkpoint (docs/plan-format.md).")(fn)
+    fn = click.option("--device", default="cpu", show_default=True,
+                      help="torch device of the model: cpu, cuda, cuda:N, mps.")(fn)
+    return fn
+
+
 def device_option(device: str) -> str:
-    """``--device`` checked: a CUDA device needs a GPU.
+    """``--device`` checked: a valid torch device string whose backend is available here.
+
+    Returns:
+        ``device`` unchanged.
 
     Raises:
-        click.ClickException: ``cuda…`` without CUDA.
+        click.ClickException: one line naming the problem and the fix: not a device string, ``cuda…`` without
+            a usable CUDA GPU (a CPU-only torch build, or no GPU), a GPU index past the last one, ``mps``
+            unavailable, or another backend this torch cannot allocate on.
     """
-    if device.startswith("cuda"):
-        import torch
+    import torch
 
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise click.ClickException(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise click.ClickException(
+                f"--device {device} needs a CUDA build of torch, but this one (torch {torch.__version__}) is CPU-only: "
+                "install torch with CUDA (pip install without '-c constraints.txt'), or use --device cpu")
         if not torch.cuda.is_available():
-            raise click.ClickException("--device cuda was given but no CUDA GPU is available; use --device cpu")
+            raise click.ClickException(f"--device {device} was given but no CUDA GPU is available (check the driver "
+                                       "and CUDA_VISIBLE_DEVICES); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise click.ClickException(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise click.ClickException(f"--device {device} was given but MPS (Apple GPU) is not available; use --device cpu")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:  # noqa: BLE001 - any backend failure is the same user error
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(f"--device {device} is not usable here ({first}); use --device cpu") from None
     return device
 
 
 def dtype_option(name: str):
-    """``--dtype`` name → torch dtype.
+    """``--dtype`` name (a key of :data:`DTYPES`, any case) → torch dtype.
 
     Raises:
-        click.ClickException: unknown name.
+        click.ClickException: an unsupported name (the message lists the supported ones).
     """
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise click.ClickException(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
-    return table[name]
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise click.ClickException(f"unsupported --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[key])
 
 
 def step_bar(total_steps: int, n_batches: int, desc: str):

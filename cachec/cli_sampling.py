@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (condition_options, conditions, device_option, dtype_option, friendly, given_conditions,
-                         output_folder, parse_resolution, resolution_flag, step_bar)
+from .cli_common import (condition_options, conditions, device_dtype_options, device_option, dtype_option, friendly,
+                         given_conditions, output_folder, parse_resolution, resolution_flag, step_bar)
 
 
 def _outputs(out: str, overwrite: bool) -> tuple[Path, Path]:
@@ -46,8 +46,7 @@ _OVERWRITE = click.option("--overwrite", is_flag=True,
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed SEED + i.")
 @resolution_flag
 @click.option("--cfg", type=click.Choice(["batched", "split"]), default="batched", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
+@device_dtype_options
 @click.option("--out", "out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="PNG grid; the raw samples go to the same name with .safetensors (a sample set).")
 @_OVERWRITE
@@ -103,11 +102,13 @@ def sample(model, classes, prompt, prompts_file, per_class, steps, guidance, see
 @click.option("--remap", type=click.Choice(["error", "nearest", "off"]), default="error", show_default=True,
               help="A run whose timesteps are not the plan's sequence: refuse, follow the nearest plan step, "
                    "or compute it in full (docs/plan-format.md).")
+@device_dtype_options
 @click.option("--out", type=click.Path(dir_okay=False), default="cached.png", show_default=True,
               help="PNG grid; raw samples (a sample set with the plan's identity) go to the same name with .safetensors.")
 @_OVERWRITE
 @friendly
-def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force, steps, guidance, remap, out, overwrite):
+def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force, steps, guidance, remap, device, dtype,
+        out, overwrite):
     """Sample with a plan applied (at the plan's resolution) and print the runtime's report (FLOPs fraction,
     counts, wall time)."""
     from .images import make_grid, save_png
@@ -117,8 +118,9 @@ def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force,
     from .samples import plan_identity, sample_meta, save_samples
 
     png, raw = _outputs(out, overwrite)
+    device, dtype = device_option(device), dtype_option(dtype)
     plan = load_plan(plan_file)
-    driver = load_model(model or plan.model.source)
+    driver = load_model(model or plan.model.source, device=device, dtype=dtype)
     driver.set_resolution(plan.sampler.resolution)
     conds = [c for c in conditions(driver, classes, prompt, prompts_file) for _ in range(per_class)]
     seeds = [seed + i for i in range(len(conds))]
@@ -172,8 +174,9 @@ def eval_summary(result: dict) -> str:
               "calibration seeds lie below 500000).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Plan mode: side-by-side PNG (uncached | cached).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@device_dtype_options
 @friendly
-def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, seed, png, json_out):
+def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, seed, png, json_out, device, dtype):
     """Quality of a plan (TARGET.yaml) or of a sample set (TARGET.safetensors) against uncached sampling.
 
     \b
@@ -195,8 +198,9 @@ def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, se
         from .loading import load_model
         from .runtime.plan import load_plan
 
+        device, dtype = device_option(device), dtype_option(dtype)
         plan = load_plan(target)
-        driver = load_model(model or plan.model.source)
+        driver = load_model(model or plan.model.source, device=device, dtype=dtype)
         driver.set_resolution(plan.sampler.resolution)
         conds, seeds = held_out_set(driver, n_samples, EVAL_SEED if seed is None else seed,
                                     given_conditions(driver, classes, prompt, prompts_file))

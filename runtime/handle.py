@@ -193,18 +193,26 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
 
 
 def _check_weights(model, plan: Plan, force: bool, stacklevel: int) -> None:
-    """Compare the model's weight fingerprint with the plan's.
+    """Compare the model's weight fingerprint with the plan's (:func:`weights_fingerprint`: the same for
+    float32, bfloat16 and float64 loads of one checkpoint, on any device; a float16 load of a float32
+    checkpoint differs, and the message says so when the model holds float16 weights).
 
     Raises:
         PlanMismatchError: they differ and ``force`` is False (with ``force``: a RuntimeWarning).
     """
+    import torch
+
     fingerprint = weights_fingerprint(model)
     if fingerprint == plan.model.fingerprint:
         return
     cls = type(model).__name__
+    half = any(p.dtype == torch.float16 for p in model.parameters())
     message = (
         f"the plan was made for other weights (plan fingerprint {plan.model.fingerprint[:19]}…, this "
-        f"{cls} has {fingerprint[:19]}…)"
+        f"{cls} has {fingerprint[:19]}…"
+        + ("; its weights are float16, and a float16 load of a float32 checkpoint has its own fingerprint: "
+           "load it in bfloat16/float32 or calibrate on the float16 model" if half else "")
+        + ")"
     )
     if not force:
         raise PlanMismatchError(message + "; make a plan for these weights, or pass force=True (cachec run --force) to use it anyway")
