@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--shard", default="0/1")
     p.add_argument("--eoc-lags", type=int, default=2)
-    p.add_argument("--eoc-prior", default="channel", choices=["channel", "token", "element"])
+    p.add_argument("--eoc-prior", default="token", choices=["channel", "token", "element"])
+    p.add_argument("--eoc-sample", type=int, default=256, help="most elements per EOC group (0: all)")
     p.add_argument("--sketch-dim", type=int, default=8192, help="Gram sketch dimension r (0: exact)")
     p.add_argument("--sensitivity", default="full", choices=["full", "factored", "none"])
     p.add_argument("--sensitivity-samples", type=int, default=4)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             guidance=a.guidance, seed=a.seed, batch_size=a.batch_size, shard=a.shard, eoc_lags=a.eoc_lags,
             sensitivity=a.sensitivity, sensitivity_samples=a.sensitivity_samples, progress=not a.no_progress,
             cfg=a.cfg, restart=a.restart, checkpoint_every=a.checkpoint_every, eoc_prior=a.eoc_prior,
-            sketch_dim=a.sketch_dim,
+            sketch_dim=a.sketch_dim, eoc_sample=a.eoc_sample,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"Error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)

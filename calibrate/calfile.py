@@ -90,6 +90,7 @@ _MUST_MATCH = (
     ("seed", lambda h: h["seed"]),
     ("eoc_lags", lambda h: h["eoc_lags"]),
     ("eoc_prior", lambda h: h["eoc_prior"]),
+    ("eoc_sample", lambda h: h["eoc_sample"]),
     ("gram sketch", lambda h: h["gram_sketch"]),
     ("sensitivity method", lambda h: h["sensitivity"]["method"]),
     ("plan followed (along_plan)", lambda h: h.get("along_plan")),

@@ -84,7 +84,7 @@ def run_config(job: CalibrationJob, ctx: RunContext, model_class: str, fingerpri
         "conditions": list(job.conditions), "samples_per_condition": job.samples_per_condition, "steps": job.steps,
         "guidance": job.guidance, "seed": job.seed, "batch_size": job.batch_size, "shard": f"{shard_i}/{shard_n}",
         "eoc_lags": job.eoc_lags, "eoc_prior": job.eoc_prior, "sketch_dim": job.sketch_dim,
-        "sketch_seed": job.sketch_seed, "sensitivity": job.sensitivity, "sensitivity_samples": job.sensitivity_samples,
+        "sketch_seed": job.sketch_seed, "eoc_sample": job.eoc_sample, "sensitivity": job.sensitivity, "sensitivity_samples": job.sensitivity_samples,
         "cfg": job.cfg, "world": ctx.world, "rank": ctx.rank, "units": [u.name for u in ctx.units],
     }
     if ctx.along is not None:

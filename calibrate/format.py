@@ -32,7 +32,7 @@ METADATA_KEY = "cachec_calibration"
 HEADER_KEYS = (
     "format", "format_version", "created", "cachec_version", "model", "scheduler", "steps", "timesteps",
     "sigmas", "guidance", "resolution", "conditions", "samples_per_condition", "seed", "samples",
-    "prior_count", "goc_count", "eoc_lags", "eoc_prior", "gram_sketch", "units", "flops", "sensitivity", "shards",
+    "prior_count", "goc_count", "eoc_lags", "eoc_prior", "eoc_sample", "gram_sketch", "units", "flops", "sensitivity", "shards",
 )
 #: optional header keys, after the required ones when present (docs/calibration-format.md)
 OPTIONAL_HEADER_KEYS = ("along_plan",)
@@ -45,6 +45,8 @@ EOC_PRIORS = ("channel", "token", "element")
 GRAM_METHODS = ("exact", "countsketch")
 #: default sketch dimension r: units with more output elements per sample are sketched to r values
 DEFAULT_SKETCH_DIM = 8192
+#: default most elements per group the EOC sums read (a fixed random subset of the summed axis; 0: all)
+DEFAULT_EOC_SAMPLE = 256
 #: per-unit tensor kinds, stored as ``{kind}/{unit name}`` (docs/calibration-format.md, "Tensors")
 PER_UNIT_TENSORS = ("gram", "prior_sum", "eoc_q", "eoc_m")
 #: tensors over all units, (U,) or (U, S)
@@ -109,6 +111,8 @@ def validate_header(header: object) -> dict:
     _require(float(fl["fixed_step"]) >= 0, "calibration header.flops.fixed_step: expected >= 0")
     _require(header["eoc_prior"] in EOC_PRIORS,
              f"calibration header.eoc_prior: expected one of {list(EOC_PRIORS)}, got {header['eoc_prior']!r}")
+    _require(isinstance(header["eoc_sample"], int) and header["eoc_sample"] >= 0,
+             "calibration header.eoc_sample: expected an int >= 0")
     gs = header["gram_sketch"]
     _require(isinstance(gs, dict) and all(k in gs for k in ("method", "dim", "seed")),
              "calibration header.gram_sketch: expected {method, dim, seed}")
@@ -197,6 +201,7 @@ class CalibrationHeader:
         prior_count, goc_count: (sample, branch) outputs summed in ``prior_sum`` / ``goc_*_sum``.
         eoc_lags: K (int >= 0).
         eoc_prior: grouping of the EOC prior statistics, one of :data:`EOC_PRIORS`.
+        eoc_sample: most elements per group summed into the EOC statistics (0: all; docs/calibration-format.md).
         gram_sketch: ``{"method": "exact" | "countsketch", "dim": r, "seed": int}`` (how ``gram`` was made).
         units: U dicts with :data:`UNIT_KEYS`.
         flops: ``{"full_step", "fixed_step", "counter"}``, FLOPs of one forward for one sample, one branch.
@@ -227,6 +232,7 @@ class CalibrationHeader:
     goc_count: int
     eoc_lags: int
     eoc_prior: str
+    eoc_sample: int
     gram_sketch: dict
     units: list
     flops: dict
@@ -383,7 +389,7 @@ def write_calibration(path: str | Path, header: CalibrationHeader | dict, tensor
     if size > WARN_BYTES:
         warnings.warn(
             f"calibration file {path} is {size / 1e6:.0f} MB (> 500 MB): the EOC prior statistics grow with "
-            "units × steps × groups (eoc_prior='element' stores every feature element; 'channel' is the compact default)",
+            "units × steps × groups (eoc_prior='element' stores every feature element; 'token' is the compact default)",
             stacklevel=2,
         )
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .conditions import batch_samples, num_batches, sample_plan
-from .format import DEFAULT_SKETCH_DIM
+from .format import DEFAULT_EOC_SAMPLE, DEFAULT_SKETCH_DIM
 
 
 def parse_shard(text: str | tuple | None) -> tuple[int, int]:
@@ -56,6 +56,7 @@ class CalibrationJob:
         eoc_prior: grouping of the EOC prior statistics (``channel``, ``token`` or ``element``).
         sketch_dim: r, the sketch dimension of the Gram statistics (0: exact, never sketched).
         sketch_seed: seed of unit 0's sketch (unit u: ``sketch_seed + u``).
+        eoc_sample: most elements per group the EOC sums read (0: all).
         sensitivity: ``"full"``, ``"factored"`` or ``"none"``.
         sensitivity_samples: samples of the sensitivity probes (>= 1 unless ``"none"``).
         cfg: ``"batched"`` or ``"split"``.
@@ -81,8 +82,9 @@ class CalibrationJob:
     checkpoint_every: float
     overlap: bool
     progress: bool
-    eoc_prior: str = "channel"
+    eoc_prior: str = "token"
     sketch_dim: int = DEFAULT_SKETCH_DIM
+    eoc_sample: int = DEFAULT_EOC_SAMPLE
     sketch_seed: int = 0
 
     @functools.cached_property

@@ -46,7 +46,7 @@ from .checkpoint import (  # noqa: F401  (partial_paths re-exported: cachec.cali
     RunState, load_sensitivity_partial, partial_paths, run_config, save_sensitivity_partial,
 )
 from .costs import mean_latency
-from .format import DEFAULT_SKETCH_DIM, EOC_PRIORS, CalibrationHeader, write_calibration
+from .format import DEFAULT_EOC_SAMPLE, DEFAULT_SKETCH_DIM, EOC_PRIORS, CalibrationHeader, write_calibration
 from .job import CalibrationJob, RunContext, parse_shard
 from .recorder import Recorder, ShadowRecorder, StepTracker, Switch, batched_cond_first
 from .sampling import sample_batches
@@ -66,7 +66,8 @@ def calibrate(
     batch_size: int = 8,
     shard: tuple[int, int] | str = (0, 1),
     eoc_lags: int = 2,
-    eoc_prior: str = "channel",
+    eoc_prior: str = "token",
+    eoc_sample: int = DEFAULT_EOC_SAMPLE,
     sketch_dim: int = DEFAULT_SKETCH_DIM,
     sensitivity: str = "full",
     sensitivity_samples: int = 4,
@@ -99,8 +100,14 @@ def calibrate(
         shard: ``(i, n)`` or ``"i/n"``: this process calibrates batches ``b % n == i``; merge the shard files
             with :func:`cachec.calibrate.merge`.
         eoc_lags: K, lags of the EOC inner products.
-        eoc_prior: grouping of the EOC prior: ``"channel"`` (default, S × channels values per unit),
-            ``"token"``, or ``"element"`` (the full per-element prior: large files, opt-in).
+        eoc_prior: grouping of the EOC prior: ``"token"`` (default: one value per token, S × tokens values
+            per unit), ``"channel"``, or ``"element"`` (the full per-element prior: large files, opt-in).
+            Measured on both reference models, per token keeps far more of EOC's held-out gain than per
+            channel or per element (bench/bench_eoc_prior.py, docs/calibration-format.md "EOC prior").
+        eoc_sample: E; the EOC sums of a group read at most E of its elements (a fixed random subset of
+            the tokens for ``channel``, of the channels for ``token``; scaled to estimate the full sums), so
+            the raw-output window the lag products need holds ``eoc_lags · G_u · E`` values per unit, not
+            ``eoc_lags · D_u``. Exact when every group has at most E elements; 0 reads every element.
         sketch_dim: r; a unit with more than r output elements per sample has its Gram computed from a
             CountSketch of dimension r (relative error of any predictor's error ≤ sqrt(2/r) in standard
             deviation, docs/calibration-format.md); 0 computes every Gram exactly.
@@ -148,6 +155,8 @@ def calibrate(
         raise ValueError(f"eoc_lags must be >= 0, got {eoc_lags}")
     if eoc_prior not in EOC_PRIORS:
         raise ValueError(f"unknown eoc_prior {eoc_prior!r}; choose one of {', '.join(EOC_PRIORS)}")
+    if int(eoc_sample) < 0:
+        raise ValueError(f"eoc_sample must be >= 0 (0: every element), got {eoc_sample}")
     if int(sketch_dim) < 0:
         raise ValueError(f"sketch_dim must be >= 0 (0: exact Grams), got {sketch_dim}")
     if sensitivity not in sens_mod.METHODS:
@@ -165,7 +174,7 @@ def calibrate(
         guidance=guidance, seed=int(seed), batch_size=int(batch_size), shard=parse_shard(shard),
         eoc_lags=int(eoc_lags), sensitivity=sensitivity, sensitivity_samples=int(sensitivity_samples), cfg=cfg,
         restart=bool(restart), checkpoint_every=float(checkpoint_every), overlap=bool(overlap), progress=bool(progress),
-        eoc_prior=eoc_prior, sketch_dim=int(sketch_dim),
+        eoc_prior=eoc_prior, sketch_dim=int(sketch_dim), eoc_sample=int(eoc_sample),
     )
     shard_i, shard_n = job.shard
     if shard_i >= job.n_batches:
@@ -316,6 +325,7 @@ def _header(job: CalibrationJob, ctx: RunContext, state: RunState, sens_info: di
         goc_count=sum(acc.samples) * B,
         eoc_lags=job.eoc_lags,
         eoc_prior=job.eoc_prior,
+        eoc_sample=job.eoc_sample,
         gram_sketch={"method": "countsketch" if any(u["sketch_dim"] < u["numel"] for u in st["units"]) else "exact",
                      "dim": job.sketch_dim, "seed": job.sketch_seed},
         units=st["units"],

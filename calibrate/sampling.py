@@ -39,7 +39,7 @@ def _sigmas(scheduler, steps: int) -> list[float] | None:
 
 
 def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[float], float, float],
-              sketch: int = 0, eoc_prior: str = "channel") -> dict:
+              sketch: int = 0, eoc_prior: str = "token") -> dict:
     """The facts the first batch fixes (stored in the partial state, copied into the header).
 
     Args:
@@ -158,7 +158,7 @@ def sample_batches(job: CalibrationJob, ctx: RunContext, state: RunState, switch
     driver, units, steps = ctx.driver, ctx.units, job.steps
     folder = Folder(state, len(units), overlap=bool(job.overlap))
     # per-batch records, reused between batches; two when a fold overlaps the next batch
-    records = [BatchRecord(steps, job.eoc_lags, job.eoc_prior, job.sketch_dim, job.sketch_seed)
+    records = [BatchRecord(steps, job.eoc_lags, job.eoc_prior, job.sketch_dim, job.sketch_seed, job.eoc_sample)
                for _ in range(2 if folder.pool is not None else 1)]
     last_save = time.monotonic()
     unsaved = False

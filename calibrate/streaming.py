@@ -9,11 +9,14 @@ batch's n samples — to :meth:`BatchRecord.push`, which keeps only
   these after the batch (:meth:`cachec.calibrate.stats.Accumulators.add`);
 - the **EOC group sums** of this step, added at once into per-batch split sums (:func:`group_sums`):
   ``Σ_rows g(x)``, ``Σ_rows g(x ⊙ x)`` and, for lags j = 1..K, ``Σ_rows g((x − x_{s−j}) ⊙ x_{s−j})``;
-- a window of the last K raw features per (unit, branch), float32 (n, K, D_u), for those lagged products.
+- a window of the last K raw outputs per (unit, branch) for those lagged products — only the elements the
+  EOC sums read: each group sums at most E = ``eoc_sample`` of its elements (:class:`EOCSubset`, a fixed
+  random subset of the tokens for per-channel groups, of the channels for per-token groups, scaled by
+  group size / E so the sums estimate the full ones; exact where a group has at most E elements).
 
-Memory beyond plain sampling: ``4 · n · B · Σ_u (S · r_u + K · D_u)`` bytes of buffers plus the split sums
-``8 · (1 + 2 + 2K) · S · Σ_u G_u`` bytes (G_u groups, :func:`cachec.calibrate.format.eoc_group_layout`) —
-no term in S × D_u.
+Memory beyond plain sampling: ``4 · n · B · Σ_u (S · r_u + K · E_u)`` bytes of buffers (E_u = the elements
+the EOC sums read, ``min(D_u, G_u · E)``) plus the split sums ``8 · (1 + 2 + 2K) · S · Σ_u G_u`` bytes
+(G_u groups, :func:`cachec.calibrate.format.eoc_group_layout`) — no term in S × D_u.
 """
 
 from __future__ import annotations
@@ -79,6 +82,68 @@ class CountSketch:
         return signed[:, self.index].view(n, self.rows, self.dim).sum(1).float()
 
 
+class EOCSubset:
+    """The elements of one unit's output its EOC sums read, and the factor that scales each group's sum.
+
+    For every tuple part of per-sample shape ``(T, C)`` (leading axes flattened into T): per-channel
+    groups read ``min(T, E)`` tokens (a random subset, the same for every channel, step and sample), per-token
+    groups read ``min(C, E)`` channels; per-element groups read everything. A subsampled group's sums are
+    multiplied by (group size / elements read): unbiased estimates of the full sums (a Monte-Carlo mean
+    over the group's elements, relative error ~ CV / sqrt(E)).
+
+    Args:
+        shapes: the unit's per-sample part shapes.
+        grouping: ``channel``, ``token`` or ``element``.
+        sample: E (0: every element).
+        seed: the subset's seed.
+        device: where the index lives.
+
+    Attributes:
+        index: (E_u,) int64 positions in the flattened output, or None (every element, in order).
+        layout: the group layout of the read elements (as :func:`~cachec.calibrate.format.eoc_group_layout`).
+        scale: (G_u,) float64 factors per group, or None (all 1).
+    """
+
+    def __init__(self, shapes, grouping: str, sample: int, seed: int, device):
+        full = eoc_group_layout(shapes, grouping)
+        self.layout, self.index, self.scale = full, None, None
+        if grouping == "element" or sample <= 0 or all(size <= sample for _, _, size in full):
+            return
+        g = torch.Generator().manual_seed(int(seed))
+        idx, layout, scale, off = [], [], [], 0
+        for sh, (bshape, groups, size) in zip(shapes, full):
+            n = groups * size
+            C = int(sh[-1]) if len(sh) else 1
+            T = n // max(C, 1)
+            if size <= sample:
+                idx.append(torch.arange(off, off + n))
+                layout.append((bshape, groups, size))
+                scale.append(torch.ones(groups, dtype=F64))
+            elif grouping == "channel":  # groups = channels, read `sample` tokens
+                tok = torch.randperm(T, generator=g)[:sample].sort().values
+                idx.append((off + tok[:, None] * C + torch.arange(C)[None]).reshape(-1))
+                layout.append((bshape, groups, sample))
+                scale.append(torch.full((groups,), size / sample, dtype=F64))
+            else:  # groups = tokens, read `sample` channels
+                ch = torch.randperm(C, generator=g)[:sample].sort().values
+                idx.append((off + torch.arange(T)[:, None] * C + ch[None]).reshape(-1))
+                layout.append((bshape, groups, sample))
+                scale.append(torch.full((groups,), size / sample, dtype=F64))
+            off += n
+        self.index = torch.cat(idx).to(device)
+        self.layout = layout
+        self.scale = torch.cat(scale).to(device)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, E_u) the read elements of ``x`` (n, D_u)."""
+        return x if self.index is None else x[:, self.index]
+
+    def sums(self, v: torch.Tensor, grouping: str) -> torch.Tensor:
+        """(n, G_u) scaled group sums of ``v`` (n, E_u) (values of the read elements)."""
+        out = group_sums(v, self.layout, grouping)
+        return out if self.scale is None else out * self.scale
+
+
 def group_sums(v: torch.Tensor, layout, grouping: str) -> torch.Tensor:
     """Per-group sums of flattened per-sample outputs.
 
@@ -112,7 +177,9 @@ class BatchRecord:
         eoc_lags: K.
         eoc_prior: grouping of the EOC statistics (:data:`cachec.calibrate.format.EOC_PRIORS`).
         sketch_dim: r (0: exact Grams).
-        sketch_seed: seed of unit 0's sketch (unit u uses ``sketch_seed + u``).
+        sketch_seed: seed of unit 0's sketch (unit u uses ``sketch_seed + u``; its EOC subset
+            ``sketch_seed + 1_000_003 + u``).
+        eoc_sample: E, most elements per group the EOC sums read (0: all; :class:`EOCSubset`).
 
     Attributes (after the batch):
         y: ``y[u][b]`` (n, S, r_u) float32 sketches.
@@ -123,8 +190,11 @@ class BatchRecord:
         layouts: per unit the group layout; ``sketch_dims``, ``groups``: r_u and G_u.
     """
 
-    def __init__(self, steps: int, eoc_lags: int, eoc_prior: str, sketch_dim: int = 0, sketch_seed: int = 0):
+    def __init__(self, steps: int, eoc_lags: int, eoc_prior: str, sketch_dim: int = 0, sketch_seed: int = 0,
+                 eoc_sample: int = 0):
         self.S, self.K = int(steps), int(eoc_lags)
+        self.eoc_sample = int(eoc_sample)
+        self.subsets: dict[int, EOCSubset] = {}
         self.eoc_prior = eoc_prior
         self.sketch_dim, self.sketch_seed = int(sketch_dim), int(sketch_seed)
         self.sketches: dict[int, CountSketch] = {}  # kept across batches: the same map every batch
@@ -172,6 +242,10 @@ class BatchRecord:
         dev = x.device
         layout = self.unit_layout(unit, shapes)
         G = sum(g for _, g, _ in layout)
+        sub = self.subsets.get(unit)
+        if sub is None or (sub.index is not None and sub.index.device != dev):
+            sub = self.subsets[unit] = EOCSubset(shapes, self.eoc_prior, self.eoc_sample,
+                                                 self.sketch_seed + 1_000_003 + unit, dev)
         S, K = self.S, self.K
         sk = self.sketches.get(unit)
         if sk is None or sk.numel != D or (not sk.identity and sk.index.device != dev):
@@ -185,10 +259,11 @@ class BatchRecord:
             self.prior[unit] = torch.zeros(S, G, dtype=F64, device=dev)
             self.q[unit] = torch.zeros(2, S, G, dtype=F64, device=dev)
             self.m[unit] = torch.zeros(2, S, K, G, dtype=F64, device=dev)
-        x64 = x.to(F64)
+        xe = sub.select(x)
+        x64 = xe.to(F64)
         rows = self._rows(dev)
-        self.prior[unit][step] += group_sums(x64, layout, self.eoc_prior).sum(0)
-        sq = group_sums(x64 * x64, layout, self.eoc_prior)
+        self.prior[unit][step] += sub.sums(x64, self.eoc_prior).sum(0)
+        sq = sub.sums(x64 * x64, self.eoc_prior)
         for k in (0, 1):
             if len(rows[k]):
                 self.q[unit][k, step] += sq[rows[k]].sum(0)
@@ -196,15 +271,16 @@ class BatchRecord:
             return
         wins = self.window.setdefault(unit, {})
         win = wins.get(branch)
-        if win is None or win.shape[0] != n or win.device != dev or win.shape[2] != D:
-            win = wins[branch] = torch.empty(n, K, D, dtype=torch.float32, device=dev)
+        E = xe.shape[1]
+        if win is None or win.shape[0] != n or win.device != dev or win.shape[2] != E:
+            win = wins[branch] = torch.empty(n, K, E, dtype=torch.float32, device=dev)
         for j in range(1, min(K, step) + 1):
             prev = win[:, (step - j) % K].to(F64)
-            prod = group_sums((x64 - prev) * prev, layout, self.eoc_prior)
+            prod = sub.sums((x64 - prev) * prev, self.eoc_prior)
             for k in (0, 1):
                 if len(rows[k]):
                     self.m[unit][k, step, j - 1] += prod[rows[k]].sum(0)
-        win[:, step % K].copy_(x)
+        win[:, step % K].copy_(xe)
 
     def release_windows(self) -> None:
         """Free the raw-feature windows (between calibrations; a batch reuses them)."""

@@ -38,7 +38,7 @@ def _group(v: np.ndarray, layout, grouping: str) -> np.ndarray:
     return np.concatenate(out, axis=-1)
 
 
-def unit_statistics(F: np.ndarray, eoc_lags: int = 2, shapes=None, eoc_prior: str = "channel") -> dict[str, np.ndarray]:
+def unit_statistics(F: np.ndarray, eoc_lags: int = 2, shapes=None, eoc_prior: str = "token") -> dict[str, np.ndarray]:
     """All per-unit tensors of the calibration format from one unit's features (exact Gram).
 
     Args:
@@ -93,7 +93,7 @@ def calibration_tensors(
     timesteps=None,
     sigmas=None,
     guidance_scale: float = 4.0,
-    eoc_prior: str = "channel",
+    eoc_prior: str = "token",
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Header and tensors of a calibration file computed from explicit features.
 
@@ -162,6 +162,7 @@ def calibration_tensors(
         "goc_count": int(N * B),
         "eoc_lags": int(eoc_lags),
         "eoc_prior": eoc_prior,
+        "eoc_sample": 0,
         "gram_sketch": {"method": "exact", "dim": 0, "seed": 0},
         "units": units,
         "flops": {"full_step": float(full_step), "fixed_step": float(fixed_step), "counter": "synthetic"},

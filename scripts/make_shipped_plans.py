@@ -5,7 +5,12 @@ each shipped budget and refine each REFINE times along its own cached trajectory
 plan closest to uncached sampling on validation seeds, write
 plans/<model>-<pct>.yaml, evaluate it on held-out seeds and write plans/README.md with the results.
 
-    python scripts/make_shipped_plans.py [digits-flow digits-ddim]
+    python scripts/make_shipped_plans.py [--keep-choices] [digits-flow digits-ddim]
+
+``--keep-choices`` skips the closed-loop search: each plan is re-made with the family and refinements
+recorded in the shipped plan (``cachec.shipped.replan``, what tests/test_shipped_plans.py checks), e.g.
+after a change of the calibration format; the table then also prints, per plan, the paired PSNR
+difference new − old on the same held-out images with its 95 % bootstrap interval.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from cachec.evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out
 from cachec.loading import load_model
 from cachec.planner import Planner, load_calibration
@@ -22,13 +29,54 @@ from cachec.refine import search_plan
 from cachec.runtime.io import to_jsonable
 import torch
 
-from cachec.shipped import BUDGETS, CALIBRATION_THREADS, PLANS_DIR, REFINE, calibrate_reference, calibration_options, plan_name
+from cachec.runtime.plan import load_plan
+from cachec.runtime.plan_write import write_plan
+from cachec.shipped import (
+    BUDGETS, CALIBRATION_THREADS, PLANS_DIR, REFINE, calibrate_reference, calibration_options, plan_name, replan,
+)
 
 
-def main(models: list[str]) -> None:
+def paired_difference(new: list[float], old: list[float], reps: int = 10000) -> tuple[float, float, float]:
+    """Mean of ``new - old`` over paired images and its 95 % bootstrap interval (seed 0)."""
+    d = np.asarray(new) - np.asarray(old)
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, len(d), (reps, len(d)))].mean(1)
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def remake(model: str, results: dict) -> None:
+    """Re-make ``model``'s shipped plans with their recorded family and refinements; evaluate; compare."""
+    driver = load_model(model)
+    conds, seeds = held_out(driver, 10, EVAL_SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = calibrate_reference(model, Path(tmp) / "calib.safetensors", progress=True)
+        old = {b: load_plan(PLANS_DIR / plan_name(model, b)) for b in BUDGETS[model]}
+        made = replan(calib, model, {b: dict(p.budget.options) for b, p in old.items()}, Path(tmp) / "replan")
+        for b, (plan, side) in made.items():
+            path = PLANS_DIR / plan_name(model, b)
+            before = results.get(path.stem)
+            stale = path.with_name(f"{path.stem}.eoc.safetensors")
+            if not side and stale.exists():
+                stale.unlink()  # the re-made plan corrects nothing with EOC: no sidecar ships with it
+            written = write_plan(plan, path, side or None)
+            r = evaluate_plan(driver, written, conds, seeds, name=path.stem).result
+            r["family"] = written.budget.options.get("family")
+            r["refine"] = written.budget.options.get("refine", 0)
+            results[path.stem] = to_jsonable(r)
+            line = f"-> {path}: PSNR {r['psnr_db']['mean']:.2f} dB, FLOPs {r['flops_fraction']:.4f}"
+            if before is not None and before.get("seeds") == r.get("seeds"):
+                m, lo, hi = paired_difference(r["psnr_db"]["per_image"], before["psnr_db"]["per_image"])
+                line += f"; new - old {m:+.3f} dB [{lo:+.3f}, {hi:+.3f}] (was {before['psnr_db']['mean']:.2f} dB)"
+            print(line, flush=True)
+
+
+def main(models: list[str], keep_choices: bool = False) -> None:
     torch.set_num_threads(CALIBRATION_THREADS)
     results = json.loads((PLANS_DIR / "results.json").read_text()) if (PLANS_DIR / "results.json").exists() else {}
     for model in models:
+        if keep_choices:
+            remake(model, results)
+            continue
         driver = load_model(model)
         with tempfile.TemporaryDirectory() as tmp:
             calib = calibrate_reference(model, Path(tmp) / "calib.safetensors", progress=True)
@@ -69,4 +117,7 @@ def main(models: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or sorted(BUDGETS))
+    args = sys.argv[1:]
+    keep = "--keep-choices" in args
+    args = [a for a in args if a != "--keep-choices"]
+    main(args or sorted(BUDGETS), keep_choices=keep)

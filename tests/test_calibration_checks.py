@@ -26,7 +26,7 @@ def valid():
     feats = synthetic_features(blocks=2, steps=S, dim=4, samples=4, branches=2, seed=3)
     flops = np.array([3.0, 5.0, 3.0, 5.0])
     sens = np.random.default_rng(0).uniform(0.1, 2.0, (len(feats), S))
-    return calibration_tensors(feats, flops, 20.0, None, sens, eoc_lags=K)
+    return calibration_tensors(feats, flops, 20.0, None, sens, eoc_lags=K, eoc_prior="element")
 
 
 def load(header, tensors):

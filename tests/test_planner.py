@@ -458,9 +458,12 @@ def test_plan_shape_and_tuple_sidecar(tmp_path):
     for u in plan.units:
         assert u.actions[0] == "C" and len(u.actions) == 6
         assert sorted(u.compensation) == [s for s, c in enumerate(u.actions) if c == "."]
-    # per-channel prior (the default): one value per channel of each part, broadcast over its tokens
-    assert side["eoc/blocks.0.ff/1/0"].shape == (1, 3) and side["eoc/blocks.0.ff/1/1"].shape == (4,)
-    assert side["eoc/blocks.1.ff/2"].shape == (1, 2) and side["eoc/blocks.1.ff/2"].dtype == np.float32
+    # per-token prior (the default): one value per token of each part, broadcast over its channels
+    assert side["eoc/blocks.0.ff/1/0"].shape == (2, 1) and side["eoc/blocks.0.ff/1/1"].shape == (1,)
+    assert side["eoc/blocks.1.ff/2"].shape == (5, 1) and side["eoc/blocks.1.ff/2"].dtype == np.float32
+    ch = make_cal(feats, shapes=shapes, eoc_prior="channel")
+    _, side_c = make_plan(ch, None, "eoc-paper", interval=3)
+    assert side_c["eoc/blocks.0.ff/1/0"].shape == (1, 3) and side_c["eoc/blocks.0.ff/1/1"].shape == (4,)
     # the planner leaves the sidecar entry to the writer, which names it after the plan file and hashes it
     assert plan.sidecar is None
     written = write_plan(plan, tmp_path / "p.yaml", side)
@@ -468,10 +471,12 @@ def test_plan_shape_and_tuple_sidecar(tmp_path):
     assert written.sidecar.file == sc.name and written.sidecar.sha256 == hashlib.sha256(sc.read_bytes()).hexdigest()
     assert load_plan(tmp_path / "p.yaml") == written
     P = cal.prior(0)
-    assert P.shape == (6, 3 + 4)
-    np.testing.assert_allclose(side["eoc/blocks.0.ff/2/1"], (P[2] - P[1])[3:].astype(np.float32))
-    F = feats["blocks.0.ff"]  # (N, B, S, 10): the channel prior is the mean over samples, branches, tokens
-    np.testing.assert_allclose(P[:, :3], F[..., :6].reshape(*F.shape[:3], 2, 3).mean(axis=(0, 1, 3)), rtol=1e-12)
+    assert P.shape == (6, 2 + 1)
+    np.testing.assert_allclose(side["eoc/blocks.0.ff/2/1"], (P[2] - P[1])[2:].astype(np.float32))
+    F = feats["blocks.0.ff"]  # (N, B, S, 10): the token prior is the mean over samples, branches, channels
+    np.testing.assert_allclose(P[:, :2], F[..., :6].reshape(*F.shape[:3], 2, 3).mean(axis=(0, 1, 4)), rtol=1e-12)
+    Pc = ch.prior(0)  # per channel: the mean over samples, branches, tokens
+    np.testing.assert_allclose(Pc[:, :3], F[..., :6].reshape(*F.shape[:3], 2, 3).mean(axis=(0, 1, 3)), rtol=1e-12)
     # the full per-element prior is opt-in, stored as float16 in the per-sample shape
     full = make_cal(feats, shapes=shapes, eoc_prior="element")
     _, side_e = make_plan(full, None, "eoc-paper", interval=3)

@@ -12,7 +12,7 @@ import torch
 
 from cachec.calibrate import CalibrationError, calibrate, read_header
 from cachec.calibrate.format import eoc_group_layout, read_tensors
-from cachec.calibrate.streaming import BatchRecord, CountSketch, group_sums
+from cachec.calibrate.streaming import BatchRecord, CountSketch, EOCSubset, group_sums
 
 
 def test_countsketch_identity_below_dim_and_exact_bucket_map():
@@ -71,15 +71,32 @@ def test_batch_record_holds_no_trajectory():
     """The per-batch buffers are the sketches (S × r), a K-step window of raw outputs and group sums: never
     (S × D) per unit."""
     S, K, D, r, n = 20, 2, 5000, 64, 3
-    rec = BatchRecord(S, K, "channel", sketch_dim=r)
+    rec = BatchRecord(S, K, "channel", sketch_dim=r, eoc_sample=10)
     rec.reset(n, 0)
     for s in range(S):
         rec.push(0, 0, s, torch.randn(n, D), [(50, 100)])
     assert tuple(rec.y[0][0].shape) == (n, S, r)
-    assert tuple(rec.window[0][0].shape) == (n, K, D)
+    assert tuple(rec.window[0][0].shape) == (n, K, 10 * 100)  # 10 of the 50 tokens, every channel
     assert tuple(rec.prior[0].shape) == (S, 100) and tuple(rec.m[0].shape) == (2, S, K, 100)
     held = sum(t.numel() for t in [rec.y[0][0], rec.window[0][0], rec.prior[0], rec.q[0], rec.m[0]])
     assert held < 0.2 * n * S * D
+
+
+@pytest.mark.parametrize("grouping", ["channel", "token"])
+def test_eoc_subset_is_exact_for_small_groups_and_unbiased_for_large(grouping):
+    shapes = [(400, 6)] if grouping == "channel" else [(6, 400)]
+    assert EOCSubset(shapes, grouping, 400, 0, "cpu").index is None  # every group fits: exact
+    x = torch.randn(1, 2400, dtype=torch.float64) + torch.linspace(0, 3, 2400, dtype=torch.float64)
+    layout = eoc_group_layout(shapes, grouping)
+    full = group_sums(x, layout, grouping)[0]
+    est = torch.stack([EOCSubset(shapes, grouping, 40, seed, "cpu").sums(
+        EOCSubset(shapes, grouping, 40, seed, "cpu").select(x), grouping)[0] for seed in range(200)])
+    sub = EOCSubset(shapes, grouping, 40, 0, "cpu")
+    assert sub.index.numel() == 6 * 40 and len(set(sub.index.tolist())) == 240
+    # unbiased: the mean over 200 subsets within 4 standard errors of the full sum; one subset within 30 %
+    se = est.std(0) / 200 ** 0.5
+    assert ((est.mean(0) - full).abs() < 4 * se + 1e-9).all()
+    assert ((est[0] - full).abs() / full.abs()).max() < 0.3
 
 
 def _reuse_errors(gram):
@@ -94,7 +111,7 @@ def test_sketched_gram_matches_exact_on_a_calibration(tiny_digits, tmp_path):
     every reuse error and a two-anchor extrapolation error with the exact calibration of the same samples.
     Expected relative error per entry ~ sqrt(2/r) / sqrt(samples) (6.3 % / 2); the bound 30 % fails for a
     broken sketch (a wrong map gives O(1) errors on the small one-step differences)."""
-    kw = dict(steps=6, guidance=3.0, seed=3, batch_size=2, sensitivity="none", progress=False)
+    kw = dict(steps=6, guidance=3.0, seed=3, batch_size=2, sensitivity="none", progress=False, eoc_sample=0)
     exact = calibrate(tiny_digits, [0, 1, 2, 3], output=tmp_path / "exact.safetensors", sketch_dim=0, **kw)
     sk = calibrate(tiny_digits, [0, 1, 2, 3], output=tmp_path / "sk.safetensors", sketch_dim=512, **kw)
     he, hs = read_header(exact), read_header(sk)
