@@ -65,6 +65,12 @@ def calibrate():
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--shard", default="0/1", show_default=True, help="i/n: calibrate every n-th batch starting at i.")
 @click.option("--eoc-lags", type=int, default=2, show_default=True, help="Lags kept for EOC's inner products.")
+@click.option("--eoc-prior", type=click.Choice(["token", "channel", "element"]), default="token", show_default=True,
+              help="Grouping of EOC's prior (element: the full per-element prior, large files; docs/calibration-format.md).")
+@click.option("--eoc-sample", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Most elements of an EOC group the sums read (a fixed random subset; 0: all).")
+@click.option("--sketch-dim", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="Units with more output elements per sample get their Gram from a CountSketch of this size (0: exact).")
 @click.option("--sensitivity", type=click.Choice(["full", "factored", "none"]), default="full", show_default=True,
               help="How the final-sample sensitivity per unit and step is measured (docs/calibration.md).")
 @click.option("--sensitivity-samples", type=int, default=4, show_default=True)
@@ -79,8 +85,8 @@ def calibrate():
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even if it is not a calibration file.")
 @friendly
 def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, steps, guidance, seed, resolution,
-                  batch_size, shard, eoc_lags, sensitivity, sensitivity_samples, cfg, device, dtype, restart, along,
-                  sensitivity_from, output, overwrite):
+                  batch_size, shard, eoc_lags, eoc_prior, eoc_sample, sketch_dim, sensitivity, sensitivity_samples, cfg,
+                  device, dtype, restart, along, sensitivity_from, output, overwrite):
     """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run.
 
     Conditions: --classes (default: all classes, or 10 spread over them when there are more) or prompts
@@ -106,6 +112,7 @@ def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, s
     t0 = time.perf_counter()
     path = run_calibration(driver, conds, output=output, samples_per_condition=samples_per_condition, steps=steps,
                            guidance=guidance, seed=seed, batch_size=batch_size, shard=shard, eoc_lags=eoc_lags,
+                           eoc_prior=eoc_prior, eoc_sample=eoc_sample, sketch_dim=sketch_dim,
                            sensitivity="none" if (along or sensitivity_from) else sensitivity,
                            sensitivity_samples=sensitivity_samples, cfg=cfg, restart=restart, along=along,
                            sensitivity_from=sensitivity_from)
