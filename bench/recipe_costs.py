@@ -30,7 +30,7 @@ from cachec.runtime.units import find_units
 
 #: recipe -> (registry family, transformer class, resolution px, steps S, branches B, samples N, batch n)
 RECIPES = {
-    "DiT-XL/2 (facebook/DiT-XL-2-256)": ("dit", "DiTTransformer2DModel", 256, 50, 2, 64, 8),
+    "DiT-XL/2 (facebook/DiT-XL-2-256)": ("dit", "DiTTransformer2DModel", 256, 50, 2, 40, 8),
     "PixArt-Σ (PixArt-Sigma-XL-2-1024-MS)": ("pixart", "PixArtTransformer2DModel", 1024, 20, 2, 32, 2),
     "SD3-medium": ("sd3", "SD3Transformer2DModel", 1024, 28, 2, 32, 2),
     "FLUX.1-dev": ("flux", "FluxTransformer2DModel", 1024, 28, 1, 32, 1),
