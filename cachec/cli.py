@@ -11,6 +11,7 @@ from . import __version__
 
 from .cli_common import (USER_ERRORS, condition_options, conditions, device_dtype_options, device_option,  # noqa: F401
                          dtype_option, friendly, check_output, output_folder, parse_resolution, resolution_flag)
+from .cli_export import export
 from .cli_sampling import eval_, run, sample, write_json
 
 
@@ -31,6 +32,7 @@ def main():
 main.add_command(sample)
 main.add_command(run)
 main.add_command(eval_)
+main.add_command(export)
 
 
 class _DefaultRunGroup(click.Group):
