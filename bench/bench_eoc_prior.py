@@ -87,7 +87,7 @@ def main() -> None:
 
             driver = load_model(args.model)
             path = str(calibrate(driver, list(range(driver.num_classes)), output=Path(tmp) / "c.safetensors",
-                                 progress=False, eoc_prior="element", **CALIBRATION))
+                                 progress=False, **dict(CALIBRATION, eoc_prior="element")))
         g = gains(path)
     print(f"{args.model}: sensitivity-weighted EOC gain at lag 1 (judged on the held-out split)")
     print(f"{'prior':<9} {'gain / reuse error':>19} {'share of element gain':>22}")

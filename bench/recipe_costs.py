@@ -13,8 +13,7 @@ EOC lags:
   G_u · eoc_sample)) +
   ``2 · 8 (1 + 2 + 2K) S Σ_u G_u`` (the EOC sums and their partial-state copy);
 - time in transformer steps (one step = one forward of one batch row): uncached sampling of N samples,
-  ``N · B · S``, plus the sensitivity probes (:func:`cachec.calibrate.sensitivity.probe_steps` where it
-  exists, else the formulas of docs/calibration.md).
+  ``N · B · S``, plus the sensitivity probes (:func:`cachec.calibrate.sensitivity.cost`, docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -101,18 +100,11 @@ def unit_shapes(family: str, cls_name: str, px: int):
 
 
 def sensitivity_steps(method: str, U: int, S: int) -> float:
-    """Transformer steps (per probe sample and branch) of a sensitivity method."""
-    try:
-        from cachec.calibrate.sensitivity import probe_steps
+    """Transformer steps (per probe sample and branch) of a sensitivity method
+    (:func:`cachec.calibrate.sensitivity.cost`: reference run, probes and step-cache fills)."""
+    from cachec.calibrate.sensitivity import cost
 
-        return float(probe_steps(method, U, S))
-    except (ImportError, TypeError):
-        pass
-    if method == "full":
-        return S + U * sum(S - s for s in range(1, S))
-    if method == "factored":
-        return S + sum(S - s for s in range(1, S)) + U * (S - max(1, S // 2))
-    return 0.0
+    return float(cost(method, U, S))
 
 
 def main() -> None:
@@ -133,20 +125,20 @@ def main() -> None:
         mem_b = 4 * n * B * sum(S * ri + K * e for ri, e in zip(R, E)) + 2 * 8 * (1 + 2 + 2 * K) * S * sum(G)
         old_file = 8 * sum(4 * B * S * S + (1 + 2 + 2 * K) * S * d for d in D)
         sampling = N * B * S
-        sens = {m: sensitivity_steps(m, U, S) for m in ("factored", "full")}
+        sens = {m: sensitivity_steps(m, U, S) for m in ("chain", "factored", "full")}
         rows.append((name, U, px, S, B, N, n, max(D), file_b, old_file, mem_b, sampling, sens, total))
     if args.markdown:
         print("| recipe | units | resolution | steps | branches | samples (batch) | largest unit (elements/sample) | "
-              "file | v1 file | extra memory | sampling (steps) | factored sensitivity (steps/sample) | full |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "file | v1 file | extra memory | sampling (steps) | sensitivity steps/sample: chain | factored | full |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, U, px, S, B, N, n, dmax, fb, ofb, mb, samp, sens, total in rows:
         if args.markdown:
             print(f"| {name} | {U} | {px}² | {S} | {B} | {N} ({n}) | {dmax:,} | {fb / 1e6:.1f} MB | {ofb / 1e9:.0f} GB | "
-                  f"{mb / 1e9:.2f} GB | {samp:,} | {sens['factored']:,.0f} | {sens['full']:,.0f} |")
+                  f"{mb / 1e9:.2f} GB | {samp:,} | {sens['chain']:,.0f} | {sens['factored']:,.0f} | {sens['full']:,.0f} |")
         else:
             print(f"{name}: U={U} {px}px S={S} B={B} N={N} batch {n}; largest unit {dmax:,} elements; file "
                   f"{fb / 1e6:.1f} MB (format 1: {ofb / 1e9:.1f} GB); memory +{mb / 1e9:.2f} GB; sampling "
-                  f"{samp:,} steps; sensitivity factored {sens['factored']:,.0f} / full {sens['full']:,.0f} steps "
+                  f"{samp:,} steps; sensitivity chain {sens['chain']:,.0f} / factored {sens['factored']:,.0f} / full {sens['full']:,.0f} steps "
                   f"per probe sample-branch; {total / 1e12:.2f} TFLOP per step")
 
 

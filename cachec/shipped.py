@@ -17,8 +17,12 @@ BUDGETS = {"digits-flow": (0.25, 0.40, 0.60), "digits-ddim": (0.25, 0.40, 0.60)}
 #: torch intra-op threads the shipped plans were calibrated with (matmul reductions differ in the last bits
 #: across thread counts, so the re-plan test calibrates with the same number)
 CALIBRATION_THREADS = 2
-#: calibration settings of the shipped plans (seeds 0..N-1; sensitivity on the first samples)
-CALIBRATION = dict(samples_per_condition=2, sensitivity="factored", sensitivity_samples=2, batch_size=10, seed=0)
+#: calibration settings of the shipped plans (seeds 0..N-1; sensitivity on the first samples). The shipped
+#: plans were made with the per-element EOC prior (calibration format 1); format 2 reproduces those
+#: statistics exactly with ``eoc_prior="element"`` (the reference units have 8192 elements: exact Grams), so
+#: the plans and their sidecars stay as shipped. New calibrations default to the per-token prior.
+CALIBRATION = dict(samples_per_condition=2, sensitivity="factored", sensitivity_samples=2, batch_size=10, seed=0,
+                   eoc_prior="element")
 PLANS_DIR = Path(importlib.import_module("cachec.plans").__file__).parent
 
 
