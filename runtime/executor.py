@@ -7,9 +7,9 @@ eager Python, even when the transformer is ``torch.compile``-d):
   run passes to the transformer must be ``plan.sampler.timesteps[k]`` (equal up to 4 units in the last place
   of the timestep's dtype: bit-equal float32 schedules match, FluxPipeline's bfloat16 timesteps match the
   plan's float32 values rounded to bfloat16, within one unit in its last place; integer timesteps must be
-  equal). Matching each value on its
-  own is not enough: another step count of the same scheduler shares timesteps with the plan (DDIM 25 of a
-  50-step plan's values) and must not silently follow it. A run that leaves the sequence follows ``remap``:
+  equal). Matching each value on its own is not enough: another step count of the same scheduler shares
+  timesteps with the plan (DDIM 25 of a 50-step plan's values) and must not silently follow it. A run that
+  leaves the sequence follows ``remap``:
 
   - ``"error"`` (default): :class:`PlanScheduleError` naming the run's step, the timestep received, the one
     the plan expects there and, when the value is another plan step's, that the run follows another
@@ -36,12 +36,17 @@ eager Python, even when the transformer is ``torch.compile``-d):
 Per call the executor resolves a *decision* — a tuple of booleans, one per plan unit — and, for skipped
 units, the history tensors and coefficient tensors of the prediction. The unit wrappers (possibly traced by
 ``torch.compile``) only read those; so a compiled transformer recompiles once per distinct step pattern,
-not per step (coefficients are 0-dim float32 tensors, never Python floats).
+not per step (coefficients are 0-dim tensors, never Python floats).
 
-Prediction of a skipped unit: ``F̂ = Σ_j coeffs[j]·H_{j+1}`` accumulated left to right in float32 from the
-most recent history entry ``H_1``, times ``(1 + eoc_alpha·D)`` when the plan has an EOC prior D, then cast
-to the feature dtype. ``history: computed`` keeps the last ``m`` really computed outputs (``m`` = the
-unit's longest coefficient list); ``history: used`` pushes predictions too.
+Prediction of a skipped unit: plain reuse (coefficients ``[1.0]``, no EOC) returns the cached tensor ``H_1``
+itself; otherwise ``F̂ = Σ_j coeffs[j]·H_{j+1}`` left to right from the most recent entry ``H_1``, times
+``(1 + eoc_alpha·D)`` with an EOC prior D (per-sample shape, or broadcastable to it: as many dims, each 1 or
+equal), in the feature's dtype on its device (coefficients and ``1 + eoc_alpha·D`` rounded once to it).
+``history: computed`` keeps the last ``m`` computed outputs (``m`` = the unit's longest coefficient list);
+``history: used`` pushes predictions too. With ``remap`` "error" or "off" a run follows the plan from step 0
+in order, so each step's decision, FLOPs and which features a later step reads are fixed at construction;
+a feature no later step reads holds its history slot as ``None`` (its memory is freed at once).
+``remap="nearest"`` keeps every feature and resolves each call from the history it has.
 """
 
 from __future__ import annotations
@@ -52,11 +57,11 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .hooks import Feature, batch_size_of, same_timestep, timestep_arg
+from .hooks import Feature, batch_size_of, same_timestep, timestep_and_dtype
 from .plan import COMPUTE, Plan
 from .units import UnitSpec, unwrap
 
@@ -130,6 +135,20 @@ class RunReport:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
+class _Step(NamedTuple):
+    """A call at one plan step: per unit True = computed (forced ones included); (unit, number of
+    coefficients, plain reuse) per prediction; skipped units computed for lack of history; (unit, kept) per
+    feature entering the history (kept False: no later step reads it); FLOPs relative to the call uncached;
+    predictions that are not plain reuse."""
+
+    decision: tuple[bool, ...]
+    skips: tuple[tuple[int, int, bool], ...]
+    forced: tuple[int, ...]
+    pushes: tuple[tuple[int, bool], ...]
+    fraction: float
+    compensated: int
+
+
 class _Run:
     """Mutable state of one sampling run."""
 
@@ -143,7 +162,7 @@ class _Run:
         self.calls_per_step = 0  # fixed by the run's first step: 1 (batched / no guidance) or the branches (split)
         self.off_plan = False
         self.layout: dict[int, tuple] = {}  # branch -> (batch, shape, dtype, device)
-        self.history: dict[int, list[list[Feature]]] = {}  # branch -> unit -> [H_1, H_2, ...]
+        self.history: dict[int, list[list[Feature | None]]] = {}  # branch -> unit -> [H_1, H_2, ...]
 
 
 class PlanExecutor:
@@ -169,27 +188,14 @@ class PlanExecutor:
         ValueError: unknown ``remap``; a plan schedule with timesteps too close to tell apart.
     """
 
-    def __init__(
-        self,
-        plan: Plan,
-        units: list[UnitSpec],
-        transformer,
-        remap: str = "error",
-        eoc_tensors: dict[str, Any] | None = None,
-        run_signal: bool = False,
-        guidance_scale: Callable[[], float | None] | None = None,
-        on_run_start: Callable[[], None] | None = None,
-        scale_is_cfg: bool = True,
-    ):
+    def __init__(self, plan: Plan, units: list[UnitSpec], transformer, remap: str = "error",
+                 eoc_tensors: dict[str, Any] | None = None, run_signal: bool = False,
+                 guidance_scale: Callable[[], float | None] | None = None,
+                 on_run_start: Callable[[], None] | None = None, scale_is_cfg: bool = True):
         if remap not in REMAP_MODES:
             raise ValueError(f"remap must be one of {', '.join(REMAP_MODES)}, got {remap!r}")
-        self.plan = plan
-        self.units = units
-        self.remap = remap
-        self.run_signal = run_signal
-        self.guidance_scale = guidance_scale
-        self.on_run_start = on_run_start
-        self.scale_is_cfg = scale_is_cfg
+        self.plan, self.units, self.remap, self.run_signal = plan, units, remap, run_signal
+        self.guidance_scale, self.on_run_start, self.scale_is_cfg = guidance_scale, on_run_start, scale_is_cfg
         self._signature = inspect.signature(unwrap(transformer).forward)
         self.timesteps = [float(t) for t in plan.sampler.timesteps]
         self._check_distinct()
@@ -203,10 +209,16 @@ class PlanExecutor:
         self.fixed = plan.budget.fixed_step_flops
         self.unit_flops = [u.flops for u in plan.units]
         self._eoc_np = dict(eoc_tensors or {})
-        self._coeff_cache: dict[tuple, tuple] = {}  # (unit, step, device) -> (coeff tensors, eoc factors)
+        self._coeff_cache: dict[tuple, tuple] = {}  # (unit, step, device, dtypes, shapes) -> (coeffs, eoc)
+        # per step: (unit, number of coefficients, plain reuse) of each skipped unit
+        self._skipped = [tuple((u, len(c.coeffs), c.eoc_alpha == 0.0 and [float(x) for x in c.coeffs] == [1.0])
+                               for u, c in enumerate(un.compensation.get(s) for un in plan.units) if c is not None)
+                         for s in range(S)]
+        self._steps = None if remap == "nearest" else self._static_steps()
         # per-call state read by the unit wrappers (possibly inside a compiled graph)
         self._decision: tuple[bool, ...] = (True,) * U
         self._inputs: list[Any] = [None] * U
+        self._pushes: tuple[tuple[int, bool], ...] = ()
         self._pending: list[tuple[int, Feature]] = []
         self._in_call = False
         self._branch = 0
@@ -218,16 +230,41 @@ class PlanExecutor:
 
     def step_signatures(self) -> list[tuple]:
         """Per plan step, what a compiled transformer specialises on: per unit ``None`` (computed) or
-        ``(number of coefficients, has EOC)``. ``torch.compile`` compiles one graph per distinct value (per
-        input shape); coefficient values are tensors and never cause a recompile."""
+        ``(number of coefficients, has EOC, plain reuse)``. ``torch.compile`` compiles one graph per distinct
+        value (per input shape); coefficient values are tensors and never cause a recompile."""
         out = []
         for s in range(self.plan.steps):
-            sig = []
-            for unit in self.plan.units:
-                c = unit.compensation.get(s)
-                sig.append(None if c is None else (len(c.coeffs), c.eoc_alpha != 0.0))
+            sig: list = [None] * len(self.plan.units)
+            for u, k, plain in self._skipped[s]:
+                sig[u] = (k, self.plan.units[u].compensation[s].eoc_alpha != 0.0, plain)
             out.append(tuple(sig))
         return out
+
+    def _step_record(self, s: int, lengths: list[int]) -> _Step:
+        """A call at plan step ``s`` when unit u has ``lengths[u]`` history entries (every push kept)."""
+        decision = list(self.patterns[s])
+        forced = tuple(u for u, k, _ in self._skipped[s] if lengths[u] < k)
+        skips = tuple(x for x in self._skipped[s] if lengths[x[0]] >= x[1])
+        for u in forced:
+            decision[u] = True
+        pushes = tuple((u, True) for u, m in enumerate(self.keep) if m and (decision[u] or self.push_predictions))
+        spent = self.fixed + sum(f for f, c in zip(self.unit_flops, decision) if c)
+        return _Step(tuple(decision), skips, forced, pushes, spent / self.full, sum(not x[2] for x in skips))
+
+    def _static_steps(self) -> list[_Step]:
+        """Each plan step's :class:`_Step` in a run that follows the plan from step 0 (the same in every
+        branch), ``kept`` False for each pushed feature no later step reads."""
+        hist: list[list[int]] = [[] for _ in self.plan.units]  # per unit: the steps of its history entries
+        records, read = [], set()
+        for s in range(self.plan.steps):
+            rec = self._step_record(s, [len(h) for h in hist])
+            for u, k, _ in rec.skips:
+                read.update((u, x) for x in hist[u][:k])
+            for u, _ in rec.pushes:
+                hist[u].insert(0, s)
+                del hist[u][self.keep[u]:]
+            records.append(rec)
+        return [r._replace(pushes=tuple((u, (u, s) in read) for u, _ in r.pushes)) for s, r in enumerate(records)]
 
     # ------------------------------------------------------------------ schedule matching
 
@@ -238,8 +275,7 @@ class PlanExecutor:
                 if same_timestep(ts[i], ts[j], torch.float32):
                     raise ValueError(
                         f"the plan's timesteps {i} and {j} are equal ({ts[i]!r}); cachec identifies the step by "
-                        "the timestep, so schedules with repeated timesteps (Heun, DPM2) are not supported"
-                    )
+                        "the timestep, so schedules with repeated timesteps (Heun, DPM2) are not supported")
 
     def _nearest(self, t: float) -> int:
         return min(range(len(self.timesteps)), key=lambda s: abs(self.timesteps[s] - t))
@@ -267,8 +303,7 @@ class PlanExecutor:
             f"{what}{f' (the run so far: {seen})' if seen else ''}; the plan's schedule is {schedule}. "
             f"Run the pipeline with num_inference_steps={len(ts)} and the plan's scheduler, make a plan for "
             "this schedule, or apply the plan with remap='nearest' (follow the nearest plan step) or "
-            "remap='off' (compute such runs in full)"
-        )
+            "remap='off' (compute such runs in full)")
 
     def _branch_error(self, t: float, calls: int, run: _Run) -> PlanScheduleError:
         g = self.plan.sampler.guidance
@@ -279,8 +314,7 @@ class PlanExecutor:
             what = f"the run's first step made {run.calls_per_step}; a run keeps one guidance layout"
         return PlanScheduleError(
             f"the run made {calls} transformer call(s) at timestep {t:g}, but {what}. Cached features of one branch "
-            "cannot stand in for another: run with the plan's guidance layout or make a plan for this one"
-        )
+            "cannot stand in for another: run with the plan's guidance layout or make a plan for this one")
 
     # ------------------------------------------------------------------ run bookkeeping
 
@@ -315,14 +349,12 @@ class PlanExecutor:
                 raise PlanScheduleError(
                     f"this run uses guidance scale {scale:g} ({'CFG, 2 branches' if run_branches == 2 else 'no CFG, 1 branch'}), "
                     f"but the plan was calibrated at guidance scale {g.scale:g} with {g.branches} branch(es): the batch "
-                    "holds other branches than the plan's cached features; run at the plan's guidance or make a plan for it"
-                )
+                    "holds other branches than the plan's cached features; run at the plan's guidance or make a plan for it")
         if abs(scale - g.scale) > 1e-6 * max(1.0, abs(g.scale)):
             self._warn_once(
                 f"scale:{scale!r}",
                 f"this run uses guidance scale {scale:g} but the plan was calibrated at {g.scale:g}: its schedule and "
-                "compensation were fitted for that scale (quality may drop); make a plan at this scale for full quality",
-            )
+                "compensation were fitted for that scale (quality may drop); make a plan at this scale for full quality")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -342,11 +374,7 @@ class PlanExecutor:
             ValueError: the call has no ``timestep``.
         """
         self._in_call = False
-        raw = timestep_arg(args, kwargs, self._signature)
-        if isinstance(raw, torch.Tensor):
-            t, t_dtype = float(raw.reshape(-1)[0].item()), raw.dtype
-        else:
-            t, t_dtype = float(raw), None
+        t, t_dtype = timestep_and_dtype(args, kwargs, self._signature)
         hs = kwargs.get("hidden_states", args[0] if args else None)
         batch = batch_size_of(args, kwargs)
         layout = (batch, tuple(hs.shape), hs.dtype, hs.device)
@@ -361,11 +389,10 @@ class PlanExecutor:
                 f"the transformer call at timestep {t:g} (guidance branch {branch}) has batch {layout[0]}, "
                 f"shape {list(layout[1])}, {layout[2]} on {layout[3]}, but earlier calls of this run had batch "
                 f"{old[0]}, shape {list(old[1])}, {old[2]} on {old[3]}; cached features cannot be reused across "
-                "batch sizes, resolutions, dtypes or devices. Start a new run (from step 0) for the new layout"
-            )
+                "batch sizes, resolutions, dtypes or devices. Start a new run (from step 0) for the new layout")
         run.layout[branch] = layout
         self._branch = branch
-        self._prepare(run, step, branch, batch, hs.device)
+        self._prepare(run, step, branch, batch)
         self._pending = []
         self._in_call = True
 
@@ -408,8 +435,7 @@ class PlanExecutor:
                 self._warn_once(
                     "off",
                     f"the run left the plan's timestep sequence at its step {k} (timestep {t:g}): this run is "
-                    "computed in full from there (remap='off')",
-                )
+                    "computed in full from there (remap='off')")
                 run.off_plan = True
         run.k += 1
         run.t = t
@@ -422,7 +448,7 @@ class PlanExecutor:
             run.step = step
         return run, step
 
-    def _prepare(self, run: _Run, step: int | None, branch: int, batch: int, device) -> None:
+    def _prepare(self, run: _Run, step: int | None, branch: int, batch: int) -> None:
         U = len(self.plan.units)
         report = run.report
         report.calls += 1
@@ -430,84 +456,82 @@ class PlanExecutor:
             report.off_plan_calls += 1
             self._decision = (True,) * U
             self._inputs = [None] * U
+            self._pushes = ()
             report.computed += U
             self._account(run, batch, 1.0)
             return
-        history = run.history.setdefault(branch, [[] for _ in range(U)])
-        decision = list(self.patterns[step])
-        inputs: list[Any] = [None] * U
-        for u, compute in enumerate(decision):
-            if compute:
-                continue
+        history = run.history.get(branch) or run.history.setdefault(branch, [[] for _ in range(U)])
+        rec = self._steps[step] if self._steps is not None else self._step_record(step, [len(h) for h in history])
+        for u in rec.forced:
+            report.forced += 1
             comp = self.plan.units[u].compensation[step]
-            hist = history[u]
-            if len(hist) < len(comp.coeffs):
-                decision[u] = True
-                report.forced += 1
-                self._warn_once(
-                    "forced",
-                    f"{self.plan.units[u].name} is skipped at plan step {step} but has only {len(hist)} cached "
-                    f"output(s) for {len(comp.coeffs)} coefficient(s) in guidance branch {branch} (the run did not "
-                    "start at the plan's step 0, or there are more guidance branches than in calibration); it is "
-                    "computed instead",
-                )
-                continue
-            coeffs, eoc = self._coefficients(u, step, device, len(hist[0]))
-            if eoc is not None:
-                for p, (factor, part) in enumerate(zip(eoc, hist[0])):
-                    if tuple(factor.shape) != tuple(part.shape[1:]):
-                        raise PlanScheduleError(
-                            f"the EOC prior of {self.plan.units[u].name} at step {step} (part {p}) has shape "
-                            f"{list(factor.shape)}, but the unit's output per sample has shape {list(part.shape[1:])}; "
-                            f"the plan was made for resolution {self.plan.sampler.resolution}: run at that "
-                            "resolution or make a plan for this one"
-                        )
-            inputs[u] = (coeffs, tuple(hist[: len(coeffs)]), eoc)
-            report.skipped += 1
-            if eoc is not None or [float(c) for c in comp.coeffs] != [1.0]:
-                report.compensated += 1
-        report.computed += sum(decision)
-        self._decision = tuple(decision)
+            self._warn_once("forced", (
+                f"{self.plan.units[u].name} is skipped at plan step {step} but has only {len(history[u])} cached "
+                f"output(s) for {len(comp.coeffs)} coefficient(s) in guidance branch {branch} (the run did not "
+                "start at the plan's step 0, or there are more guidance branches than in calibration); it is "
+                "computed instead"))
+        inputs: list[Any] = [None] * U
+        for u, k, plain in rec.skips:  # plain reuse: (None, None, (H_1,)), H_1 itself
+            h = history[u]
+            inputs[u] = (None, None, (h[0],)) if plain else (*self._coefficients(u, step, h[0]), tuple(h[:k]))
+        report.skipped += len(rec.skips)
+        report.compensated += rec.compensated
+        report.computed += U - len(rec.skips)
+        self._decision = rec.decision
         self._inputs = inputs
-        spent = self.fixed + sum(f for f, c in zip(self.unit_flops, decision) if c)
-        self._account(run, batch, spent / self.full)
+        self._pushes = rec.pushes
+        self._account(run, batch, rec.fraction)
 
     def _account(self, run: _Run, batch: int, fraction: float) -> None:
         r = run.report
-        r._acc[0] += batch * fraction
-        r._acc[1] += batch
-        r._step_acc[0] += batch * fraction
-        r._step_acc[1] += batch
-        r.flops_fraction = r._acc[0] / r._acc[1]
-        r.step_fractions[-1] = r._step_acc[0] / r._step_acc[1]
+        for acc in (r._acc, r._step_acc):
+            acc[0], acc[1] = acc[0] + batch * fraction, acc[1] + batch
+        r.flops_fraction, r.step_fractions[-1] = r._acc[0] / r._acc[1], r._step_acc[0] / r._step_acc[1]
         if r.calls == 1:
             r._t0 = time.perf_counter()
 
-    def _coefficients(self, u: int, step: int, device, parts: int):
-        key = (u, step, str(device))
-        if key not in self._coeff_cache:
-            comp = self.plan.units[u].compensation[step]
-            coeffs = tuple(torch.tensor(float(c), dtype=torch.float32, device=device) for c in comp.coeffs)
-            eoc = None
-            if comp.eoc_alpha != 0.0:
-                name = self.plan.units[u].name
-                base = f"eoc/{name}/{step}"
-                keys = [base] if parts == 1 and base in self._eoc_np else [f"{base}/{p}" for p in range(parts)]
-                missing = [k for k in keys if k not in self._eoc_np]
-                if missing:
+    def _coefficients(self, u: int, step: int, feature: Feature) -> tuple:
+        """``(coefficients, EOC factors)`` of unit ``u`` at ``step`` for history entries like ``feature``: per
+        part a tuple of 0-dim tensors and ``1 + eoc_alpha·D`` (None without EOC), in the part's dtype on its
+        device; cached per unit, step, device, dtypes and shapes.
+
+        Raises:
+            PlanScheduleError: the sidecar lacks a prior, or one does not broadcast to the per-sample shape.
+        """
+        device = feature[0].device
+        key = (u, step, device, tuple(f.dtype for f in feature), tuple(f.shape[1:] for f in feature))
+        if key in self._coeff_cache:
+            return self._coeff_cache[key]
+        comp, name = self.plan.units[u].compensation[step], self.plan.units[u].name
+        coeffs = tuple(tuple(torch.tensor(float(c), dtype=f.dtype, device=device) for c in comp.coeffs) for f in feature)
+        eoc = None
+        if comp.eoc_alpha != 0.0:
+            base = f"eoc/{name}/{step}"
+            keys = [base] if len(feature) == 1 and base in self._eoc_np else [f"{base}/{p}" for p in range(len(feature))]
+            missing = [k for k in keys if k not in self._eoc_np]
+            if missing:
+                raise PlanScheduleError(f"{name} at step {step} has eoc_alpha {comp.eoc_alpha} but the sidecar lacks {missing}")
+            eoc = []
+            for p, (k, part) in enumerate(zip(keys, feature)):
+                d, want = torch.as_tensor(self._eoc_np[k], dtype=torch.float32, device=device), part.shape[1:]
+                if d.ndim != len(want) or any(a not in (1, b) for a, b in zip(d.shape, want)):
                     raise PlanScheduleError(
-                        f"{name} at step {step} has eoc_alpha {comp.eoc_alpha} but the sidecar lacks {missing}"
-                    )
-                eoc = tuple(
-                    1.0 + comp.eoc_alpha * torch.as_tensor(self._eoc_np[k], dtype=torch.float32, device=device)
-                    for k in keys
-                )
-            self._coeff_cache[key] = (coeffs, eoc)
-        return self._coeff_cache[key]
+                        f"the EOC prior of {name} at step {step} (part {p}) has shape {list(d.shape)}, but the unit's "
+                        f"output per sample has shape {list(want)} and the prior neither has it nor broadcasts to it "
+                        f"(as many dims, each 1 or equal); the plan was made for resolution "
+                        f"{self.plan.sampler.resolution}: run at that resolution or make a plan for this one")
+                eoc.append((1.0 + comp.eoc_alpha * d).to(part.dtype))  # in float32, rounded once to the dtype
+            eoc = tuple(eoc)
+        self._coeff_cache[key] = (coeffs, eoc)
+        return coeffs, eoc
 
     def should_compute(self, index: int) -> bool:
         """Whether plan unit ``index`` runs in the current call (read from the prepared decision)."""
         return self._decision[index]
+
+    def stores(self, index: int) -> bool:
+        """Whether unit ``index`` ever keeps a computed feature (fixed per unit; False: none is built)."""
+        return self.keep[index] > 0
 
     def store(self, index: int, feature: Feature) -> None:
         """Queue a computed feature; it enters the history when the call ends."""
@@ -515,39 +539,48 @@ class PlanExecutor:
             self._pending.append((index, feature))
 
     def predict(self, index: int) -> Feature:
-        """``Σ_j coeffs[j]·H_{j+1}`` (float32, left to right) ``⊙ (1 + α·D)``, cast to the feature dtype.
+        """The prediction of skipped unit ``index`` (module docstring): plain reuse returns the cached
+        feature itself, else ``Σ_j coeffs[j]·H_{j+1}`` (left to right) ``⊙ (1 + α·D)`` in the feature dtype.
 
         Shapes: each part of the returned feature has the shape and dtype of the cached part (batch first);
-        the EOC factor (per-sample shape) broadcasts over the batch.
+        the EOC factor (per-sample shape, or broadcastable to it) broadcasts over the batch.
         """
-        coeffs, hist, eoc = self._inputs[index]
-        out = []
-        for p in range(len(hist[0])):
-            acc = coeffs[0] * hist[0][p].float()
-            for j in range(1, len(coeffs)):
-                acc = acc + coeffs[j] * hist[j][p].float()
-            if eoc is not None:
-                acc = acc * eoc[p]
-            out.append(acc.to(hist[0][p].dtype))
-        feature = tuple(out)
+        coeffs, eoc, hist = self._inputs[index]
+        if coeffs is None:  # plain reuse
+            feature = hist[0]
+        else:
+            out = []
+            for p in range(len(hist[0])):
+                c = coeffs[p]
+                acc = c[0] * hist[0][p]
+                for j in range(1, len(c)):
+                    acc = acc + c[j] * hist[j][p]
+                if eoc is not None:
+                    acc = acc * eoc[p]
+                out.append(acc)
+            feature = tuple(out)
         if self.push_predictions:
             self._pending.append((index, feature))
         return feature
 
     def end_call(self) -> None:
-        """Move the call's computed (and, for ``history: used``, predicted) features into the history."""
+        """Move the call's computed (and, for ``history: used``, predicted) features into the history; a
+        feature no later step reads takes its slot as ``None``."""
         if not self._in_call:
             return
         self._in_call = False
         run = self._run
         if run is None:
             return
-        history = run.history.setdefault(self._branch, [[] for _ in self.plan.units])
-        for index, feature in self._pending:
-            h = history[index]
-            h.insert(0, feature)
-            del h[self.keep[index] :]
-        self._pending = []
+        if self._pending:
+            history = run.history.setdefault(self._branch, [[] for _ in self.plan.units])
+            pending = dict(self._pending)
+            for index, kept in self._pushes:
+                if index in pending:
+                    h = history[index]
+                    h.insert(0, pending[index] if kept else None)
+                    del h[self.keep[index]:]
+            self._pending = []
         run.calls_in_step += 1
         if run.step == self.plan.steps - 1:
             run.report.complete = True

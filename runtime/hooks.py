@@ -49,6 +49,9 @@ class UnitHandler(Protocol):
     # feature returned there replaces the computed one downstream (shadow computation: calibration along a
     # plan's cached trajectory computes every unit but passes the plan's predictions on). Resolved once at
     # installation; handlers without it (the plan executor) are not affected.
+    # Optional: ``stores(index) -> bool``, fixed per unit: False means ``store`` would drop the unit's
+    # features, so the wrapper does not build them (no ``output − input`` of a residual unit). Without it
+    # every computed feature is passed to ``store``.
 
 
 def timestep_arg(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature):
@@ -171,6 +174,7 @@ class HookHandle:
         previous = module.__dict__.get("forward", _ABSENT)  # another library's instance patch, kept
         handler = self.handler
         substitute = getattr(handler, "substitute", None)
+        stores = getattr(handler, "stores", None)
         layout = {"as_tuple": None}
 
         if spec.mode == "output":
@@ -179,7 +183,8 @@ class HookHandle:
                 if handler.should_compute(index):
                     out = original(*args, **kwargs)
                     layout["as_tuple"] = isinstance(out, tuple)
-                    handler.store(index, tuple(o.detach() for o in out) if layout["as_tuple"] else (out.detach(),))
+                    if stores is None or stores(index):
+                        handler.store(index, tuple(o.detach() for o in out) if layout["as_tuple"] else (out.detach(),))
                     if substitute is not None:
                         sub = substitute(index)
                         if sub is not None:
@@ -203,7 +208,8 @@ class HookHandle:
                     out = original(*args, **kwargs)
                     parts = out if isinstance(out, tuple) else (out,)
                     layout["as_tuple"] = isinstance(out, tuple)
-                    handler.store(index, tuple((o - x).detach() for o, x in zip(parts, inputs)))
+                    if stores is None or stores(index):
+                        handler.store(index, tuple((o - x).detach() for o, x in zip(parts, inputs)))
                     if substitute is not None:
                         sub = substitute(index)
                         if sub is not None:
