@@ -70,6 +70,11 @@ class ModelSpec:
             the family's images (1×32×32 digits, classes 0..9).
         eval_samples: default number of held-out samples of ``cachec eval`` (a count that finishes in
             minutes on a CPU at the family's usual size).
+        reference: the hub id of the family's reference checkpoint (``""``: none, e.g. the digit models).
+        published: the transformer constructor arguments of that checkpoint (its ``transformer/config.json``
+            without the ``_class_name``/``_diffusers_version`` bookkeeping), as data: what
+            :func:`cachec.shapes.build_pipeline` builds full-width random models from. Read-only
+            information; nothing else in the registry depends on it.
     """
 
     name: str
@@ -89,6 +94,8 @@ class ModelSpec:
     default_resolution: tuple[int, int] | None = None
     digit_metrics: bool = False
     eval_samples: int = 8
+    reference: str = ""
+    published: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.takes_size is None:
@@ -103,6 +110,33 @@ class ModelSpec:
         guidance_scale_is_cfg)``; families sharing a transformer class must agree on it."""
         return (dict(self.blocks), tuple(self.residual_inputs), self.guidance_scale_is_cfg)
 
+
+# Published transformer configs of each family's reference checkpoint, copied from the hub's
+# ``transformer/config.json`` files (keys the installed diffusers constructors take; lists as tuples).
+DIT_XL_2_256 = {  # facebook/DiT-XL-2-256
+    "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8, "num_layers": 28,
+    "dropout": 0.0, "norm_num_groups": 32, "attention_bias": True, "sample_size": 32, "patch_size": 2,
+    "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "upcast_attention": False,
+    "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": 1e-5,
+}
+PIXART_SIGMA_XL_2_1024_MS = {  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS
+    "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8, "num_layers": 28,
+    "dropout": 0.0, "norm_num_groups": 32, "cross_attention_dim": 1152, "attention_bias": True, "sample_size": 128,
+    "patch_size": 2, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "upcast_attention": False,
+    "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": 2,
+    "use_additional_conditions": False, "caption_channels": 4096, "attention_type": "default",
+}
+SD3_MEDIUM = {  # stabilityai/stable-diffusion-3-medium-diffusers
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}
+FLUX_1_DEV = {  # black-forest-labs/FLUX.1-dev (FLUX.1-schnell: the same with guidance_embeds False)
+    "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+    "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+}
+FLUX_1_SCHNELL = dict(FLUX_1_DEV, guidance_embeds=False)  # black-forest-labs/FLUX.1-schnell
 
 _DIT_BLOCKS = {"transformer_blocks": (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "ff"))}
 
@@ -196,6 +230,8 @@ register(ModelSpec(
     step_callback=False,  # DiTPipeline has no callback_on_step_end
     default_guidance=4.0,
     takes_size=False,  # DiTPipeline samples at the transformer's sample_size
+    reference="facebook/DiT-XL-2-256",
+    published=DIT_XL_2_256,
 ))
 register(ModelSpec(
     name="pixart",
@@ -205,6 +241,8 @@ register(ModelSpec(
     # binning would resize to the aspect-ratio bins; clean_caption needs bs4/ftfy and only warns without them
     call_kwargs={"use_resolution_binning": False, "clean_caption": False},
     step_callback=False,  # PixArtSigmaPipeline swallows callback_on_step_end into **kwargs (never calls it)
+    reference="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+    published=PIXART_SIGMA_XL_2_1024_MS,
 ))
 register(ModelSpec(
     name="sd3",
@@ -218,6 +256,8 @@ register(ModelSpec(
             ("ff_context", "ff_context"),
         )
     },
+    reference="stabilityai/stable-diffusion-3-medium-diffusers",
+    published=SD3_MEDIUM,
 ))
 register(ModelSpec(
     name="flux",
@@ -230,6 +270,8 @@ register(ModelSpec(
     residual_inputs=("encoder_hidden_states", "hidden_states"),
     guidance_scale_is_cfg=False,
     default_guidance=3.5,
+    reference="black-forest-labs/FLUX.1-dev",
+    published=FLUX_1_DEV,
 ))
 register(ModelSpec(
     name="digits",  # cachec's reference models: cachec.pipeline.DigitsPipeline over a diffusers DiT

@@ -11,7 +11,8 @@ Every fixture is session-scoped (``import diffusers`` and the builds cost a few 
   with the reference config otherwise (32×32×1, patch 4, 10 classes), flow matching.
 - ``tiny_digits_ddim``: the same transformer weights with ``DDIMScheduler`` (v-prediction).
 
-Nothing here touches the network: tokenizers are built in memory (transformers 5) and saved.
+Nothing here touches the network: tokenizers are built in memory (transformers 5) and saved; the tokenizer
+and text-encoder builders are shared with the full-width models (:mod:`cachec.shapes`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 
 import pytest
 import torch
+
+from cachec.shapes import clip_text_encoder, t5_text_encoder
 
 # The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine multi-threaded kernels
 # are several times slower (measured 7x on the tiny SD3 pipeline). CACHEC_TEST_THREADS overrides.
@@ -40,52 +43,20 @@ TINY_VAE = dict(
     shift_factor=0.0,  # SD3/FLUX read it
 )
 
-_WORDS = "a photo of the cat dog red blue green small big tree house car sky on in with".split()
-
 
 def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
 def _t5(d_model: int = 32):
-    """A tiny T5 tokenizer (Unigram, built in memory) and encoder."""
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(_WORDS)]
-    vocab += [(c, -50.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    cfg = T5Config(
-        vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
-    )
-    return tok, T5EncoderModel(cfg).eval()
+    """A tiny T5 tokenizer (Unigram, built in memory) and encoder (:func:`cachec.shapes.t5_text_encoder`)."""
+    return t5_text_encoder(d_model)
 
 
 def _clip(hidden: int = 8, projection: int | None = None):
-    """A tiny CLIP BPE tokenizer (no merges) and text encoder (with projection when ``projection``)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(
-        vocab=vocab, merges=[], unk_token="<unk>", pad_token="<|endoftext|>", model_max_length=77
-    )
-    cfg = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=projection or hidden,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    model = CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
-    return tok, model.eval()
+    """A tiny CLIP BPE tokenizer (no merges) and text encoder (with projection when ``projection``)
+    (:func:`cachec.shapes.clip_text_encoder`)."""
+    return clip_text_encoder(hidden, projection)
 
 
 def _vae():
