@@ -14,7 +14,8 @@ batch's n samples — to :meth:`BatchRecord.push`, which keeps only
   random subset of the tokens for per-channel groups, of the channels for per-token groups, scaled by
   group size / E so the sums estimate the full ones; exact where a group has at most E elements).
 
-Memory beyond plain sampling: ``4 · n · B · Σ_u (S · r_u + K · E_u)`` bytes of buffers (E_u = the elements
+Memory beyond plain sampling: the sketch maps, ``8 · D`` bytes per distinct sketched unit size D (shared by
+the units of that size), and ``4 · n · B · Σ_u (S · r_u + K · E_u)`` bytes of buffers (E_u = the elements
 the EOC sums read, ``min(D_u, G_u · E)``) plus the split sums ``8 · (1 + 2 + 2K) · S · Σ_u G_u`` bytes
 (G_u groups, :func:`cachec.calibrate.format.eoc_group_layout`) — no term in S × D_u.
 """
@@ -43,10 +44,26 @@ class CountSketch:
     Args:
         numel: D.
         dim: r (0: never sketch).
-        seed: the map's seed (the calibration's ``gram_sketch.seed`` plus the unit index): the same seed
-            gives the same map on every rank, shard and resumed run.
+        seed: the map's seed (the calibration's ``gram_sketch.seed``): the same seed gives the same map on
+            every rank, shard and resumed run; units of the same size share one map (:meth:`shared`).
         device: where the map lives (the features' device).
+
+    Memory: an int32 gather index and a float32 sign per input element (8 bytes × ⌈D/r⌉·r), once per
+    distinct (D, r, seed, device) when built through :meth:`shared`.
     """
+
+    _cache: dict = {}
+
+    @classmethod
+    def shared(cls, numel: int, dim: int, seed: int, device) -> "CountSketch":
+        """The map for these arguments, built once per process (units of one size share it; a unit's Gram
+        only involves its own map, so sharing changes no statistic's distribution)."""
+        key = (int(numel), int(dim), int(seed), str(torch.device(device)))
+        if key not in cls._cache:
+            if len(cls._cache) >= 16:
+                cls._cache.clear()
+            cls._cache[key] = cls(numel, dim, seed, device)
+        return cls._cache[key]
 
     def __init__(self, numel: int, dim: int, seed: int, device):
         self.numel = int(numel)
@@ -62,8 +79,8 @@ class CountSketch:
         # numel points at an appended zero column
         slots = torch.full((rows * self.dim,), self.numel, dtype=torch.int64)
         slots[perm] = torch.arange(self.numel)
-        self.index = slots.to(device)
-        self.sign = sign.to(device=device, dtype=F64)
+        self.index = slots.to(device=device, dtype=torch.int32)
+        self.sign = sign.to(device=device, dtype=torch.float32)
         self.rows = rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +95,9 @@ class CountSketch:
         if self.identity:
             return x.float()
         n = x.shape[0]
-        signed = torch.nn.functional.pad(x.to(F64) * self.sign, (0, 1))
-        return signed[:, self.index].view(n, self.rows, self.dim).sum(1).float()
+        signed = torch.nn.functional.pad(x.float() * self.sign, (0, 1))  # exact: the signs are ±1
+        picked = torch.index_select(signed, 1, self.index).view(n, self.rows, self.dim)
+        return picked.sum(1, dtype=F64).float()
 
 
 class EOCSubset:
@@ -177,8 +195,8 @@ class BatchRecord:
         eoc_lags: K.
         eoc_prior: grouping of the EOC statistics (:data:`cachec.calibrate.format.EOC_PRIORS`).
         sketch_dim: r (0: exact Grams).
-        sketch_seed: seed of unit 0's sketch (unit u uses ``sketch_seed + u``; its EOC subset
-            ``sketch_seed + 1_000_003 + u``).
+        sketch_seed: seed of the sketches (units of one size share a map) and, plus 1_000_003 + u, of unit
+            u's EOC subset.
         eoc_sample: E, most elements per group the EOC sums read (0: all; :class:`EOCSubset`).
 
     Attributes (after the batch):
@@ -249,7 +267,7 @@ class BatchRecord:
         S, K = self.S, self.K
         sk = self.sketches.get(unit)
         if sk is None or sk.numel != D or (not sk.identity and sk.index.device != dev):
-            sk = self.sketches[unit] = CountSketch(D, self.sketch_dim, self.sketch_seed + unit, dev)
+            sk = self.sketches[unit] = CountSketch.shared(D, self.sketch_dim, self.sketch_seed, dev)
         ys = self.y.setdefault(unit, {})
         buf = ys.get(branch)
         if buf is None or buf.shape[0] != n or buf.device != dev:

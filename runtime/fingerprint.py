@@ -191,7 +191,8 @@ class WeightWatch:
         self._idx = []
         for _, t in tensors:
             n = t.numel() * (2 if t.is_complex() else 1)
-            self._idx.append(torch.linspace(0, max(n - 1, 0), min(self.PROBE, n), device=t.device).long())
+            k = min(self.PROBE, n)  # evenly spaced integer positions (float32 linspace overshoots past 2**24)
+            self._idx.append((torch.arange(k, device=t.device) * max(n - 1, 0)) // max(k - 1, 1))
         self._ref_meta = self._meta(tensors)
         self._ref_probe = self._probe(tensors)
 

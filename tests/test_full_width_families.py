@@ -35,9 +35,6 @@ WIDTHS = {"dit": 1152, "pixart": 1152, "sd3": 1536, "flux": 3072}
 #: families with a weight tensor of more than 2**24 elements (SD3's 192² × 1536 position table, FLUX's
 #: 3072 × 12288 FFN weights), on which apply() fails today (reported, not ours to fix; strict: once fixed,
 #: these tests pass and the marker must go)
-WATCH_BUG = {"sd3", "flux"}
-WATCH_BUG_REASON = ("runtime/fingerprint.py WeightWatch.refresh: its float32 torch.linspace sample index can round "
-                    "past the end of a tensor of more than 2**24 elements (IndexError in torch.take)")
 
 
 def _safetensors_header_len(path) -> int:
@@ -93,12 +90,10 @@ def _check_shapes(family, driver):
         assert pipe.text_encoder.config.hidden_size == cfg["pooled_projection_dim"] == 768
 
 
-def _params(xfail_apply: bool = False):
+def _params():
     out = []
     for f in FAMILIES:
         marks = [pytest.mark.slow] if f in SLOW else []
-        if xfail_apply and f in WATCH_BUG:
-            marks.append(pytest.mark.xfail(raises=IndexError, strict=True, reason=WATCH_BUG_REASON))
         out.append(pytest.param(f, marks=marks))
     return out
 
@@ -172,7 +167,7 @@ def test_full_width_calibration_file(calibrated):
         np.testing.assert_array_equal(a[f"gram/{u['name']}"], b[f"gram/{u['name']}"])
 
 
-@pytest.mark.parametrize("calibrated", _params(xfail_apply=True), indirect=True)
+@pytest.mark.parametrize("calibrated", _params(), indirect=True)
 def test_full_width_plans_run(calibrated, tmp_path):
     """The 100 % plan reproduces uncached sampling bit for bit; a 50 % plan runs and realises its FLOPs."""
     from cachec.planner import load_calibration, make_plan
