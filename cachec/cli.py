@@ -73,7 +73,7 @@ def calibrate():
               help="Most elements of an EOC group the sums read (a fixed random subset; 0: all).")
 @click.option("--sketch-dim", type=click.IntRange(min=0), default=8192, show_default=True,
               help="Units with more output elements per sample get their Gram from a CountSketch of this size (0: exact).")
-@click.option("--sensitivity", type=click.Choice(["full", "factored", "none"]), default="full", show_default=True,
+@click.option("--sensitivity", type=click.Choice(["auto", "full", "factored", "chain", "none"]), default="auto", show_default=True,
               help="How the final-sample sensitivity per unit and step is measured (docs/calibration.md).")
 @click.option("--sensitivity-samples", type=int, default=4, show_default=True)
 @click.option("--cfg", type=click.Choice(["batched", "split"]), default="batched", show_default=True)

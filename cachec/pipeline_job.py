@@ -54,7 +54,7 @@ def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: i
 
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
             method: str = "cachec", family: str = "auto", samples_per_condition: int = 4,
-            eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "factored",
+            eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "auto",
             refine: int = 2, progress: bool = True, log=print, conditions=None,
             resolution: tuple[int, int] | None = None) -> JobResult:
     """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
@@ -72,7 +72,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         validation_per_class: samples per condition of the family choice (seeds from :data:`VALIDATION_SEED`).
         conditions: calibration conditions, or a callable ``driver -> conditions`` (default: every class).
         resolution: ``(H, W)`` pixels to sample at (pipelines that take a size), default the model's.
-        sensitivity: calibration sensitivity method.
+        sensitivity: calibration sensitivity method; ``auto``: ``factored`` where ``full`` would be affordable
+            (the digit models), else ``chain`` (:func:`cachec.calibrate.sensitivity.resolve`).
         refine: trajectory refinements per family (:mod:`cachec.refine`); every iterate is a candidate of
             the closed-loop choice (cachec only; 0 = plans from the uncached calibration only).
         log: where progress lines go.
@@ -109,6 +110,11 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     else:
         log(f"[1/4] calibrating {driver.name}: {len(conditions)} classes x {samples_per_condition} samples, "
             f"{steps} steps, guidance {guidance}")
+        if sensitivity == "auto":  # factored for models where full is affordable, chain (O(S + U)) above
+            from .calibrate.sensitivity import resolve
+            from .runtime.units import find_units
+
+            sensitivity = resolve("auto", len(find_units(driver.transformer)), steps, small="factored")
         calibrate(driver, conditions, output=calib, samples_per_condition=samples_per_condition, steps=steps,
                   guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
     families = list(FAMILIES) if family == "auto" else [family]

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eoc-prior", default="token", choices=["channel", "token", "element"])
     p.add_argument("--eoc-sample", type=int, default=256, help="most elements per EOC group (0: all)")
     p.add_argument("--sketch-dim", type=int, default=8192, help="Gram sketch dimension r (0: exact)")
-    p.add_argument("--sensitivity", default="full", choices=["full", "factored", "none"])
+    p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "factored", "chain", "none"])
     p.add_argument("--sensitivity-samples", type=int, default=4)
     p.add_argument("--cfg", default="batched", choices=["batched", "split"])
     p.add_argument("--restart", action="store_true")

@@ -57,7 +57,7 @@ class CalibrationJob:
         sketch_dim: r, the sketch dimension of the Gram statistics (0: exact, never sketched).
         sketch_seed: seed of unit 0's sketch (unit u: ``sketch_seed + u``).
         eoc_sample: most elements per group the EOC sums read (0: all).
-        sensitivity: ``"full"``, ``"factored"`` or ``"none"``.
+        sensitivity: ``"full"``, ``"factored"``, ``"chain"`` or ``"none"`` (``auto`` is resolved before).
         sensitivity_samples: samples of the sensitivity probes (>= 1 unless ``"none"``).
         cfg: ``"batched"`` or ``"split"``.
         restart: discard existing partial state.

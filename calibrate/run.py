@@ -69,7 +69,7 @@ def calibrate(
     eoc_prior: str = "token",
     eoc_sample: int = DEFAULT_EOC_SAMPLE,
     sketch_dim: int = DEFAULT_SKETCH_DIM,
-    sensitivity: str = "full",
+    sensitivity: str = "auto",
     sensitivity_samples: int = 4,
     progress: bool = True,
     cfg: str = "batched",
@@ -111,7 +111,10 @@ def calibrate(
         sketch_dim: r; a unit with more than r output elements per sample has its Gram computed from a
             CountSketch of dimension r (relative error of any predictor's error ≤ sqrt(2/r) in standard
             deviation, docs/calibration-format.md); 0 computes every Gram exactly.
-        sensitivity: ``"full"``, ``"factored"`` or ``"none"`` (docs/calibration.md).
+        sensitivity: ``"auto"`` (default: ``full`` while its probes cost at most
+            :data:`~.sensitivity.AUTO_FULL_RUNS` sampling runs — both digit models —, else the O(S + U)
+            ``chain``; ``none`` with ``along``/``sensitivity_from``), ``"full"``, ``"factored"``, ``"chain"``
+            or ``"none"`` (docs/calibration.md). The header records the method that ran.
         sensitivity_samples: samples used by the sensitivity probes (the first ones of the sample order).
         progress: show tqdm progress bars (rank 0 only).
         cfg: ``"batched"`` or ``"split"`` guidance calls (split only on the reference pipelines).
@@ -159,6 +162,11 @@ def calibrate(
         raise ValueError(f"eoc_sample must be >= 0 (0: every element), got {eoc_sample}")
     if int(sketch_dim) < 0:
         raise ValueError(f"sketch_dim must be >= 0 (0: exact Grams), got {sketch_dim}")
+    if sensitivity == sens_mod.AUTO:
+        if along is not None or sensitivity_from is not None:
+            sensitivity = "none"
+        else:
+            sensitivity = sens_mod.resolve(sens_mod.AUTO, len(find_units(driver.transformer)), steps)
     if sensitivity not in sens_mod.METHODS:
         raise ValueError(f"unknown sensitivity method {sensitivity!r}; choose one of {', '.join(sens_mod.METHODS)}")
     if sensitivity != "none" and int(sensitivity_samples) < 1:

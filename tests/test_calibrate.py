@@ -548,8 +548,9 @@ def test_along_rejects_mismatches(tiny_digits, tmp_path):
     from cachec.runtime.handle import PlanMismatchError
 
     plan = full_plan(tiny_digits, steps=4)
-    with pytest.raises(ValueError, match="sensitivity"):
-        calibrate(tiny_digits, [0], output=tmp_path / "a.safetensors", steps=4, along=plan, progress=False)
+    with pytest.raises(ValueError, match="sensitivity"):  # measured probes need the uncached trajectory
+        calibrate(tiny_digits, [0], output=tmp_path / "a.safetensors", steps=4, along=plan, sensitivity="full",
+                  progress=False)
     with pytest.raises(ValueError, match="4 steps"):
         calibrate(tiny_digits, [0], output=tmp_path / "a.safetensors", steps=5, along=plan, sensitivity="none",
                   progress=False)
