@@ -134,7 +134,7 @@ def test_predictor_error_matches_features():
 
 def test_eoc_error_and_alpha_match_features():
     feats = random_features(smooth=True, seed=3)
-    cal = make_cal(feats)
+    cal = make_cal(feats, eoc_prior="element")  # the brute force below uses the per-element prior
     for u, n in enumerate(feats):
         F = feats[n]
         P = F.mean(axis=(0, 1))
@@ -507,11 +507,11 @@ def test_determinism(tmp_path):
 def test_load_calibration_roundtrip_and_errors(tmp_path):
     feats = random_features(U=2, S=5, seed=31)
     flops = np.array([1.0, 2.0])
-    header, tensors = calibration_tensors(feats, flops, 3.5, None, np.ones((2, 5)))
+    header, tensors = calibration_tensors(feats, flops, 3.5, None, np.ones((2, 5)), eoc_prior="element")
     path = tmp_path / "c.safetensors"
     save_calibration(str(path), header, tensors)
     cal = load_calibration(str(path))
-    mem = calibration_from_features(feats, flops, 3.5, None, np.ones((2, 5)))
+    mem = calibration_from_features(feats, flops, 3.5, None, np.ones((2, 5)), eoc_prior="element")
     assert cal.sha256 == mem.sha256
     np.testing.assert_array_equal(cal.gram, mem.gram)
     np.testing.assert_array_equal(cal.eoc_lin, mem.eoc_lin)
