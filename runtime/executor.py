@@ -61,6 +61,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .compensation import combine
 from .hooks import Feature, batch_size_of, same_timestep, timestep_and_dtype
 from .plan import COMPUTE, Plan
 from .units import UnitSpec, unwrap
@@ -546,19 +547,7 @@ class PlanExecutor:
         the EOC factor (per-sample shape, or broadcastable to it) broadcasts over the batch.
         """
         coeffs, eoc, hist = self._inputs[index]
-        if coeffs is None:  # plain reuse
-            feature = hist[0]
-        else:
-            out = []
-            for p in range(len(hist[0])):
-                c = coeffs[p]
-                acc = c[0] * hist[0][p]
-                for j in range(1, len(c)):
-                    acc = acc + c[j] * hist[j][p]
-                if eoc is not None:
-                    acc = acc * eoc[p]
-                out.append(acc)
-            feature = tuple(out)
+        feature = hist[0] if coeffs is None else combine(hist, coeffs, eoc)  # None: plain reuse
         if self.push_predictions:
             self._pending.append((index, feature))
         return feature

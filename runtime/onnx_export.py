@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .compensation import combine
 from .handle import plan_executor
 from .hooks import install, same_timestep
 from .io import atomic_write, file_sha256
@@ -114,18 +115,7 @@ class _StepHandler:
     def predict(self, index: int):
         coeffs, eoc, plain = self.predictors[index]
         hist = self.history[index]
-        if plain:
-            feature = hist[0]
-        else:
-            out = []
-            for p in range(len(hist[0])):
-                acc = coeffs[0] * hist[0][p]
-                for j in range(1, len(coeffs)):
-                    acc = acc + coeffs[j] * hist[j][p]
-                if eoc is not None:
-                    acc = acc * eoc[p]
-                out.append(acc)
-            feature = tuple(out)
+        feature = hist[0] if plain else combine(hist, [coeffs] * len(hist[0]), eoc)
         if self.push:
             self.stored[index] = feature
         return feature

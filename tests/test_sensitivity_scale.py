@@ -11,33 +11,11 @@ import pytest
 
 from cachec.calibrate import calibrate, read_header
 from cachec.calibrate import sensitivity as sm
-from cachec.calibrate.recorder import StepTracker, Switch, batched_cond_first
+from cachec.calibrate.recorder import Recorder, StepTracker, Switch, batched_cond_first
 from cachec.runtime.hooks import install
 from cachec.runtime.units import find_units
 
 CONDS, SEEDS = [3, 8], [0, 1]
-
-
-class _Learn:
-    """A handler that only teaches a tracker the schedule (one uncached run)."""
-
-    def __init__(self, tracker):
-        self.tracker = tracker
-
-    def begin_call(self, args, kwargs):
-        self.tracker.on_call(args, kwargs)
-
-    def end_call(self):
-        pass
-
-    def should_compute(self, index):
-        return True
-
-    def store(self, index, feature):
-        pass
-
-    def predict(self, index):
-        raise RuntimeError
 
 
 def _measure(driver, methods, steps, cfg="batched", units=None, mine=None, conds=CONDS, guidance=3.0):
@@ -48,10 +26,11 @@ def _measure(driver, methods, steps, cfg="batched", units=None, mine=None, conds
     switch = Switch()
     out = {}
     with install(driver.transformer, units, switch):
-        switch.target = _Learn(first)
-        first.start_run(len(conds))
+        learn = Recorder(units, first)  # without a record it only teaches the tracker the schedule
+        switch.target = learn
+        learn.start_run(len(conds))
         driver.generate(conds, SEEDS, steps=steps, guidance=guidance, cfg=cfg)
-        first.finish_run()
+        learn.finish_run()
         switch.target = None
 
         def make_tracker():
