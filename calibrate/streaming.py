@@ -217,8 +217,11 @@ class BatchRecord:
         self.sketch_dim, self.sketch_seed = int(sketch_dim), int(sketch_seed)
         self.sketches: dict[int, CountSketch] = {}  # kept across batches: the same map every batch
         self.layouts: dict[int, list] = {}
-        self.n = 0
-        self.first_sample = 0
+        self.y: dict[int, dict[int, torch.Tensor]] = {}
+        self.window: dict[int, dict[int, torch.Tensor]] = {}
+        self.prior: dict[int, torch.Tensor] = {}
+        self.q: dict[int, torch.Tensor] = {}
+        self.m: dict[int, torch.Tensor] = {}
         self.reset(0, 0)
 
     def reset(self, n_samples: int, first_sample: int) -> None:
@@ -226,15 +229,9 @@ class BatchRecord:
         (split of row i: ``(first_sample + i) mod 2``). Buffers of the right size are reused."""
         self.n, self.first_sample = int(n_samples), int(first_sample)
         self._split_rows = None
-        for d in (getattr(self, "prior", {}), getattr(self, "q", {}), getattr(self, "m", {})):
+        for d in (self.prior, self.q, self.m):
             for t in d.values():
                 t.zero_()
-        if not hasattr(self, "y"):
-            self.y: dict[int, dict[int, torch.Tensor]] = {}
-            self.window: dict[int, dict[int, torch.Tensor]] = {}
-            self.prior: dict[int, torch.Tensor] = {}
-            self.q: dict[int, torch.Tensor] = {}
-            self.m: dict[int, torch.Tensor] = {}
 
     def unit_layout(self, unit: int, shapes) -> list:
         """The group layout of a unit (fixed by its first output's shapes)."""
