@@ -8,7 +8,7 @@ per-unit output shapes (tokens × channels, tuple parts) and per-unit FLOPs (``t
 FLOPs = 2 × multiply-adds) are the real ones. From them, with r = the default sketch dimension and K = 2
 EOC lags:
 
-- file bytes = ``8 · Σ_u (4 B S² + (1 + 2 + 2K) S G_u) + 8 · (4 U S + 2 U)`` (per-token EOC groups G_u);
+- file bytes = ``8 · Σ_u (2 B S² + (1 + 2 + 2K) S G_u) + 8 · (3 U S + 2 U)`` (per-token EOC groups G_u);
 - memory beyond plain sampling per batch of n samples = ``4 n B Σ_u (S r_u + K E_u)`` (E_u = min(D_u,
   G_u · eoc_sample)) +
   ``2 · 8 (1 + 2 + 2K) S Σ_u G_u`` (the EOC sums and their partial-state copy);
@@ -121,9 +121,9 @@ def main() -> None:
         G = [sum(g for _, g, _ in L) for L in lay]
         E = [sum(g * min(size, DEFAULT_EOC_SAMPLE) for _, g, size in L) for L in lay]
         R = [sketch_dim(d, r) for d in D]
-        file_b = 8 * sum(4 * B * S * S + (1 + 2 + 2 * K) * S * g for g in G) + 8 * (4 * U * S + 2 * U)
+        file_b = 8 * sum(2 * B * S * S + (1 + 2 + 2 * K) * S * g for g in G) + 8 * (3 * U * S + 2 * U)
         mem_b = 4 * n * B * sum(S * ri + K * e for ri, e in zip(R, E)) + 2 * 8 * (1 + 2 + 2 * K) * S * sum(G)
-        old_file = 8 * sum(4 * B * S * S + (1 + 2 + 2 * K) * S * d for d in D)
+        old_file = 8 * sum(2 * B * S * S + (1 + 2 + 2 * K) * S * d for d in D)
         sampling = N * B * S
         sens = {m: sensitivity_steps(m, U, S) for m in ("chain", "factored", "full")}
         rows.append((name, U, px, S, B, N, n, max(D), file_b, old_file, mem_b, sampling, sens, total))

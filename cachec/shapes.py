@@ -302,8 +302,8 @@ def predicted_file_bytes(header: Mapping) -> int:
 
 def documented_file_bytes(header: Mapping) -> int:
     """The size formula of docs/calibration-format.md ("Memory and size"):
-    ``8 · Σ_u (4 B S² + (1 + 2 + 2K) S G_u) + 8 · (4 U S + 2 U)`` bytes — an upper bound on
-    :func:`predicted_file_bytes` (the Grams hold ``2 B S²`` values per unit, and there are 3 (U, S) tensors).
+    ``8 · Σ_u (2 B S² + (1 + 2 + 2K) S G_u) + 8 · (3 U S + 2 U)`` bytes: the tensor bytes of
+    :func:`predicted_file_bytes` without the JSON header and the safetensors table.
 
     Args:
         header: a calibration header.
@@ -312,7 +312,7 @@ def documented_file_bytes(header: Mapping) -> int:
     """
     S, B, K, units = _unit_terms(header)
     U = len(units)
-    return 8 * sum(4 * B * S * S + (1 + 2 + 2 * K) * S * int(u["eoc_groups"]) for u in units) + 8 * (4 * U * S + 2 * U)
+    return 8 * sum(2 * B * S * S + (1 + 2 + 2 * K) * S * int(u["eoc_groups"]) for u in units) + 8 * (3 * U * S + 2 * U)
 
 
 def _eoc_read(u: Mapping, grouping: str, sample: int) -> int:
