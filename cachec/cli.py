@@ -110,7 +110,7 @@ def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, s
     driver = load_model(model, device=device_option(device), dtype=dtype_option(dtype))
     driver.set_resolution(size)
     conds = conditions(driver, classes, prompt, prompts_file)
-    check_calibration_conditions(conds, seed, len(conds) * samples_per_condition)
+    check_calibration_conditions(conds, seed, len(conds) * samples_per_condition, driver)
     t0 = time.perf_counter()
     path = run_calibration(driver, conds, output=output, samples_per_condition=samples_per_condition, steps=steps,
                            guidance=guidance, seed=seed, batch_size=batch_size, shard=shard, eoc_lags=eoc_lags,

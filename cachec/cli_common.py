@@ -203,14 +203,17 @@ def default_classes(driver) -> list[int]:
 
 
 def conditions(driver, classes: str | None, prompt: tuple[str, ...] = (), prompts_file: str | None = None) -> list:
-    """:func:`given_conditions`, else :func:`default_classes` for class-conditional models.
+    """:func:`given_conditions`, else :func:`default_classes` for class-conditional models, else the
+    model's own calibration prompt set (``driver.prompt_sets``, the shipped prompt-conditioned model).
 
     Raises:
-        ValueError: as :func:`given_conditions`; a text model without prompts.
+        ValueError: as :func:`given_conditions`; a text model without prompts and without a prompt set.
     """
     got = given_conditions(driver, classes, prompt, prompts_file)
     if got is not None:
         return got
+    if driver.condition_kind == "prompt" and driver.prompt_sets.get("calibration"):
+        return list(driver.prompt_sets["calibration"])
     if driver.condition_kind == "prompt":
         raise ValueError(f"{driver.name} is text-conditional: give --prompt TEXT (repeatable) or --prompts FILE")
     return default_classes(driver)

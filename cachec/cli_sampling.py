@@ -156,6 +156,13 @@ def eval_summary(result: dict) -> str:
     ff, sp = result.get("flops_fraction"), result.get("speedup")
     lines.append(f"counted FLOPs: {'n/a' if ff is None else f'{100 * ff:.1f}% of uncached'}; "
                  f"wall-clock speed-up: {'n/a' if sp is None else f'{sp:.2f}x'}")
+    adh = result.get("attribute_adherence")
+    if adh:
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.1f}%"
+        lines.append("attribute adherence, cached (uncached), chance: " + "; ".join(
+            f"{k} {pct(adh[k]['candidate'])} ({pct(adh[k]['reference'])}), {pct(adh['chance'][k])} over {adh['n'][k]}"
+            for k in ("thickness", "slant", "both")))
     for k, why in (result.get("not_measured") or {}).items():
         lines.append(f"not measured: {k} ({why})")
     return "\n".join(lines)

@@ -50,20 +50,28 @@ def _norm_prompt(p: str) -> str:
     return " ".join(str(p).lower().split())
 
 
-def held_out_prompt(prompt: str) -> bool:
-    """Whether ``prompt`` is one of :data:`HELD_OUT_PROMPTS` (case- and whitespace-insensitive)."""
-    return _norm_prompt(prompt) in {_norm_prompt(p) for p in HELD_OUT_PROMPTS}
+def held_out_prompts(driver=None) -> list[str]:
+    """The held-out prompts of ``cachec eval`` for ``driver``: the model's own ``held-out`` prompt set
+    (``driver.prompt_sets``, the shipped prompt-conditioned model) or :data:`HELD_OUT_PROMPTS`."""
+    own = getattr(driver, "prompt_sets", {}).get("held-out") if driver is not None else None
+    return list(own or HELD_OUT_PROMPTS)
 
 
-def check_calibration_conditions(conditions: Sequence, seed: int, n_samples: int) -> None:
+def held_out_prompt(prompt: str, driver=None) -> bool:
+    """Whether ``prompt`` is one of :func:`held_out_prompts` (case- and whitespace-insensitive)."""
+    return _norm_prompt(prompt) in {_norm_prompt(p) for p in (*HELD_OUT_PROMPTS, *held_out_prompts(driver))}
+
+
+def check_calibration_conditions(conditions: Sequence, seed: int, n_samples: int, driver=None) -> None:
     """What ``cachec calibrate`` checks so that evaluation stays held out: no prompt of
-    :data:`HELD_OUT_PROMPTS` and seeds ``seed .. seed + n_samples − 1`` inside ``[0, VALIDATION_SEED)``.
+    :data:`HELD_OUT_PROMPTS` or of the driver's held-out set (:func:`held_out_prompts`) and seeds
+    ``seed .. seed + n_samples − 1`` inside ``[0, VALIDATION_SEED)``.
 
     Raises:
         ValueError: a held-out prompt (named) or a seed outside that range.
     """
     for c in conditions:
-        if isinstance(c, str) and held_out_prompt(c):
+        if isinstance(c, str) and held_out_prompt(c, driver):
             raise ValueError(f"prompt {c!r} is one of cachec eval's held-out prompts: calibrate on other prompts")
     if seed < 0 or seed + n_samples > VALIDATION_SEED:
         raise ValueError(f"calibration seeds {seed}..{seed + n_samples - 1} must lie in 0..{VALIDATION_SEED - 1} "
@@ -88,7 +96,7 @@ def spread(conditions: Sequence, n: int) -> list:
 def held_out_set(driver, n: int | None = None, seed: int = EVAL_SEED, conditions: Sequence | None = None
                  ) -> tuple[list, list[int]]:
     """Held-out conditions and seeds of ``cachec eval``: ``n`` samples (default: the registry entry's
-    ``eval_samples``) cycled through ``conditions`` (default: every class, or :data:`HELD_OUT_PROMPTS` for
+    ``eval_samples``) cycled through ``conditions`` (default: every class, or :func:`held_out_prompts` for
     text models) by :func:`spread`, seeds ``seed + i``.
 
     Raises:
@@ -100,7 +108,7 @@ def held_out_set(driver, n: int | None = None, seed: int = EVAL_SEED, conditions
                          f"validation seeds below {EVAL_SEED}); got --seed {seed}")
     n = driver.spec.eval_samples if n is None else int(n)
     if conditions is None:
-        conditions = list(range(driver.num_classes)) if driver.condition_kind == "class" else list(HELD_OUT_PROMPTS)
+        conditions = list(range(driver.num_classes)) if driver.condition_kind == "class" else held_out_prompts(driver)
     conds = spread(driver.check_conditions(conditions), n)
     return conds, [seed + i for i in range(n)]
 

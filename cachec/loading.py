@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .reference import DEFAULT_MODEL, REFERENCE_MODELS
+from .reference_mmdit import NAME as MMDIT_NAME
 from .runtime.registry import ModelSpec, spec_for_pipeline
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -42,6 +43,9 @@ class Driver:
         default_guidance: guidance scale the model is meant to be run with.
         resolution: (H, W) of the generated images in pixels.
         info: extra facts (objective, training record) for reports.
+        prompt_sets: the model's own prompt sets, ``{"calibration": [...], "held-out": [...]}`` (the shipped
+            prompt-conditioned reference model); empty for other models (``cachec eval`` then uses
+            :data:`cachec.evaluation.HELD_OUT_PROMPTS` on text models).
     """
 
     pipe: Any
@@ -52,6 +56,7 @@ class Driver:
     default_guidance: float
     resolution: tuple[int, int]
     info: dict = field(default_factory=dict)
+    prompt_sets: dict = field(default_factory=dict)
 
     @property
     def transformer(self):
@@ -205,30 +210,38 @@ def quiet_diffusers():
 
 def shipped_models() -> list[str]:
     """Names of the reference models shipped inside the package."""
-    return sorted(REFERENCE_MODELS)
+    return sorted({*REFERENCE_MODELS, MMDIT_NAME})
 
 
 def _load_reference(folder: Path, name: str, device, dtype) -> Driver:
+    """A shipped-style reference folder: a class-conditional digit DiT, or (card ``architecture:
+    mmdit``) the prompt-conditioned ``digits-mmdit``."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from .pipeline import DigitsPipeline
+    from .reference_mmdit import load_pipeline
 
     card = json.loads((folder / REFERENCE_CARD).read_text())
     with quiet_diffusers():
-        transformer = DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype)
-    transformer.to(device).eval()
-    sched_cls = FlowMatchEulerDiscreteScheduler if card["objective"] == "flow" else DDIMScheduler
-    scheduler = sched_cls.from_pretrained(str(folder / "scheduler"))
-    pipe = DigitsPipeline(transformer, scheduler, name=name)
+        if card.get("architecture") == "mmdit":
+            pipe = load_pipeline(folder, name, device, dtype)
+        else:
+            transformer = DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype)
+            transformer.to(device).eval()
+            sched_cls = FlowMatchEulerDiscreteScheduler if card["objective"] == "flow" else DDIMScheduler
+            pipe = DigitsPipeline(transformer, sched_cls.from_pretrained(str(folder / "scheduler")), name=name)
+    spec = spec_for_pipeline(pipe)
+    side = pipe.sample_shape[-1]
     return Driver(
         pipe=pipe,
         name=name,
-        condition_kind=spec_for_pipeline(pipe).condition,
-        num_classes=pipe.num_classes,
+        condition_kind=spec.condition,
+        num_classes=pipe.num_classes if spec.condition == "class" else None,
         default_steps=int(card["default_steps"]),
         default_guidance=float(card["default_guidance"]),
-        resolution=(transformer.config.sample_size, transformer.config.sample_size),
+        resolution=(side, side),
         info=card,
+        prompt_sets=dict(getattr(pipe, "prompt_sets", {})),
     )
 
 
@@ -290,7 +303,7 @@ def load_model(name_or_path: str | None = None, device: str | torch.device = "cp
     """
     name = name_or_path or DEFAULT_MODEL
     path = Path(name)
-    if name in REFERENCE_MODELS:
+    if name in shipped_models():
         folder = MODELS_DIR / name
         if not (folder / REFERENCE_CARD).exists():
             raise ModelLoadError(f"the shipped model {name!r} is missing from this install ({folder}); reinstall cachec")

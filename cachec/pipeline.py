@@ -101,11 +101,16 @@ class DigitsPipeline:
         self.transformer.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample in model space."""
+        cfg = self.transformer.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
     def initial_noise(self, n: int, generator) -> torch.Tensor:
         """Initial noise (N, C, H, W), float32 on CPU; a list of N generators gives one per sample so a
         sample's noise does not depend on the batch it is drawn in."""
-        cfg = self.transformer.config
-        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        shape = self.sample_shape
         if isinstance(generator, (list, tuple)):
             if len(generator) != n:
                 raise ValueError(f"got {len(generator)} generators for {n} samples")
@@ -143,34 +148,43 @@ class DigitsPipeline:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
             raise ValueError(f"class label {bad} is out of range: this model has classes 0..{self.num_classes - 1}")
+        labels = labels.to(self.device)
+        null = torch.full_like(labels, self.num_classes)
+        return self._sample(labels.numel(), {"class_labels": labels}, {"class_labels": null}, num_inference_steps,
+                            guidance_scale, generator, cfg, callback)
+
+    def _timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The ``timestep`` the transformer receives for scheduler timestep ``t`` (DiT: ``t`` itself)."""
+        return t
+
+    def _predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One transformer call: sample-shaped input (B, C, H, W) → float32 prediction of that shape."""
+        return self.transformer(hidden_states=x.to(self.dtype), timestep=timestep, **cond).sample.float()
+
+    def _sample(self, n: int, cond: dict, uncond: dict, num_inference_steps: int, guidance_scale: float,
+                generator, cfg: str, callback) -> DigitsOutput:
+        """The sampling loop shared by the reference pipelines. ``cond``/``uncond``: the transformer's
+        conditioning keyword arguments of the N conditional / unconditional rows (tensors with N rows)."""
         if int(num_inference_steps) <= 0:
             raise ValueError(f"the number of steps must be positive, got {num_inference_steps}")
         if cfg not in ("batched", "split"):
             raise ValueError(f"cfg must be 'batched' or 'split', got {cfg!r}")
-        device, dtype = self.device, self.dtype
-        n = labels.numel()
-        x = self.initial_noise(n, generator).to(device=device, dtype=torch.float32)
+        x = self.initial_noise(n, generator).to(device=self.device, dtype=torch.float32)
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        labels = labels.to(device)
-        null = torch.full_like(labels, self.num_classes)
         guided = guidance_scale > 1.0
-        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        both = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()} if guided and cfg == "batched" else None
+        self.scheduler.set_timesteps(int(num_inference_steps), device=self.device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(timesteps):
-            if guided and cfg == "batched":
-                inp = torch.cat([x, x]).to(dtype)
-                out = self.transformer(
-                    hidden_states=inp, timestep=t.expand(2 * n), class_labels=torch.cat([labels, null])
-                ).sample.float()
-                cond, uncond = out.chunk(2)
+            tt = self._timestep(t)
+            if both is not None:
+                c, u = self._predict(torch.cat([x, x]), tt.expand(2 * n), both).chunk(2)
             elif guided:
-                inp = x.to(dtype)
-                cond = self.transformer(hidden_states=inp, timestep=t.expand(n), class_labels=labels).sample.float()
-                uncond = self.transformer(hidden_states=inp, timestep=t.expand(n), class_labels=null).sample.float()
+                c = self._predict(x, tt.expand(n), cond)
+                u = self._predict(x, tt.expand(n), uncond)
             else:
-                cond = self.transformer(hidden_states=x.to(dtype), timestep=t.expand(n), class_labels=labels).sample
-                cond = uncond = cond.float()
-            pred = uncond + guidance_scale * (cond - uncond) if guided else cond
+                c = u = self._predict(x, tt.expand(n), cond)
+            pred = u + guidance_scale * (c - u) if guided else c
             x = self.scheduler.step(pred, t, x).prev_sample
             if callback is not None:
                 callback(i, len(timesteps))

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluation import (EVAL_SEED, HELD_OUT_PROMPTS, VALIDATION_SEED, check_calibration_conditions, evaluate_plan,
+from .evaluation import (EVAL_SEED, VALIDATION_SEED, check_calibration_conditions, evaluate_plan, held_out_prompts,
                          spread)
 from .refine import search_plan
 
@@ -68,9 +68,10 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             validation seeds; cachec only).
         samples_per_condition: calibration samples per condition (calibration seeds 0..N−1).
         eval_per_class: evaluation samples per condition (seeds from :data:`EVAL_SEED`); text models are
-            evaluated on :data:`cachec.evaluation.HELD_OUT_PROMPTS` (as many samples in all).
+            evaluated on :func:`cachec.evaluation.held_out_prompts` (as many samples in all).
         validation_per_class: samples per condition of the family choice (seeds from :data:`VALIDATION_SEED`).
-        conditions: calibration conditions, or a callable ``driver -> conditions`` (default: every class).
+        conditions: calibration conditions, or a callable ``driver -> conditions`` (default: every class, or
+            the model's calibration prompt set).
         resolution: ``(H, W)`` pixels to sample at (pipelines that take a size), default the model's.
         sensitivity: calibration sensitivity method; ``auto``: ``factored`` where ``full`` would be affordable
             (the digit models), else ``chain`` (:func:`cachec.calibrate.sensitivity.resolve`).
@@ -96,13 +97,16 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     driver.set_resolution(resolution)
     if callable(conditions):
         conditions = conditions(driver)
+    if conditions is None and driver.prompt_sets.get("calibration"):
+        conditions = list(driver.prompt_sets["calibration"])
     if conditions is None:
         if driver.condition_kind != "class":
             raise ValueError(f"{driver.name} is text-conditional: give calibration prompts (--prompt/--prompts)")
         conditions = list(range(driver.num_classes))
     conditions = driver.check_conditions(conditions)
-    check_calibration_conditions(conditions, 0, len(conditions) * samples_per_condition)
-    n_cond = len(conditions)
+    check_calibration_conditions(conditions, 0, len(conditions) * samples_per_condition, driver)
+    # samples per condition x conditions; a prompt set counts as 10 conditions (30 prompts would make 300 images)
+    n_cond = len(conditions) if driver.condition_kind == "class" else min(len(conditions), 10)
     steps, guidance = driver.default_steps, driver.default_guidance
     calib = out / "calib.safetensors"
     if calib.exists() and _calibration_matches(calib, driver, steps, guidance, samples_per_condition, conditions):
@@ -136,7 +140,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         log("[3/4] closed-loop check skipped (one candidate)")
     plan_path = out / "plan.yaml"
     chosen = best.write(plan_path)
-    eval_conditions = conditions if driver.condition_kind == "class" else HELD_OUT_PROMPTS
+    eval_conditions = conditions if driver.condition_kind == "class" else held_out_prompts(driver)
     conds, seeds = _seeded(spread(eval_conditions, eval_per_class * n_cond), EVAL_SEED)
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")

