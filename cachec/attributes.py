@@ -21,9 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 
-THICKNESS = ("thin", "medium", "thick")
-SLANT = ("left-leaning", "upright", "right-leaning")
-ATTRIBUTES = {"thickness": THICKNESS, "slant": SLANT}
+#: the three bins of each attribute, in order (the words of :mod:`cachec.digit_prompts` name them)
+BINS = 3
 
 
 def _as_batch(images) -> np.ndarray:
@@ -89,7 +88,7 @@ def tercile_edges() -> dict[str, np.ndarray]:
 
 
 def bins(images, classes) -> dict[str, np.ndarray]:
-    """The attribute bin (0, 1, 2: index into :data:`THICKNESS` / :data:`SLANT`) of each image, judged
+    """The attribute bin (0, 1, 2: thin/medium/thick, left-leaning/upright/right-leaning) of each image, judged
     against the edges of ``classes`` (the class each image is meant to be).
 
     Args:
@@ -118,28 +117,27 @@ def bins(images, classes) -> dict[str, np.ndarray]:
     return out
 
 
-def adherence(images, prompts) -> dict:
-    """Prompt adherence of digit images to prompts of :mod:`cachec.digit_prompts`.
+def adherence(images, targets) -> dict:
+    """Adherence of digit images to the attribute bins they were generated for.
 
     Args:
-        images: (N, 1, H, W) in [0, 1]; image i was generated for ``prompts[i]``.
-        prompts: N prompts of the grammar.
+        images: (N, 1, H, W) in [0, 1].
+        targets: N tuples ``(class, thickness bin or None, slant bin or None)``
+            (:func:`cachec.digit_prompts.parse` of each prompt).
 
     Returns:
         ``{"thickness": f, "slant": f, "both": f, "n": {...}, "chance": {...}}``: f is the fraction of the
-        images whose prompt names that attribute (both, for ``"both"``) and whose measured bin matches it,
-        judged against the prompted class's bin edges (None when no prompt names it); ``n`` the number of
-        such images; ``chance`` 1/3, 1/3 and 1/9 (the bins are training-set terciles per class).
+        images whose target names that attribute (both, for ``"both"``) and whose measured bin matches it,
+        judged against the target class's bin edges (None when no target names it); ``n`` the number of such
+        images; ``chance`` 1/3, 1/3 and 1/9 (the bins are training-set terciles per class).
 
     Raises:
-        ValueError: a prompt outside the grammar, or shapes as :func:`bins`.
+        ValueError: shapes as :func:`bins`.
     """
-    from .digit_prompts import parse
-
-    parsed = [parse(p) for p in prompts]
-    got = bins(images, [p[0] for p in parsed])
+    targets = list(targets)
+    got = bins(images, [t[0] for t in targets])
     hits = {"thickness": [], "slant": [], "both": []}
-    for i, (_, t, s) in enumerate(parsed):
+    for i, (_, t, s) in enumerate(targets):
         ok_t = None if t is None else bool(got["thickness"][i] == t)
         ok_s = None if s is None else bool(got["slant"][i] == s)
         if ok_t is not None:
@@ -150,5 +148,5 @@ def adherence(images, prompts) -> dict:
             hits["both"].append(ok_t and ok_s)
     out = {k: (sum(v) / len(v) if v else None) for k, v in hits.items()}
     out["n"] = {k: len(v) for k, v in hits.items()}
-    out["chance"] = {"thickness": 1 / 3, "slant": 1 / 3, "both": 1 / 9}
+    out["chance"] = {"thickness": 1 / BINS, "slant": 1 / BINS, "both": 1 / BINS ** 2}
     return out

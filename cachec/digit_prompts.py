@@ -5,8 +5,8 @@ Grammar (every word is one token of the word-level tokenizer, :func:`make_tokeni
     prompt   := class | "a" attrs class
     attrs    := thickness | slant | thickness slant | slant thickness
     class    := "zero" | "one" | ... | "nine"
-    thickness:= "thin" | "medium" | "thick"          (cachec.attributes.THICKNESS)
-    slant    := "left-leaning" | "upright" | "right-leaning"   (cachec.attributes.SLANT)
+    thickness:= "thin" | "medium" | "thick"          (bins of cachec.attributes)
+    slant    := "left-leaning" | "upright" | "right-leaning"   
 
 The empty prompt ``""`` is the unconditional branch of classifier-free guidance. :func:`parse` reads a
 prompt back into ``(class, thickness bin or None, slant bin or None)``, which is what prompt adherence is
@@ -22,8 +22,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .attributes import SLANT, THICKNESS
-
+#: words of the thickness / slant bins 0, 1, 2 (:mod:`cachec.attributes` measures them)
+THICKNESS = ("thin", "medium", "thick")
+SLANT = ("left-leaning", "upright", "right-leaning")
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPECIAL = ("[PAD]", "[BOS]", "[UNK]", "[EOS]")  # EOS != 2: CLIPTextModel pools at the first EOS
 VOCAB = SPECIAL + ("a",) + CLASS_WORDS + THICKNESS + SLANT

@@ -219,7 +219,7 @@ def _load_reference(folder: Path, name: str, device, dtype) -> Driver:
     from diffusers import DDIMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from .pipeline import DigitsPipeline
-    from .reference_mmdit import load_pipeline
+    from .pipeline_prompt import load_pipeline
 
     card = json.loads((folder / REFERENCE_CARD).read_text())
     with quiet_diffusers():

@@ -101,3 +101,22 @@ class PromptDigitsPipeline(DigitsPipeline):
         out = self.transformer(hidden_states=pack(x).to(self.dtype), timestep=timestep.to(self.dtype),
                                img_ids=img_ids, txt_ids=txt_ids, **cond).sample
         return unpack(out.float())
+
+
+def load_pipeline(folder, name: str, device, dtype) -> PromptDigitsPipeline:
+    """The :class:`PromptDigitsPipeline` of a saved ``digits-mmdit`` folder (``transformer/``,
+    ``text_encoder/``, ``tokenizer/``, ``scheduler/``), transformer and text encoder in ``dtype`` on
+    ``device``, in eval mode."""
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+    transformer.to(device).eval()
+    text_encoder.to(device).eval()
+    return PromptDigitsPipeline(transformer, scheduler, text_encoder, tokenizer, name=name)

@@ -115,23 +115,3 @@ def encode(tokenizer, text_encoder, prompts):
     out = text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
     return out.last_hidden_state, out.pooler_output
 
-
-def load_pipeline(folder, name: str, device, dtype):
-    """The :class:`~cachec.pipeline_prompt.PromptDigitsPipeline` of a saved ``digits-mmdit`` folder
-    (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), transformer and text encoder in
-    ``dtype`` on ``device``, in eval mode."""
-    from pathlib import Path
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, PreTrainedTokenizerFast
-
-    from .pipeline_prompt import PromptDigitsPipeline
-
-    folder = Path(folder)
-    transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
-    transformer.to(device).eval()
-    text_encoder.to(device).eval()
-    return PromptDigitsPipeline(transformer, scheduler, text_encoder, tokenizer, name=name)

@@ -181,7 +181,8 @@ def _prompts(labels: Any) -> list[str] | None:
 
 def _adherence(cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
     """``{attribute: {candidate, reference}, n, chance}`` from :func:`cachec.attributes.adherence`."""
-    c, r = adherence(cand, prompts), adherence(ref, prompts)
+    targets = [parse(p) for p in prompts]
+    c, r = adherence(cand, targets), adherence(ref, targets)
     out = {k: {"candidate": c[k], "reference": r[k]} for k in ("thickness", "slant", "both")}
     out.update(n=c["n"], chance=c["chance"])
     return out

@@ -40,7 +40,7 @@ def measure(driver, prompts: list[str], guidance: float, label: str) -> dict:
     wall = time.perf_counter() - t0
     pred, feats = classify(images)
     labels = torch.tensor([parse(p)[0] for p in prompts])
-    adh = adherence(images, prompts)
+    adh = adherence(images, [parse(p) for p in prompts])
     return {"prompts": label, "steps": STEPS, "guidance": guidance, "samples": len(prompts),
             "class_accuracy": float((pred == labels).float().mean()), "thickness": adh["thickness"],
             "slant": adh["slant"], "both": adh["both"],

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from cachec.attributes import SLANT, THICKNESS, adherence, bins, slant, thickness
+from cachec.attributes import adherence, bins, slant, thickness
 from cachec.data import split_digits
-from cachec.digit_prompts import CLASS_WORDS, compose, make_tokenizer, parse, prompt_set
+from cachec.digit_prompts import CLASS_WORDS, SLANT, THICKNESS, compose, make_tokenizer, parse, prompt_set
 from cachec.shipped import PLANS_DIR
 
 
@@ -65,7 +65,7 @@ def test_attribute_bins_are_terciles_and_respond_to_the_image():
     assert np.mean(slant(sheared) > slant(img)) > 0.95
     prompts = [compose(int(c), int(t), int(s)) for c, t, s in zip(hy[:50], bins(img, hy[:50])["thickness"],
                                                                  bins(img, hy[:50])["slant"])]
-    a = adherence(torch.from_numpy(img)[:, None], prompts)
+    a = adherence(torch.from_numpy(img)[:, None], [parse(p) for p in prompts])
     assert a["thickness"] == a["slant"] == a["both"] == 1.0 and a["chance"]["both"] == pytest.approx(1 / 9)
     assert THICKNESS[0] == "thin" and SLANT[2] == "right-leaning"
 
