@@ -59,7 +59,7 @@ from cachec.runtime.io import to_jsonable  # noqa: E402
 __all__ = ["Config", "at_budget", "headline", "main", "parse_args", "run_config", "run_point"]
 
 #: steps per shipped model (the issue: digits-flow 25, digits-ddim 20 and 50)
-DEFAULT_STEPS = {"digits-flow": [25], "digits-ddim": [20, 50]}
+DEFAULT_STEPS = {"digits-flow": [25], "digits-ddim": [20, 50], "digits-mmdit": [25]}
 
 
 # ------------------------------------------------------------------------------------- main

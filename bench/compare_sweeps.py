@@ -44,9 +44,19 @@ class Config:
         self.steps = steps
         self.guidance = float(driver.default_guidance)
         ncls = int(driver.num_classes or 10)
-        self.eval_conditions = [c for _ in range(per_class) for c in range(ncls)]
+        if driver.prompt_sets:  # the prompt-conditioned reference: its own held-out / calibration prompt sets
+            from cachec.evaluation import spread
+
+            held, cal = driver.prompt_sets["held-out"], driver.prompt_sets["calibration"]
+            self.eval_conditions = spread(held, per_class * ncls)
+            cal_conditions = spread(cal, max(len(cal), cal_per_class * ncls))
+            self.condition_text = (f"{len(self.eval_conditions)} of the {len(held)} held-out prompts; calibration: "
+                                   f"the {len(cal)} calibration prompts")
+        else:
+            self.eval_conditions = [c for _ in range(per_class) for c in range(ncls)]
+            cal_conditions = [c for _ in range(cal_per_class) for c in range(ncls)]
+            self.condition_text = "classes 0-9 x %d" % (len(self.eval_conditions) // 10)
         self.eval_seeds = [EVAL_SEED0 + i for i in range(len(self.eval_conditions))]
-        cal_conditions = [c for _ in range(cal_per_class) for c in range(ncls)]
         cal_seeds = list(range(len(cal_conditions)))
         assert not set(cal_seeds) & set(self.eval_seeds)
         bs = batch_size
@@ -350,7 +360,7 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
         "guidance": cfg.guidance,
         "n_images": len(cfg.eval_conditions),
         "batch_size": cfg.ctx.batch_size,
-        "eval_conditions": "classes 0-9 x %d" % (len(cfg.eval_conditions) // 10),
+        "eval_conditions": cfg.condition_text,
         "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
         "calibration_samples": len(cfg.ctx.calib_conditions),
         "calibration_seeds": [cfg.ctx.calib_seeds[0], cfg.ctx.calib_seeds[-1]],

@@ -250,3 +250,17 @@ def held_out(driver, per_class: int = 10, seed: int = EVAL_SEED) -> tuple[list, 
         raise ValueError(f"{driver.name} is text-conditional: give evaluation prompts")
     conds = [c for c in range(driver.num_classes) for _ in range(per_class)]
     return conds, [seed + i for i in range(len(conds))]
+
+
+def validation_set(driver, per_class: int = 3, seed: int = VALIDATION_SEED) -> tuple[list, list[int]]:
+    """Validation conditions and seeds of the closed-loop plan choice: every class ``per_class`` times, or
+    for a model with its own prompt sets its calibration prompts cycled to ``10·per_class`` samples (held-in
+    prompts, new seeds); seeds ``seed + i`` (``VALIDATION_SEED`` ≤ seed < ``EVAL_SEED``).
+
+    Raises:
+        ValueError: a text model without prompt sets (give validation prompts instead).
+    """
+    if driver.condition_kind == "prompt" and driver.prompt_sets.get("calibration"):
+        conds = spread(driver.prompt_sets["calibration"], 10 * per_class)
+        return conds, [seed + i for i in range(len(conds))]
+    return held_out(driver, per_class, seed)

@@ -1,6 +1,6 @@
 """The plans shipped under ``plans/`` for the reference models, and how to rebuild them.
 
-Each shipped plan is rebuilt by: calibrating the model with :data:`CALIBRATION` settings, planning with the
+Each shipped plan is rebuilt by: calibrating the model with its :func:`settings`, planning with the
 family recorded in the plan (``budget.options.family``) and, when the plan records ``refine = k``, k
 trajectory refinements (:mod:`cachec.refine`: calibrate along the previous plan with the same settings,
 re-plan). Family and refinement were chosen closed-loop on validation seeds when the plans were made.
@@ -13,7 +13,7 @@ import importlib
 from pathlib import Path
 
 #: shipped model -> budgets (fractions)
-BUDGETS = {"digits-flow": (0.25, 0.40, 0.60), "digits-ddim": (0.25, 0.40, 0.60)}
+BUDGETS = {"digits-flow": (0.25, 0.40, 0.60), "digits-ddim": (0.25, 0.40, 0.60), "digits-mmdit": (0.25, 0.40, 0.60)}
 #: torch intra-op threads the shipped plans were calibrated with (matmul reductions differ in the last bits
 #: across thread counts, so the re-plan test calibrates with the same number)
 CALIBRATION_THREADS = 2
@@ -23,7 +23,23 @@ CALIBRATION_THREADS = 2
 #: the plans and their sidecars stay as shipped. New calibrations default to the per-token prior.
 CALIBRATION = dict(samples_per_condition=2, sensitivity="factored", sensitivity_samples=2, batch_size=10, seed=0,
                    eoc_prior="element")
+#: the prompt-conditioned model: its 30 calibration prompts once each, the per-token EOC prior (the default
+#: of new calibrations; it has no format-1 plans to reproduce)
+CALIBRATION_FOR = {"digits-mmdit": dict(CALIBRATION, samples_per_condition=1, eoc_prior="token")}
 PLANS_DIR = Path(importlib.import_module("cachec.plans").__file__).parent
+
+
+def settings(model: str) -> dict:
+    """The calibration settings of ``model``'s shipped plans (:data:`CALIBRATION`, or its entry of
+    :data:`CALIBRATION_FOR`)."""
+    return dict(CALIBRATION_FOR.get(model, CALIBRATION))
+
+
+def calibration_conditions(driver) -> list:
+    """The shipped plans' calibration conditions: every class, or the model's calibration prompt set."""
+    if driver.prompt_sets.get("calibration"):
+        return list(driver.prompt_sets["calibration"])
+    return list(range(driver.num_classes))
 
 
 def plan_name(model: str, budget: float) -> str:
@@ -37,8 +53,8 @@ def calibrate_reference(model: str, output: Path, progress: bool = False) -> Pat
     from .loading import load_model
 
     driver = load_model(model)
-    return calibrate(driver, list(range(driver.num_classes)), output=output, progress=progress, restart=True,
-                     **CALIBRATION)
+    return calibrate(driver, calibration_conditions(driver), output=output, progress=progress, restart=True,
+                     **settings(model))
 
 
 #: trajectory refinements per family searched when the shipped plans are made
@@ -47,8 +63,8 @@ REFINE = 2
 
 def calibration_options(driver) -> dict:
     """Keyword arguments of :func:`cachec.calibrate.calibrate` for the trajectory refinements."""
-    opts = {k: v for k, v in CALIBRATION.items() if k not in ("sensitivity", "sensitivity_samples")}
-    return dict(opts, conditions=list(range(driver.num_classes)))
+    opts = {k: v for k, v in settings(driver.name).items() if k not in ("sensitivity", "sensitivity_samples")}
+    return dict(opts, conditions=calibration_conditions(driver))
 
 
 def replan(calibration_path: Path, model: str, options: dict[float, dict], workdir: Path) -> dict:
@@ -56,7 +72,7 @@ def replan(calibration_path: Path, model: str, options: dict[float, dict], workd
     ``refine``).
 
     Args:
-        calibration_path: a calibration made with :data:`CALIBRATION` (:func:`calibrate_reference`).
+        calibration_path: a calibration made with :func:`settings` (:func:`calibrate_reference`).
         model: a key of :data:`BUDGETS`.
         options: ``{budget: budget.options of the shipped plan}``.
         workdir: folder of the trajectory calibrations and candidate plans (created).

@@ -162,3 +162,23 @@ def test_table_interpolates_only_between_measured_points():
     assert v["psnr"] is None and "lowest realised FLOPs 50.0%" in v["note"]
     assert compare.at_budget(_entry([(0.1, 30.0, 1.0)]), 0.6)["psnr"] is None
     assert compare.at_budget(_entry([(1.0, "inf", 1.0)], diagnostic=True), 0.6)["psnr"] is None
+
+
+def test_flux_layout_adapters():
+    """On a FLUX-layout transformer (the digits-mmdit config): TaylorSeer's swept identifiers match every
+    dual-block attention/FFN/context-FFN and single-block attention/MLP input; SeaCache's adapter turns
+    packed tokens (N, 64, 16) into (16, 1, 8, 8) latents."""
+    import re
+
+    from bench.peers.sea_cache import dit_raw_vision
+    from bench.peers.taylorseer_cache import taylor_identifiers
+    from cachec.reference_mmdit import make_transformer
+
+    tr = make_transformer()
+    ids = taylor_identifiers(tr)
+    hit = [n for n, _ in tr.named_modules() if any(re.fullmatch(p, n) for p in ids)]
+    assert len(hit) == 4 * 3 + 8 * 2
+    x = torch.randn(2, 64, 16)
+    lat = dit_raw_vision(None, (), {"hidden_states": x})
+    assert len(lat) == 2 and lat[0].shape == (16, 1, 8, 8)
+    assert torch.equal(lat[1][:, 0].reshape(16, 64).T, x[1])

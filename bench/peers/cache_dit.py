@@ -1,5 +1,6 @@
 """cache-dit's DBCache (PyPI ``cache-dit``, optional), with and without its TaylorSeer calibrator, through
-cache-dit's own ``BlockAdapter`` for ``DiTTransformer2DModel`` (pattern 3 + ``DiTPatchFunctor``). Without the
+cache-dit's own ``BlockAdapter`` for ``DiTTransformer2DModel`` (pattern 3 + ``DiTPatchFunctor``) or, for a
+``FluxTransformer2DModel``, the blocks of cache-dit's Flux adapter (dual then single blocks, pattern 1). Without the
 package the methods report ``cache-dit is not installed`` instead of running."""
 
 from __future__ import annotations
@@ -41,10 +42,16 @@ class CacheDitSession(Session):
         # (``_norm1_emb``) that ``disable_cache`` leaves behind: remember the state to restore it exactly.
         self._dict_keys = set(tr.__dict__)
         self._module_keys = set(tr._modules)
-        self.adapter = BlockAdapter(
-            pipe=ctx.driver.pipe, transformer=tr, blocks=tr.transformer_blocks,
-            forward_pattern=ForwardPattern.Pattern_3, patch_functor=DiTPatchFunctor(), check_forward_pattern=True,
-        )
+        if hasattr(tr, "single_transformer_blocks"):  # FLUX layout: cache-dit's own Flux adapter (pattern 1 twice)
+            self.adapter = BlockAdapter(
+                pipe=ctx.driver.pipe, transformer=tr, blocks=[tr.transformer_blocks, tr.single_transformer_blocks],
+                forward_pattern=[ForwardPattern.Pattern_1, ForwardPattern.Pattern_1], check_forward_pattern=True,
+            )
+        else:
+            self.adapter = BlockAdapter(
+                pipe=ctx.driver.pipe, transformer=tr, blocks=tr.transformer_blocks,
+                forward_pattern=ForwardPattern.Pattern_3, patch_functor=DiTPatchFunctor(), check_forward_pattern=True,
+            )
         cfg = DBCacheConfig(
             Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=float(threshold),
             max_warmup_steps=warmup, num_inference_steps=ctx.steps, enable_separate_cfg=False,

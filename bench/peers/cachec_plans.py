@@ -96,12 +96,12 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
         ``(plan, sidecar, {"chosen", "refine", "validation_psnr_db", "validation_images"})``: the chosen
         :class:`cachec.runtime.plan.Plan` (not yet written to ``path``), its EOC tensors and the choice.
     """
-    from cachec.evaluation import VALIDATION_SEED, held_out
+    from cachec.evaluation import VALIDATION_SEED, validation_set
     from cachec.refine import search_plan
 
     def validation():
         if "validation" not in ctx.cache:
-            ctx.cache["validation"] = held_out(ctx.driver, ctx.validation_per_class, VALIDATION_SEED)
+            ctx.cache["validation"] = validation_set(ctx.driver, ctx.validation_per_class, VALIDATION_SEED)
         return ctx.cache["validation"]
 
     calib = ensure_calibration(ctx)  # the file ``planner`` was loaded from

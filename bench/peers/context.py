@@ -102,6 +102,8 @@ class CacheContextWrapper:
         tval = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
         sched = self.driver.scheduler
         ts = torch.as_tensor(sched.timesteps).float()
+        if ts.numel() and float((ts / 1000.0 - tval).abs().min()) < float((ts - tval).abs().min()):
+            ts = ts / 1000.0  # FLUX-style transformers receive the scheduler timestep / 1000
         idx = int(torch.argmin((ts - tval).abs())) if ts.numel() else 0
         if idx == self.step_index:
             self._calls_at_step += 1

@@ -9,8 +9,14 @@ from .core import Method
 
 
 def dit_raw_vision(module, args, kwargs):
-    """SeaCache adapter for DiT: each sample of ``hidden_states`` (N, C, H, W) as a (C, 1, H, W) latent."""
+    """SeaCache adapter: each sample of ``hidden_states`` as a (C, 1, H, W) latent — DiT's (N, C, H, W) as is,
+    FLUX-style packed tokens (N, L, C) with a square token grid L = h·w as (C, 1, h, w)."""
     x = kwargs.get("hidden_states", args[0] if args else None)
+    if torch.is_tensor(x) and x.ndim == 3:
+        side = int(round(x.shape[1] ** 0.5))
+        if side * side != x.shape[1]:
+            return None
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
     if not torch.is_tensor(x) or x.ndim != 4:
         return None
     return [s.unsqueeze(1) for s in x.unbind(0)]

@@ -13,6 +13,14 @@ from .core import Method
 
 
 DIT_TAYLOR_IDENTIFIERS = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
+#: FLUX layout: every cacheable module of the dual blocks, attention and MLP input of the single blocks (their
+#: output projection reads both, so it always runs)
+FLUX_TAYLOR_IDENTIFIERS = [r"transformer_blocks\.\d+\.(attn|ff|ff_context)", r"single_transformer_blocks\.\d+\.(attn|proj_mlp)"]
+
+
+def taylor_identifiers(transformer) -> list[str]:
+    """The swept line's ``cache_identifiers`` for this transformer's block layout."""
+    return list(FLUX_TAYLOR_IDENTIFIERS if hasattr(transformer, "single_transformer_blocks") else DIT_TAYLOR_IDENTIFIERS)
 
 
 class TaylorSeerMethod(Method):
@@ -40,7 +48,9 @@ class TaylorSeerMethod(Method):
     def session(self, ctx, p):
         from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
-        ids = None if self.default_identifiers else list(DIT_TAYLOR_IDENTIFIERS)
+        ids = None if self.default_identifiers else taylor_identifiers(ctx.driver.transformer)
+        if ids is not None:
+            self.settings["cache_identifiers"] = ids
 
         def apply(tr, w):
             cfg = TaylorSeerCacheConfig(cache_interval=int(p), disable_cache_before_step=3, max_order=1,
