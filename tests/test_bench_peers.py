@@ -182,3 +182,34 @@ def test_flux_layout_adapters():
     lat = dit_raw_vision(None, (), {"hidden_states": x})
     assert len(lat) == 2 and lat[0].shape == (16, 1, 8, 8)
     assert torch.equal(lat[1][:, 0].reshape(16, 64).T, x[1])
+
+
+def test_headline_uses_the_frontier_rule_with_paired_intervals():
+    """A peer point with more PSNR at fewer FLOPs than the budget counts (it dropped out of the old
+    interpolated headline); cachec's under-spent real plan counts at its own FLOPs; the margin is the mean
+    per-image difference with a paired bootstrap interval, 'tie' when it contains 0."""
+    from bench.compare_report import headline
+
+    rng = torch.Generator().manual_seed(0)
+    base = 30 + torch.randn(20, generator=rng)
+
+    def pt(label, flops, shift, noise=0.0):
+        per = (base + shift + noise * torch.randn(20, generator=rng)).tolist()
+        return {"label": label, "flops_fraction": flops, "psnr_db": sum(per) / 20, "psnr_db_per_image": per,
+                "frechet": 1.0}
+
+    cfg = {"methods": [
+        {"method": "cachec", "group": "cachec", "points": [pt("b25", 0.25, 1.0, noise=2.0), pt("b40", 0.37, 3.0),
+                                                          pt("b60", 0.60, 8.0)]},
+        {"method": "peer", "group": "diffusers", "points": [pt("p1", 0.23, 1.0), pt("p2", 0.41, 9.0),
+                                                            pt("p3", 0.58, 5.0)]},
+    ]}
+    h = headline(cfg)
+    assert h["0.25"]["best_peer_point"] == "p1" and h["0.25"]["verdict"] == "tie"
+    assert h["0.25"]["margin_ci_low"] < 0 < h["0.25"]["margin_ci_high"]
+    # p2 is 0.6 points over 40 % (beyond the 0.5 point slack): at 40 % the peer's frontier is p1
+    assert h["0.40"]["best_peer_point"] == "p1" and h["0.40"]["cachec_flops"] == 0.37
+    assert h["0.40"]["margin_db"] == pytest.approx(2.0) and h["0.40"]["verdict"] == "ahead"
+    # at 60 % the peer's best real point is p2 (more PSNR at fewer FLOPs), not p3 near the budget
+    assert h["0.60"]["best_peer_point"] == "p2" and h["0.60"]["margin_db"] == pytest.approx(-1.0)
+    assert h["0.60"]["verdict"] == "behind" and h["0.60"]["margin_ci_high"] < 0
