@@ -234,7 +234,9 @@ def inspect(plan_file, png):
               show_default=True)
 @click.option("--family", type=click.Choice(["auto", "free", "step", "group"]), default="auto", show_default=True,
               help="cachec: schedule family; auto = closed-loop choice on validation seeds.")
-@click.option("--samples-per-condition", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--samples-per-condition", type=click.IntRange(min=1), default=None,
+              help="Calibration samples per condition (default: about 40 samples in all, e.g. 4 per class of 10, "
+                   "1 per prompt of 30).")
 @click.option("--per-class", type=click.IntRange(min=1), default=10, show_default=True,
               help="Evaluation samples per condition.")
 @condition_options

@@ -53,7 +53,7 @@ def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: i
 
 
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
-            method: str = "cachec", family: str = "auto", samples_per_condition: int = 4,
+            method: str = "cachec", family: str = "auto", samples_per_condition: int | None = None,
             eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "auto",
             refine: int = 2, progress: bool = True, log=print, conditions=None,
             resolution: tuple[int, int] | None = None) -> JobResult:
@@ -66,7 +66,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         method: planner method (``cachec`` or a baseline).
         family: ``"free"``, ``"step"``, ``"group"`` or ``"auto"`` (closed-loop choice among them on
             validation seeds; cachec only).
-        samples_per_condition: calibration samples per condition (calibration seeds 0..N−1).
+        samples_per_condition: calibration samples per condition (calibration seeds 0..N−1); None: about 40
+            samples in all, ``max(1, round(40 / conditions))`` (4 per class of 10; 1 per prompt of 30).
         eval_per_class: evaluation samples per condition (seeds from :data:`EVAL_SEED`); text models are
             evaluated on :func:`cachec.evaluation.held_out_prompts` (as many samples in all).
         validation_per_class: samples per condition of the family choice (seeds from :data:`VALIDATION_SEED`).
@@ -104,6 +105,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             raise ValueError(f"{driver.name} is text-conditional: give calibration prompts (--prompt/--prompts)")
         conditions = list(range(driver.num_classes))
     conditions = driver.check_conditions(conditions)
+    if samples_per_condition is None:
+        samples_per_condition = max(1, round(40 / len(conditions)))
     check_calibration_conditions(conditions, 0, len(conditions) * samples_per_condition, driver)
     # samples per condition x conditions; a prompt set counts as 10 conditions (30 prompts would make 300 images)
     n_cond = len(conditions) if driver.condition_kind == "class" else min(len(conditions), 10)
@@ -167,6 +170,7 @@ def job_table(result: dict) -> str:
     psnr = result.get("psnr_db") or {}
     ssim = result.get("ssim") or {}
     head = ["budget", "realised FLOPs", "speed-up", "PSNR dB", "PSNR 95% CI", "SSIM", "class acc (ref)", "Fréchet (ref)"]
+    both = ((result.get("attribute_adherence") or {}).get("both")) or None
 
     def ci(d):
         c = d.get("ci95")
@@ -182,6 +186,9 @@ def job_table(result: dict) -> str:
         f"{f(acc.get('candidate'), '.1%')} ({f(acc.get('reference'), '.1%')})",
         f"{f(fd.get('candidate'), '.1f')} ({f(fd.get('reference'), '.1f')})",
     ]
+    if both is not None:  # the prompt-conditioned digit model: both prompted attributes matched (chance 11 %)
+        head.append("attributes (ref)")
+        row.append(f"{f(both['candidate'], '.1%')} ({f(both['reference'], '.1%')})")
     widths = [max(len(h), len(r)) for h, r in zip(head, row)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), line(row)])
