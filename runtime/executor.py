@@ -153,8 +153,8 @@ class _Step(NamedTuple):
 class _Run:
     """Mutable state of one sampling run."""
 
-    def __init__(self, index: int, plan_steps: int):
-        self.report = RunReport(run=index, plan_steps=plan_steps)
+    def __init__(self, index: int, plan_steps: int, report_class: type = RunReport):
+        self.report = report_class(run=index, plan_steps=plan_steps)
         self.step = -1  # current plan step (-1: none yet / off-plan)
         self.k = -1  # current runtime step (index of the distinct timesteps received)
         self.t = None  # raw timestep of the current runtime step
@@ -188,6 +188,8 @@ class PlanExecutor:
     Raises:
         ValueError: unknown ``remap``; a plan schedule with timesteps too close to tell apart.
     """
+
+    report_class: type = RunReport  # the adaptive executor reports more (cachec.runtime.adaptive)
 
     def __init__(self, plan: Plan, units: list[UnitSpec], transformer, remap: str = "error",
                  eoc_tensors: dict[str, Any] | None = None, run_signal: bool = False,
@@ -330,7 +332,7 @@ class PlanExecutor:
         scale = self.guidance_scale() if self.guidance_scale is not None else None
         if scale is not None:
             self._check_guidance(scale)
-        self._run = _Run(self._runs, self.plan.steps)
+        self._run = _Run(self._runs, self.plan.steps, self.report_class)
         self._run.report.guidance_scale = scale
         self._runs += 1
         self.reports.append(self._run.report)

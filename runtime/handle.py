@@ -88,6 +88,7 @@ class CacheHandle:
         self._hooks = hooks
         self._scheduler = scheduler
         self._removed = False
+        self._undo = executor.install(transformer) if hasattr(executor, "install") else None  # adaptive extras
         if scheduler is not None:
             original = scheduler.set_timesteps
             self._own_set_timesteps = scheduler.__dict__.get("set_timesteps")  # another instance patch, kept
@@ -119,6 +120,8 @@ class CacheHandle:
         if self._removed:
             return
         self._hooks.remove()
+        if self._undo is not None:
+            self._undo()
         if self._scheduler is not None:
             if self._own_set_timesteps is None:
                 self._scheduler.__dict__.pop("set_timesteps", None)
@@ -150,7 +153,8 @@ def _raise_recompile_limit(patterns: int) -> None:
             setattr(cfg, name, want)
 
 
-def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap: str = "error") -> CacheHandle:
+def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap: str = "error",
+          adaptive=None) -> CacheHandle:
     """Make ``target``'s transformer follow ``plan`` in every later sampling run.
 
     Args:
@@ -163,6 +167,10 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
             e.g. after fusing a LoRA you know the plan still suits).
         remap: what to do with a timestep that is not in the plan's schedule: ``"error"`` (default),
             ``"nearest"`` (follow the nearest plan step) or ``"off"`` (compute such runs in full, one warning).
+        adaptive: None (the static plan), or the SoftCap adaptive mode (docs/softcap.md): ``True``,
+            ``"softcap"``, ``"speca"``, a dict of fields or a :class:`cachec.runtime.adaptive.AdaptiveOptions`.
+            Without a calibrated ``profile`` one is calibrated first on a short probe run (``target`` must then
+            be a cachec Driver). The run report is then an :class:`~cachec.runtime.adaptive.AdaptiveRunReport`.
 
     Returns:
         A :class:`CacheHandle` (``.remove()``, context manager, ``.report``, ``.reports``).
@@ -182,14 +190,31 @@ def apply(target, plan: Plan | str | os.PathLike, *, force: bool = False, remap:
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and not existing.removed:
         raise RuntimeError(f"a cache plan is already applied to this {type(model).__name__}: call .remove() on its handle first")
+    if adaptive is not None:
+        adaptive = _adaptive_options(target, plan, adaptive)
     executor, units = plan_executor(transformer, plan, force=force, remap=remap, run_signal=tgt.scheduler is not None,
-                                    warn_stacklevel=3, holder=tgt.holder)
+                                    warn_stacklevel=3, holder=tgt.holder, adaptive=adaptive)
     if transformer is not model:  # torch.compile wrapper
         _raise_recompile_limit(len(set(executor.step_signatures())))
     hooks = install(transformer, units, executor)
     handle = CacheHandle(plan, transformer, executor, hooks, tgt.scheduler)
     model.__dict__[_HANDLE_ATTR] = handle
     return handle
+
+
+def _adaptive_options(target, plan: Plan, adaptive):
+    """The adaptive options with a calibrated profile (calibrated on ``target``, a Driver, when missing)."""
+    from dataclasses import replace
+
+    from .adaptive_calibrate import calibrate_profile, resolve_options
+
+    options = resolve_options(adaptive)
+    if options.profile is None:
+        if not (hasattr(target, "generate") and hasattr(target, "pipe")):
+            raise TypeError("adaptive mode without a profile calibrates one on a probe run: pass a cachec Driver, "
+                            "or a profile (cachec.runtime.adaptive_calibrate.calibrate_profile)")
+        options = replace(options, profile=calibrate_profile(target, plan, options))
+    return options
 
 
 def _check_weights(model, plan: Plan, force: bool, stacklevel: int) -> None:
@@ -244,7 +269,8 @@ def call_argument(holder, name: str):
 
 
 def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = "error",
-                  run_signal: bool = False, warn_stacklevel: int = 2, holder=None) -> tuple[PlanExecutor, list]:
+                  run_signal: bool = False, warn_stacklevel: int = 2, holder=None,
+                  adaptive=None) -> tuple[PlanExecutor, list]:
     """Check that ``plan`` fits ``transformer`` and build its executor (without installing hooks).
 
     :func:`apply` installs the executor as the units' handler; calibration along a plan
@@ -257,6 +283,8 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
         run_signal: runs are started by the caller (``executor.new_run()``), not only detected from steps.
         holder: the pipeline whose ``__call__`` drives the transformer (its ``guidance_scale`` is checked
             against the plan's at each run), or None.
+        adaptive: None, or :class:`cachec.runtime.adaptive.AdaptiveOptions` with a profile (an
+            :class:`~cachec.runtime.adaptive.AdaptiveExecutor` is built).
     Returns:
         ``(executor, unit specs in plan order)``.
     Raises:
@@ -289,10 +317,16 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
             watch.refresh()
 
     units = [model_units[u.name] for u in plan.units]
-    executor = PlanExecutor(
+    extra = {}
+    if adaptive is not None:
+        from .adaptive import AdaptiveExecutor
+
+        extra = {"cls": AdaptiveExecutor, "options": adaptive}
+    executor = extra.pop("cls", PlanExecutor)(
         plan,
         units,
         transformer,
+        **extra,
         remap=remap,
         eoc_tensors=plan.load_sidecar() if plan.eoc_keys() else None,
         run_signal=run_signal,

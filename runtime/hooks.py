@@ -52,6 +52,10 @@ class UnitHandler(Protocol):
     # Optional: ``stores(index) -> bool``, fixed per unit: False means ``store`` would drop the unit's
     # features, so the wrapper does not build them (no ``output − input`` of a residual unit). Without it
     # every computed feature is passed to ``store``.
+    # Optional: ``observer(index) -> Callable[[tuple, dict], None] | None``, resolved once per unit at
+    # installation: a callable returned there is called with the unit's ``(args, kwargs)`` before
+    # ``should_compute`` (the adaptive executor's decision point, :mod:`cachec.runtime.adaptive`; it should
+    # be ``torch.compiler.disable``-d). Handlers without it (the static plan executor) trace no extra call.
 
 
 def timestep_arg(args: tuple, kwargs: dict[str, Any], forward_signature: inspect.Signature):
@@ -175,11 +179,15 @@ class HookHandle:
         handler = self.handler
         substitute = getattr(handler, "substitute", None)
         stores = getattr(handler, "stores", None)
+        observer = getattr(handler, "observer", None)
+        observe = observer(index) if observer is not None else None
         layout = {"as_tuple": None}
 
         if spec.mode == "output":
 
             def forward(*args, **kwargs):
+                if observe is not None:
+                    observe(args, kwargs)
                 if handler.should_compute(index):
                     out = original(*args, **kwargs)
                     layout["as_tuple"] = isinstance(out, tuple)
@@ -204,6 +212,8 @@ class HookHandle:
 
             def forward(*args, **kwargs):
                 inputs = tuple(kwargs[n] if n in kwargs else args[i] for n, i in where)
+                if observe is not None:
+                    observe(args, kwargs)
                 if handler.should_compute(index):
                     out = original(*args, **kwargs)
                     parts = out if isinstance(out, tuple) else (out,)
