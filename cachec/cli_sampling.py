@@ -36,6 +36,39 @@ _OVERWRITE = click.option("--overwrite", is_flag=True,
                           help="Replace the output files even when they are not a PNG / sample set (e.g. a calibration).")
 
 
+def _adaptive_flags(f):
+    """``--adaptive``, ``--adaptive-mode`` and ``--ceiling`` (the SoftCap adaptive mode, docs/softcap.md)."""
+    f = click.option("--ceiling", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                     help="Adaptive FLOP ceiling, fraction of uncached (>= the plan's realised) "
+                          "[default: 1.5 x the plan's, at most 1].")(f)
+    f = click.option("--adaptive-mode", type=click.Choice(["softcap", "speca"]), default="softcap", show_default=True,
+                     help="softcap: drift observer + soft-budget PI controller; speca: forecast-then-verify baseline.")(f)
+    return click.option("--adaptive", is_flag=True,
+                        help="Adaptive mode: add Full steps to the plan where the observer sees risk, under a soft "
+                             "FLOP ceiling (calibrated first on a short probe run).")(f)
+
+
+def _adaptive_options(adaptive: bool, mode: str, ceiling: float | None):
+    if not adaptive:
+        if ceiling is not None:
+            raise click.ClickException("--ceiling applies to --adaptive runs")
+        return None
+    from .runtime.adaptive import AdaptiveOptions
+
+    return AdaptiveOptions(mode=mode, ceiling=ceiling)
+
+
+def adaptive_lines(rep) -> list[str]:
+    """What ``cachec run/eval --adaptive`` prints about a run: ceiling, realised, Full steps, traces."""
+    def trace(xs):
+        return " ".join("-" if x is None else ("inf" if x == float("inf") else f"{x:.3g}") for x in xs)
+
+    return [f"adaptive {rep.adaptive}: ceiling {100 * rep.ceiling:.1f}%, realised {100 * rep.flops_fraction:.2f}%, "
+            f"Full steps {rep.full_steps} (decisions {rep.decisions}; plain-reuse fallbacks {rep.fallbacks}"
+            + (f", rejected forecasts {rep.rejected_verifications}" if rep.adaptive == "speca" else "") + ")",
+            "risk: " + trace(rep.risk), "tau:  " + trace(rep.tau)]
+
+
 @click.command()
 @click.argument("model", required=False)
 @condition_options
@@ -102,15 +135,16 @@ def sample(model, classes, prompt, prompts_file, per_class, steps, guidance, see
 @click.option("--remap", type=click.Choice(["error", "nearest", "off"]), default="error", show_default=True,
               help="A run whose timesteps are not the plan's sequence: refuse, follow the nearest plan step, "
                    "or compute it in full (docs/plan-format.md).")
+@_adaptive_flags
 @device_dtype_options
 @click.option("--out", type=click.Path(dir_okay=False), default="cached.png", show_default=True,
               help="PNG grid; raw samples (a sample set with the plan's identity) go to the same name with .safetensors.")
 @_OVERWRITE
 @friendly
-def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force, steps, guidance, remap, device, dtype,
-        out, overwrite):
+def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force, steps, guidance, remap, adaptive,
+        adaptive_mode, ceiling, device, dtype, out, overwrite):
     """Sample with a plan applied (at the plan's resolution) and print the runtime's report (FLOPs fraction,
-    counts, wall time)."""
+    counts, wall time). With --adaptive the plan is the reference of the SoftCap adaptive mode."""
     from .images import make_grid, save_png
     from .loading import load_model
     from .runtime import apply
@@ -118,6 +152,7 @@ def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force,
     from .samples import plan_identity, sample_meta, save_samples
 
     png, raw = _outputs(out, overwrite)
+    options = _adaptive_options(adaptive, adaptive_mode, ceiling)
     device, dtype = device_option(device), dtype_option(dtype)
     plan = load_plan(plan_file)
     driver = load_model(model or plan.model.source, device=device, dtype=dtype)
@@ -126,7 +161,7 @@ def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force,
     seeds = [seed + i for i in range(len(conds))]
     steps = plan.steps if steps is None else steps
     guidance = plan.sampler.guidance.scale if guidance is None else guidance
-    with apply(driver, plan, force=force, remap=remap) as handle:
+    with apply(driver, plan, force=force, remap=remap, adaptive=options) as handle:
         images = driver.generate(conds, seeds, steps=steps, guidance=guidance)
         rep = handle.report
     save_png(make_grid(images, ncols=per_class if per_class > 1 else 10), png)
@@ -137,6 +172,8 @@ def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force,
                f"wall {rep.wall_time_s:.2f} s; unit calls computed {rep.computed}, skipped {rep.skipped} "
                f"(compensated {rep.compensated}) -> {png}, {raw}")
     click.echo("per-step compute %: " + " ".join(f"{100 * f:.0f}" for f in rep.step_fractions))
+    if options is not None:
+        click.echo("\n".join(adaptive_lines(rep)))
 
 
 def eval_summary(result: dict) -> str:
@@ -181,9 +218,11 @@ def eval_summary(result: dict) -> str:
               "calibration seeds lie below 500000).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Plan mode: side-by-side PNG (uncached | cached).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+@_adaptive_flags
 @device_dtype_options
 @friendly
-def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, seed, png, json_out, device, dtype):
+def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, seed, png, json_out, adaptive,
+          adaptive_mode, ceiling, device, dtype):
     """Quality of a plan (TARGET.yaml) or of a sample set (TARGET.safetensors) against uncached sampling.
 
     \b
@@ -195,10 +234,13 @@ def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, se
     --classes), and for text models cachec's held-out prompt set, which `cachec calibrate` refuses to
     calibrate on (prompts given with --prompt/--prompts are used as given: keep them out of the calibration).
     Sample-set mode: compares two files written by `cachec sample` / `cachec run`.
+    --adaptive (plan mode): the plan is the reference of the SoftCap adaptive mode (docs/softcap.md); FLOPs
+    are the runtime's per-run accounting.
     """
     from .pipeline_job import job_table
     from .report import compare_sample_files, format_table
 
+    options = _adaptive_options(adaptive, adaptive_mode, ceiling)
     if target.endswith((".yaml", ".yml")):
         from .evaluation import EVAL_SEED, evaluate_plan, held_out_set
         from .images import save_png, side_by_side
@@ -213,20 +255,34 @@ def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, se
                                     given_conditions(driver, classes, prompt, prompts_file))
         click.echo(f"evaluating {Path(target).name} on {len(conds)} held-out samples (seeds {seeds[0]}+), "
                    "uncached vs cached", err=True)
-        result = evaluate_plan(driver, plan, conds, seeds, name=Path(target).stem)
+        if options is None:
+            result = evaluate_plan(driver, plan, conds, seeds, name=Path(target).stem)
+        else:
+            from .evaluation_adaptive import evaluate_adaptive
+
+            result = evaluate_adaptive(driver, plan, options, conds, seeds, name=f"{Path(target).stem} {adaptive_mode}")
         click.echo(job_table(result.result))
+        if options is not None:
+            click.echo("\n".join(adaptive_lines(_report(result.result["runtime_report"]))))
         if png:
             save_png(side_by_side(result.reference, result.cached, ncols=min(len(conds), 10)), png)
         out = result.result
     else:
-        if classes or prompt or prompts_file or n_samples or seed is not None or png:
-            raise click.ClickException("--classes/--prompt/--prompts/--samples/--seed/--png are plan-mode options "
+        if classes or prompt or prompts_file or n_samples or seed is not None or png or options is not None:
+            raise click.ClickException("--classes/--prompt/--prompts/--samples/--seed/--png/--adaptive are plan-mode options "
                                        "(TARGET.yaml); a sample set carries its own conditions and seeds")
         out = compare_sample_files(target, reference or target, name=Path(target).stem)
         click.echo(format_table(out))
     click.echo(eval_summary(out))
     if json_out:
         write_json(json_out, out)
+
+
+def _report(d: dict):
+    """An :class:`AdaptiveRunReport` from its ``as_dict``."""
+    from .runtime.adaptive import AdaptiveRunReport
+
+    return AdaptiveRunReport(**d)
 
 
 def write_json(path, obj) -> None:

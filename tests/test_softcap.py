@@ -247,3 +247,31 @@ def test_speca_wrapper_is_removed(tiny_digits):
     with apply(tiny_digits, plan, adaptive=options(tiny_digits, plan, "speca", 0.7)):
         assert "forward" in model.__dict__
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_cli_run_and_eval_adaptive(tmp_path):
+    """``cachec run/eval PLAN --adaptive`` on a tiny model folder: the report lines, ceiling kept, JSON."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import build_tiny_digits_folder
+
+    from cachec.cli import main
+    from cachec.loading import load_model
+    from cachec.runtime import write_plan
+
+    folder = build_tiny_digits_folder(tmp_path / "m")
+    plan = plan_for(load_model(folder))
+    write_plan(plan, tmp_path / "p.yaml")
+    common = (str(tmp_path / "p.yaml"), folder)
+    res = CliRunner().invoke(main, ["run", *common, "--classes", "1,2", "--adaptive", "--ceiling", "0.7",
+                                    "--out", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    assert "adaptive softcap: ceiling 70.0%" in res.output and "risk:" in res.output and "tau:" in res.output
+    res = CliRunner().invoke(main, ["eval", *common, "--samples", "3", "--adaptive", "--adaptive-mode", "speca",
+                                    "--ceiling", "0.7", "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert out["adaptive"] == "speca" and out["flops_fraction_max"] <= 0.7 + 1e-9 and out["n_images"] == 3
+    res = CliRunner().invoke(main, ["run", *common, "--ceiling", "0.7", "--out", str(tmp_path / "d.png")])
+    assert res.exit_code != 0 and "--ceiling applies to --adaptive" in res.output
