@@ -327,7 +327,7 @@ def compare_sample_files(
     result = evaluate(
         cand.images,
         ref.images,
-        ref.labels,
+        ref.prompts if ref.prompts is not None else ref.labels,
         flops_per_image=cand.meta.get("flops_per_image"),
         wall_s=cand.meta.get("wall_s"),
         name=name,

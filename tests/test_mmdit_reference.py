@@ -109,6 +109,12 @@ def test_cli_chain_on_prompts_from_new_processes(tmp_path):
     r = _cli("run", "p40.yaml", "digits-mmdit", "--prompt", "a medium upright three", "--per-class", "2",
              "--out", "cached.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    r = _cli("sample", "digits-mmdit", "--prompt", "a medium upright three", "--per-class", "2", *steps,
+             "--out", "uncached.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cli("eval", "cached.safetensors", "--reference", "uncached.safetensors", cwd=tmp_path)  # sample-set mode
+    assert r.returncode == 0, r.stderr
+    assert "attribute adherence" in r.stdout and "over 2" in r.stdout
     for budget in ("100", "40"):
         r = _cli("eval", f"p{budget}.yaml", "digits-mmdit", "--samples", "3", "--json", f"e{budget}.json", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
