@@ -78,6 +78,8 @@ def parse_args(argv=None):
                     help="comma-separated step counts for every model (default: digits-flow 25, digits-ddim 20 and 50, "
                          "otherwise the model's default)")
     ap.add_argument("--out", default="docs", help="folder for benchmarks.md / .json / .png (default: docs)")
+    ap.add_argument("--stem", default="benchmarks",
+                    help="output file names <stem>.json/.md/.png (default benchmarks; e.g. benchmarks-mmdit)")
     ap.add_argument("--per-class", type=int, default=None, help="evaluation images per class (default 2; quick 1)")
     ap.add_argument("--cal-per-class", type=int, default=None, help="calibration samples per class (default 2; quick 1)")
     ap.add_argument("--batch-size", type=int, default=10, help="samples per generate call (default 10)")
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
         "configs": configs,
         "seconds": time.perf_counter() - t_all,
     }
-    json_path, md_path, png_path = out_dir / "benchmarks.json", out_dir / "benchmarks.md", out_dir / "benchmarks.png"
+    json_path, md_path, png_path = (out_dir / f"{args.stem}{ext}" for ext in (".json", ".md", ".png"))
     json_path.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     write_plot(results, png_path)
     write_markdown(results, md_path, json_path.name, png_path.name)
@@ -176,7 +178,7 @@ def run_workers(args, argv, plan_list) -> list[dict]:
     import subprocess
 
     items = [(m, st) for m, steps in plan_list for st in (steps or [None])]
-    passthrough, skip = [], {"--jobs", "--models", "--steps", "--threads", "--worker-json", "--out"}
+    passthrough, skip = [], {"--jobs", "--models", "--steps", "--threads", "--worker-json", "--out", "--stem"}
     raw = list(sys.argv[1:] if argv is None else argv)
     k = 0
     while k < len(raw):
@@ -221,7 +223,7 @@ def run_configs(args, plan_list, out_dir, per_class, cal_per_class, sensitivity)
     from cachec.loading import load_model
 
     configs = []
-    partial = out_dir / "benchmarks.partial.json"
+    partial = out_dir / f"{args.stem}.partial.json"
 
     def progress(current: dict) -> None:  # survives an interrupted run; removed at the end
         partial.write_text(json.dumps(to_jsonable({"configs": configs, "current": current}), allow_nan=False))
