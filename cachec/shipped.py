@@ -59,6 +59,8 @@ def calibrate_reference(model: str, output: Path, progress: bool = False) -> Pat
 
 #: trajectory refinements per family searched when the shipped plans are made
 REFINE = 2
+#: per-model exceptions: one refinement for the prompt model (each costs a 30-sample calibration)
+REFINE_FOR = {"digits-mmdit": 1}
 
 
 def calibration_options(driver) -> dict:

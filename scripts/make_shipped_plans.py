@@ -32,7 +32,7 @@ import torch
 from cachec.runtime.plan import load_plan
 from cachec.runtime.plan_write import write_plan
 from cachec.shipped import (
-    BUDGETS, CALIBRATION_THREADS, PLANS_DIR, REFINE, calibrate_reference, calibration_options, plan_name, replan,
+    BUDGETS, CALIBRATION_THREADS, PLANS_DIR, REFINE, REFINE_FOR, calibrate_reference, calibration_options, plan_name, replan,
 )
 
 
@@ -97,7 +97,7 @@ def main(models: list[str], keep_choices: bool = False) -> None:
             conds, seeds = evaluation_set(driver)
             planner = Planner(load_calibration(str(calib)))
             for b in BUDGETS[model]:
-                search = search_plan(driver, calib, b, workdir=Path(tmp) / "cands", iterations=REFINE,
+                search = search_plan(driver, calib, b, workdir=Path(tmp) / "cands", iterations=REFINE_FOR.get(model, REFINE),
                                      calibrate_options=calibration_options(driver), validation=(vconds, vseeds),
                                      planner=planner)
                 for c in search.candidates:
@@ -123,7 +123,7 @@ def main(models: list[str], keep_choices: bool = False) -> None:
         "produces them). Use: `cachec run plans/digits-flow-40.yaml` or `cachec eval plans/digits-flow-40.yaml`.\n\n"
         "Each plan is the best on validation seeds (30 samples, seeds 500000+; digits-mmdit: its 30 calibration prompts) of nine candidates: the free, step and "
         "group schedule families, each as solved from the uncached calibration and after 1 and 2 refinements along its "
-        "own cached trajectory (`cachec/refine.py`).\n\n"
+        "own cached trajectory (`cachec/refine.py`; digits-mmdit: one refinement, six candidates).\n\n"
         "Measured on 100 held-out samples (10 per class, seeds 1000000+; digits-mmdit: its 30 held-out prompts 3 "
         "times each = 90, chance of matching both attributes 11 %) against uncached sampling on the same "
         "seeds; FLOPs counted with torch.utils.flop_counter over whole sampling calls; speed-up is wall-clock on "
