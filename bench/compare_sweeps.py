@@ -50,8 +50,7 @@ class Config:
             held, cal = driver.prompt_sets["held-out"], driver.prompt_sets["calibration"]
             self.eval_conditions = spread(held, per_class * ncls)
             cal_conditions = spread(cal, max(len(cal), cal_per_class * ncls))
-            self.condition_text = (f"{len(self.eval_conditions)} of the {len(held)} held-out prompts; calibration: "
-                                   f"the {len(cal)} calibration prompts")
+            self.condition_text = f"{len(self.eval_conditions)} of the {len(held)} held-out prompts"
         else:
             self.eval_conditions = [c for _ in range(per_class) for c in range(ncls)]
             cal_conditions = [c for _ in range(cal_per_class) for c in range(ncls)]

@@ -120,7 +120,8 @@ class CacheContextWrapper:
         if self.uncond_first:
             args = tuple(_swap_halves(a) for a in args)
             kwargs = {k: _swap_halves(v) for k, v in kwargs.items()}
-        self.current_timestep = tval
+        # what diffusers pipelines expose as current_timestep: the scheduler's timestep (FLUX: 1000x the call's)
+        self.current_timestep = float(torch.as_tensor(sched.timesteps)[idx]) if ts.numel() else tval
         with CacheMixin.cache_context(
             self.transformer, name, step_index=idx, num_inference_steps=self.steps, timestep=tval, sigma=sigma
         ):
