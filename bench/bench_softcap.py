@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cachec.metrics import paired_difference
 from cachec.evaluation import EVAL_SEED, spread  # noqa: E402
 from cachec.evaluation_adaptive import adaptive_options, evaluate_adaptive  # noqa: E402
 from cachec.loading import load_model  # noqa: E402
@@ -48,15 +49,6 @@ from cachec.runtime.io import to_jsonable  # noqa: E402
 
 PLANS = ROOT / "plans"
 BUDGETS = (25, 40, 60)
-
-
-def paired_difference(new, old, reps: int = 10000) -> tuple[float, float, float]:
-    """Mean of ``new - old`` over paired images and its 95 % bootstrap interval (seed 0), as
-    scripts/make_shipped_plans.py."""
-    d = np.asarray(new, dtype=float) - np.asarray(old, dtype=float)
-    rng = np.random.default_rng(0)
-    means = d[rng.integers(0, len(d), (reps, len(d)))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def psnr(cand: torch.Tensor, ref: torch.Tensor) -> list[float]:
@@ -131,9 +123,9 @@ def report(res: dict) -> None:
               f"{np.mean(s['psnr']):.2f} | - | - |")
     for p in res["points"]:
         a = p["static+F"]
-        m, lo, hi = paired_difference(p["psnr"], a["psnr"])
+        m, lo, hi = paired_difference(p["psnr"], a["psnr"], cap=100.0)
         near = min(static, key=lambda k: abs(static[k]["realised"] - p["realised_mean"]))
-        m2, lo2, hi2 = paired_difference(p["psnr"], static[near]["psnr"])
+        m2, lo2, hi2 = paired_difference(p["psnr"], static[near]["psnr"], cap=100.0)
         print(f"| {p['mode']} | {100 * p['ceiling']:.0f}% | {100 * p['realised_mean']:.2f}% | "
               f"{100 * p['realised_max']:.2f}% | {p['over_ceiling_points']:+.2f} | {p['full_steps_mean']:.2f} | "
               f"{np.mean(p['psnr']):.2f} | {m:+.2f} [{lo:+.2f}, {hi:+.2f}] ({100 * a['realised']:.2f}%) | "

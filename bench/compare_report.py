@@ -106,23 +106,18 @@ def frontier_point(entry: dict | None, b: float) -> dict | None:
     return max(pts, key=lambda r: _num(r["psnr_db"])) if pts else None
 
 
-def paired_margin(mine: dict, theirs: dict, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+def paired_margin(mine: dict, theirs: dict) -> tuple[float, float | None, float | None]:
     """Mean per-image PSNR difference ``mine − theirs`` (dB) over the same images, with its paired 95 %
-    bootstrap interval (``reps`` resamples of the images, numpy generator ``seed``); +∞ PSNR counts as
-    :data:`PSNR_CAP`.
+    bootstrap interval (:func:`cachec.metrics.paired_difference`, 10000 resamples, seed 0); +∞ PSNR counts
+    as :data:`PSNR_CAP`.
 
     Raises:
         ValueError: the points were measured on different numbers of images.
     """
-    import numpy as np
+    from cachec.metrics import paired_difference
 
-    a = np.minimum([_num(v) for v in mine["psnr_db_per_image"]], PSNR_CAP)
-    b = np.minimum([_num(v) for v in theirs["psnr_db_per_image"]], PSNR_CAP)
-    if a.shape != b.shape:
-        raise ValueError(f"paired margin needs the same images: {a.size} vs {b.size}")
-    d = a - b
-    means = d[np.random.default_rng(seed).integers(0, d.size, (reps, d.size))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return paired_difference([_num(v) for v in mine["psnr_db_per_image"]],
+                             [_num(v) for v in theirs["psnr_db_per_image"]], cap=PSNR_CAP)
 
 
 def headline(cfg_res: dict) -> dict:
@@ -153,7 +148,7 @@ def headline(cfg_res: dict) -> dict:
         if mine and best and mine.get("psnr_db_per_image") and best[1].get("psnr_db_per_image"):
             m, lo, hi = paired_margin(mine, best[1])
             h.update(margin_db=m, margin_ci_low=lo, margin_ci_high=hi,
-                     verdict="ahead" if lo > 0 else "behind" if hi < 0 else "tie")
+                     verdict="tie" if lo is None else "ahead" if lo > 0 else "behind" if hi < 0 else "tie")
         out[f"{b:.2f}"] = h
     return out
 

@@ -214,3 +214,29 @@ def mean_ci(values: torch.Tensor, level: float = 0.95, resamples: int = 2000, se
     q = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=torch.float64)
     lo, hi = torch.quantile(means, q).tolist()
     return float(lo), float(hi)
+
+
+def paired_difference(new, old, level: float = 0.95, resamples: int = 10000, seed: int = 0,
+                      cap: float | None = None) -> tuple[float, float | None, float | None]:
+    """Mean per-pair difference ``new − old`` (e.g. per-image PSNR of two methods on the same images) and
+    its paired bootstrap interval (:func:`mean_ci` of the differences).
+
+    Args:
+        new, old: (N,) per-pair scores of the same pairs, in the same order.
+        cap: scores above it (e.g. +inf PSNR of bit-identical images) count as ``cap``; None: no cap.
+
+    Returns:
+        ``(mean, low, high)``; ``low``/``high`` None when :func:`mean_ci` gives no interval.
+
+    Raises:
+        ValueError: different lengths, or as :func:`mean_ci`.
+    """
+    a = torch.as_tensor(new, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(old, dtype=torch.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same pairs: {a.numel()} vs {b.numel()}")
+    if cap is not None:
+        a, b = a.clamp(max=cap), b.clamp(max=cap)
+    d = a - b
+    ci = mean_ci(d, level=level, resamples=resamples, seed=seed)
+    return float(d.mean()), (ci[0] if ci else None), (ci[1] if ci else None)

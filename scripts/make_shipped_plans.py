@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
+from cachec.metrics import paired_difference
 from cachec.evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out, held_out_set, validation_set
 from cachec.loading import load_model
 from cachec.planner import Planner, load_calibration
@@ -34,14 +34,6 @@ from cachec.runtime.plan_write import write_plan
 from cachec.shipped import (
     BUDGETS, CALIBRATION_THREADS, PLANS_DIR, REFINE, REFINE_FOR, calibrate_reference, calibration_options, plan_name, replan,
 )
-
-
-def paired_difference(new: list[float], old: list[float], reps: int = 10000) -> tuple[float, float, float]:
-    """Mean of ``new - old`` over paired images and its 95 % bootstrap interval (seed 0)."""
-    d = np.asarray(new) - np.asarray(old)
-    rng = np.random.default_rng(0)
-    means = d[rng.integers(0, len(d), (reps, len(d)))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def evaluation_set(driver) -> tuple[list, list[int]]:
@@ -72,7 +64,8 @@ def remake(model: str, results: dict) -> None:
             results[path.stem] = to_jsonable(r)
             line = f"-> {path}: PSNR {r['psnr_db']['mean']:.2f} dB, FLOPs {r['flops_fraction']:.4f}"
             if before is not None and before.get("seeds") == r.get("seeds"):
-                m, lo, hi = paired_difference(r["psnr_db"]["per_image"], before["psnr_db"]["per_image"])
+                m, lo, hi = paired_difference([float(x) for x in r["psnr_db"]["per_image"]],
+                                              [float(x) for x in before["psnr_db"]["per_image"]], cap=100.0)
                 line += f"; new - old {m:+.3f} dB [{lo:+.3f}, {hi:+.3f}] (was {before['psnr_db']['mean']:.2f} dB)"
             print(line, flush=True)
 
