@@ -180,7 +180,7 @@ def _named(name: str):
 
 def test_registry_entries_keep_the_families_behaviour():
     by_name = {s.name: s for s in registry.registered()}
-    assert list(by_name) == ["dit", "pixart", "sd3", "flux", "digits"]
+    assert list(by_name) == ["dit", "pixart", "sd3", "flux", "digits", "digits-mmdit"]
     # condition kind, batched-CFG half order, split CFG, defaults the front end used before the registry
     facts = {n: (s.condition, s.cond_first, s.split_cfg, s.default_steps, s.default_guidance, s.guidance_scale_is_cfg)
              for n, s in by_name.items()}
@@ -190,6 +190,7 @@ def test_registry_entries_keep_the_families_behaviour():
         "sd3": ("prompt", False, False, 20, 4.5, True),
         "flux": ("prompt", False, False, 20, 3.5, False),
         "digits": ("class", True, True, None, None, True),
+        "digits-mmdit": ("prompt", True, True, None, None, False),
     }
     # neither DiTPipeline nor the PixArt pipelines call callback_on_step_end (PixArt swallows it in **kwargs)
     assert by_name["dit"].step_callback is False and by_name["pixart"].step_callback is False
@@ -197,10 +198,13 @@ def test_registry_entries_keep_the_families_behaviour():
     # sizes and evaluation: text families take a size, the digit metrics apply to the digit models only
     assert {n: (s.takes_size, s.digit_metrics, s.eval_samples) for n, s in by_name.items()} == {
         "dit": (False, False, 8), "pixart": (True, False, 8), "sd3": (True, False, 8), "flux": (True, False, 8),
-        "digits": (False, True, 100)}
+        "digits": (False, True, 100), "digits-mmdit": (False, True, 90)}
     # the DiT transformer answers with the first family that names it; both agree on its unit layout
     assert spec_for_transformer(_named("DiTTransformer2DModel")()).name == "dit"
     assert by_name["dit"].unit_layout() == by_name["digits"].unit_layout()
+    # likewise the FLUX transformer: the prompt-conditioned digit model shares the flux family's layout
+    assert spec_for_transformer(_named("FluxTransformer2DModel")()).name == "flux"
+    assert by_name["flux"].unit_layout() == by_name["digits-mmdit"].unit_layout()
 
 
 def test_register_refuses_a_taken_name_and_a_conflicting_layout():
