@@ -115,7 +115,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     if calib.exists() and _calibration_matches(calib, driver, steps, guidance, samples_per_condition, conditions):
         log(f"[1/4] calibration: reusing {calib}")
     else:
-        log(f"[1/4] calibrating {driver.name}: {len(conditions)} classes x {samples_per_condition} samples, "
+        log(f"[1/4] calibrating {driver.name}: {len(conditions)} {'classes' if driver.condition_kind == 'class' else 'prompts'} x {samples_per_condition} samples, "
             f"{steps} steps, guidance {guidance}")
         if sensitivity == "auto":  # factored for models where full is affordable, chain (O(S + U)) above
             from .calibrate.sensitivity import resolve
