@@ -22,7 +22,7 @@ import torch
 
 from cachec.attributes import adherence
 from cachec.classifier import classify, reference_features
-from cachec.digit_prompts import CLASS_WORDS, parse, prompt_set, write_prompt_set
+from cachec.digit_prompts import CLASS_WORDS, VOCAB, parse, prompt_set, write_prompt_set
 from cachec.evaluation import spread
 from cachec.frechet import frechet_distance
 from cachec.loading import MODELS_DIR, REFERENCE_CARD, load_model
@@ -86,7 +86,7 @@ Not a production image model.
 |---|---|
 | architecture | diffusers `FluxTransformer2DModel`: 4 dual-stream blocks (joint attention, FFN, context FFN) + 8 single-stream blocks = 12 blocks, hidden 128 (4 heads × 32), RoPE axes (8, 12, 12), no guidance embedding |
 | input | pixel space, 1 × 32 × 32 (28 × 28 digits padded by 2 px) in [-1, 1], packed into 64 tokens of 4 × 4 pixels (16 channels) |
-| text | word-level tokenizer (25 words, 8 tokens with [BOS]/[EOS]/[PAD]) + `CLIPTextModel` (2 layers, hidden 64), trained jointly; last hidden states → `encoder_hidden_states`, pooled output → `pooled_projections` |
+| text | word-level tokenizer ({len(VOCAB) - 4} words + [PAD]/[BOS]/[UNK]/[EOS], 8 tokens per prompt) + `CLIPTextModel` (2 layers, hidden 64), trained jointly; last hidden states → `encoder_hidden_states`, pooled output → `pooled_projections` |
 | prompts | "[a] [thin/medium/thick] [left-leaning/upright/right-leaning] DIGIT-WORD" (cachec/digit_prompts.py); attribute bins = per-class terciles of stroke width and slant of the training digits (cachec/attributes.py); each attribute dropped with p = 0.25 in training; 10 % empty prompts (CFG) |
 | objective | rectified flow: x_t = (1 − σ)·x0 + σ·ε, target v = ε − x0, logit-normal σ, timestep σ (FLUX scales by 1000) |
 | sampler | FlowMatchEulerDiscreteScheduler (shift 1), {STEPS} steps, CFG {args.guidance} against the empty prompt |
