@@ -37,7 +37,7 @@ class PromptDigitsPipeline(DigitsPipeline):
         super().__init__(transformer, scheduler, name)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self._empty = None
+        self._ids = None  # (img_ids, txt_ids) of the call in progress, on the pipeline's device
 
     num_classes = 10
     #: the shipped prompt sets (``calibration``, ``held-out``; :func:`cachec.digit_prompts.prompt_set`)
@@ -50,7 +50,6 @@ class PromptDigitsPipeline(DigitsPipeline):
     def to(self, device=None, dtype=None) -> PromptDigitsPipeline:
         self.transformer.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=dtype)
-        self._ids = None
         return self
 
     @staticmethod

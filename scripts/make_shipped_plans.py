@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from cachec.metrics import paired_difference
-from cachec.evaluation import EVAL_SEED, VALIDATION_SEED, evaluate_plan, held_out, held_out_set, validation_set
+from cachec.evaluation import VALIDATION_SEED, evaluate_plan, held_out_set, validation_set
 from cachec.loading import load_model
 from cachec.planner import Planner, load_calibration
 from cachec.refine import search_plan
@@ -36,17 +36,10 @@ from cachec.shipped import (
 )
 
 
-def evaluation_set(driver) -> tuple[list, list[int]]:
-    """100 held-out samples (10 per class, or the 30 held-out prompts cycled), seeds 1000000+."""
-    if driver.prompt_sets:
-        return held_out_set(driver, 90)  # every held-out prompt 3 times
-    return held_out(driver, 10, EVAL_SEED)
-
-
 def remake(model: str, results: dict) -> None:
     """Re-make ``model``'s shipped plans with their recorded family and refinements; evaluate; compare."""
     driver = load_model(model)
-    conds, seeds = evaluation_set(driver)
+    conds, seeds = held_out_set(driver)
     with tempfile.TemporaryDirectory() as tmp:
         calib = calibrate_reference(model, Path(tmp) / "calib.safetensors", progress=True)
         old = {b: load_plan(PLANS_DIR / plan_name(model, b)) for b in BUDGETS[model]}
@@ -87,7 +80,7 @@ def main(models: list[str], keep_choices: bool = False) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             calib = calibrate_reference(model, Path(tmp) / "calib.safetensors", progress=True)
             vconds, vseeds = validation_set(driver, 3, VALIDATION_SEED)
-            conds, seeds = evaluation_set(driver)
+            conds, seeds = held_out_set(driver)
             planner = Planner(load_calibration(str(calib)))
             for b in BUDGETS[model]:
                 search = search_plan(driver, calib, b, workdir=Path(tmp) / "cands", iterations=REFINE_FOR.get(model, REFINE),

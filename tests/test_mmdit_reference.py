@@ -68,6 +68,10 @@ def test_attribute_bins_are_terciles_and_respond_to_the_image():
     a = adherence(torch.from_numpy(img)[:, None], [parse(p) for p in prompts])
     assert a["thickness"] == a["slant"] == a["both"] == 1.0 and a["chance"]["both"] == pytest.approx(1 / 9)
     assert THICKNESS[0] == "thin" and SLANT[2] == "right-leaning"
+    # generated images are 32x32 (the digit padded by 2 px): the bins do not depend on the padding
+    padded = np.pad(img, ((0, 0), (2, 2), (2, 2)))
+    for name in ("thickness", "slant"):
+        assert np.array_equal(bins(padded, hy[:50])[name], bins(img, hy[:50])[name])
 
 
 @pytest.fixture(scope="module")

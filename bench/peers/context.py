@@ -101,9 +101,10 @@ class CacheContextWrapper:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         tval = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
         sched = self.driver.scheduler
-        ts = torch.as_tensor(sched.timesteps).float()
+        raw = torch.as_tensor(sched.timesteps).float()
+        ts = raw
         if ts.numel() and float((ts / 1000.0 - tval).abs().min()) < float((ts - tval).abs().min()):
-            ts = ts / 1000.0  # FLUX-style transformers receive the scheduler timestep / 1000
+            ts = raw / 1000.0  # FLUX-style transformers receive the scheduler timestep / 1000
         idx = int(torch.argmin((ts - tval).abs())) if ts.numel() else 0
         if idx == self.step_index:
             self._calls_at_step += 1
@@ -121,7 +122,7 @@ class CacheContextWrapper:
             args = tuple(_swap_halves(a) for a in args)
             kwargs = {k: _swap_halves(v) for k, v in kwargs.items()}
         # what diffusers pipelines expose as current_timestep: the scheduler's timestep (FLUX: 1000x the call's)
-        self.current_timestep = float(torch.as_tensor(sched.timesteps)[idx]) if ts.numel() else tval
+        self.current_timestep = float(raw[idx]) if raw.numel() else tval
         with CacheMixin.cache_context(
             self.transformer, name, step_index=idx, num_inference_steps=self.steps, timestep=tval, sigma=sigma
         ):
