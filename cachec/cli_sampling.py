@@ -58,6 +58,16 @@ def _adaptive_options(adaptive: bool, mode: str, ceiling: float | None):
     return AdaptiveOptions(mode=mode, ceiling=ceiling)
 
 
+def _with_probe(options, driver, conds):
+    """``options`` whose calibration probe uses ``conds`` (deduplicated, on the probe's own seeds) when the
+    model is text-conditional without a calibration prompt set of its own (None passes through)."""
+    if options is None or driver.condition_kind != "prompt" or driver.prompt_sets.get("calibration"):
+        return options
+    from dataclasses import replace
+
+    return replace(options, probe_conditions=tuple(dict.fromkeys(conds)))
+
+
 def adaptive_lines(rep) -> list[str]:
     """What ``cachec run/eval --adaptive`` prints about a run: ceiling, realised, Full steps, traces."""
     def trace(xs):
@@ -161,6 +171,7 @@ def run(plan_file, model, classes, prompt, prompts_file, per_class, seed, force,
     seeds = [seed + i for i in range(len(conds))]
     steps = plan.steps if steps is None else steps
     guidance = plan.sampler.guidance.scale if guidance is None else guidance
+    options = _with_probe(options, driver, conds)
     with apply(driver, plan, force=force, remap=remap, adaptive=options) as handle:
         images = driver.generate(conds, seeds, steps=steps, guidance=guidance)
         rep = handle.report
@@ -260,6 +271,7 @@ def eval_(target, model, reference, classes, prompt, prompts_file, n_samples, se
         else:
             from .evaluation_adaptive import evaluate_adaptive
 
+            options = _with_probe(options, driver, conds)
             result = evaluate_adaptive(driver, plan, options, conds, seeds, name=f"{Path(target).stem} {adaptive_mode}")
         click.echo(job_table(result.result))
         if options is not None:

@@ -122,6 +122,9 @@ class AdaptiveOptions:
         probe_samples, probe_seed: the calibration probe (seeds ``probe_seed + i``; the default lies in the
             validation range, away from calibration and evaluation seeds).
         verify_unit: SpeCa's verified unit (default: the deepest unit the plan ever skips).
+        probe_conditions: conditions of the calibration probe (default: the classes, or the model's
+            calibration prompt set; a text model without one needs them — ``cachec run/eval --adaptive``
+            pass the run's own prompts).
     """
 
     mode: str = "softcap"
@@ -135,6 +138,7 @@ class AdaptiveOptions:
     probe_samples: int = 4
     probe_seed: int = 600_000
     verify_unit: str | None = None
+    probe_conditions: tuple | None = None
 
     def resolved_ceiling(self, plan: Plan) -> float:
         """The ceiling for ``plan`` (the default when None).

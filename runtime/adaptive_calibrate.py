@@ -123,7 +123,7 @@ def calibrate_profile(driver, plan: Plan, options: AdaptiveOptions | None = None
         driver: a :class:`cachec.loading.Driver` of the plan's model (``generate`` is called).
         plan: the static reference plan.
         options: mode, ceiling, β, headroom and probe settings (default: softcap defaults).
-        conditions: probe conditions (default: :func:`probe_set`'s).
+        conditions: probe conditions (default: ``options.probe_conditions``, else :func:`probe_set`'s).
 
     Returns:
         An :class:`AdaptiveProfile` (``probe`` records seeds, conditions, κ's probe spend and the target).
@@ -141,6 +141,8 @@ def calibrate_profile(driver, plan: Plan, options: AdaptiveOptions | None = None
     if c <= realised + 1e-9:
         base.probe = {"rule": "ceiling at the plan's realised fraction: never Full"}
         return base
+    if conditions is None and options.probe_conditions is not None:
+        conditions = list(options.probe_conditions)
     conds, seeds = probe_set(driver, options.probe_samples, options.probe_seed, conditions)
     shape_rep = _probe(driver, plan, options, base, conds, seeds, record_only=True)
     shape = [float(r) if r is not None and t is not None else 0.0 for r, t in zip(shape_rep.risk, shape_rep.tau)]

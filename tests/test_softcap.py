@@ -275,3 +275,32 @@ def test_cli_run_and_eval_adaptive(tmp_path):
     assert out["adaptive"] == "speca" and out["flops_fraction_max"] <= 0.7 + 1e-9 and out["n_images"] == 3
     res = CliRunner().invoke(main, ["run", *common, "--ceiling", "0.7", "--out", str(tmp_path / "d.png")])
     assert res.exit_code != 0 and "--ceiling applies to --adaptive" in res.output
+
+
+def test_cli_adaptive_on_a_text_family_probes_the_run_prompts(tiny_pipelines, tmp_path):
+    """A text model without its own calibration prompts (the tiny FLUX pipeline): ``cachec run/eval
+    --adaptive`` calibrate the probe on the run's prompts (was: 'the adaptive probe of a text model needs
+    prompts'), and the ceiling holds."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cachec.calibrate.run import calibrate
+    from cachec.cli import main
+    from cachec.planner import Planner, load_calibration
+    from cachec.runtime import write_plan
+
+    driver = tiny_pipelines["flux"]
+    cal = calibrate(driver, ["a red car", "a small blue house"], output=tmp_path / "c.safetensors",
+                    samples_per_condition=1, steps=4, sensitivity="none", progress=False)
+    plan, side = Planner(load_calibration(str(cal))).plan(0.5, "cachec")
+    write_plan(plan, tmp_path / "p.yaml", side or None)
+    common = (str(tmp_path / "p.yaml"), driver.name)
+    res = CliRunner().invoke(main, ["run", *common, "--prompt", "a green tree", "--per-class", "2", "--adaptive",
+                                    "--out", str(tmp_path / "r.png")])
+    assert res.exit_code == 0, res.output
+    assert "adaptive softcap" in res.output
+    res = CliRunner().invoke(main, ["eval", *common, "--samples", "2", "--adaptive", "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert out["flops_fraction_max"] <= out["runtime_report"]["ceiling"] + 1e-9
