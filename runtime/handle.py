@@ -317,12 +317,12 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
             watch.refresh()
 
     units = [model_units[u.name] for u in plan.units]
-    extra = {}
+    cls, extra = PlanExecutor, {}
     if adaptive is not None:
         from .adaptive import AdaptiveExecutor
 
-        extra = {"cls": AdaptiveExecutor, "options": adaptive}
-    executor = extra.pop("cls", PlanExecutor)(
+        cls, extra = AdaptiveExecutor, {"options": adaptive}
+    executor = cls(
         plan,
         units,
         transformer,
