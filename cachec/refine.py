@@ -72,7 +72,7 @@ def _candidate(family: str, iteration: int, plan: Plan, sidecar: dict, path: Pat
 
 def refined_plans(driver, calibration: str | Path, budget: float, *, family: str, iterations: int,
                   workdir: str | Path, calibrate_options: dict, method: str = "cachec", planner=None,
-                  log: Callable[[str], None] | None = None) -> list[Candidate]:
+                  log: Callable[[str], None] | None = None, plan_options: dict | None = None) -> list[Candidate]:
     """The plan of one family at ``budget`` and its ``iterations`` trajectory refinements.
 
     Args:
@@ -89,6 +89,8 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
         planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse for iteration 0 (saves loading
             the file and building its segment table once per family).
         log: progress printer.
+        plan_options: further planner options of ``method`` (e.g. ``fill``, ``mask``; see
+            :func:`cachec.planner.make_plan`), the same for every iterate.
     Returns:
         ``[Candidate(iteration=0), ..., Candidate(iteration=k)]``.
     Raises:
@@ -110,7 +112,7 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
     for k in range(int(iterations) + 1):
         if k or planner is None:
             planner = Planner(load_calibration(str(cal_path)))
-        plan, side = planner.plan(budget, method, family=family)
+        plan, side = planner.plan(budget, method, family=family, **(plan_options or {}))
         if k:
             plan.budget.options["refine"] = k
         cand = _candidate(family, k, plan, side, work / f"plan-{tag}-r{k}.yaml")
@@ -195,15 +197,25 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
     return Search(choose(driver, cands, vconds, vseeds), cands, (list(vconds), list(vseeds)))
 
 
+def replan_options(options: dict) -> dict:
+    """The planner options to pass again when rebuilding a plan from its ``budget.options``: ``fill`` (absent
+    means False: plans made before the budget fill record nothing) and ``mask`` when recorded."""
+    out = {"fill": bool(options.get("fill", False))}
+    if options.get("mask") is not None:
+        out["mask"] = list(options["mask"])
+    return out
+
+
 def replan(driver, calibration: str | Path, budget: float, options: dict, workdir: str | Path,
            calibrate_options: dict, planner=None) -> tuple[Plan, dict]:
-    """Rebuild a plan from its uncached calibration and its recorded options (``family``, ``refine``);
-    ``planner``: as :func:`refined_plans`.
+    """Rebuild a plan from its uncached calibration and its recorded options (``family``, ``refine`` and
+    :func:`replan_options`); ``planner``: as :func:`refined_plans`.
 
     Returns:
         ``(plan, sidecar)`` of the last iterate (as :meth:`cachec.planner.Planner.plan` returns them).
     """
     k = int(options.get("refine", 0))
     cands = refined_plans(driver, calibration, budget, family=options.get("family", "free"), iterations=k,
-                          workdir=workdir, calibrate_options=calibrate_options, planner=planner)
+                          workdir=workdir, calibrate_options=calibrate_options, planner=planner,
+                          plan_options=replan_options(options))
     return cands[-1].plan, cands[-1].sidecar

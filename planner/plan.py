@@ -24,7 +24,7 @@ METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
 DEFAULT_MAX_STALENESS = 8
 
 _METHOD_OPTIONS = {
-    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors"},
+    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask"},
     "fora": {"interval"},
     "eoc-paper": {"interval", "alpha"},
     "goc-paper": {"interval", "lam"},
@@ -114,6 +114,7 @@ class Planner:
                 self.table(K), cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops, float(budget),
                 family=family, keep_last=keep_last, front=self.frontier(K, keep_last, family, n_groups),
                 groups=self.groups(n_groups) if family == "group" else None,
+                fill=bool(options.get("fill", True)), mask=options.get("mask"),
             )
             sched.options.update(ridge=self.model.ridge, predictors=list(self.model.predictors))
             return sched
@@ -252,7 +253,10 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
         method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
         ridge, predictors: error-model options (cachec's fitted predictors).
         **options: cachec: ``family`` ("free" | "step" | "group"), ``groups`` (block groups of the
-            ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0);
+            ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0),
+            ``fill`` (default True: the step/group families add single unit computes into the FLOPs their
+            shared masks leave unspent; plans made before it record no ``fill`` and mean False),
+            ``mask`` (step family: the computed step indices, e.g. a peer's pattern, instead of the DP's);
             fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper: ``lam`` (1.2).
     Returns:
         ``(plan, sidecar)``: the typed :class:`cachec.runtime.plan.Plan` (no ``sidecar`` entry until

@@ -15,6 +15,11 @@ contiguous groups, every unit of a group shares one mask (attention and FFN of a
 the groups are allocated like free units. It exists because closed-loop errors of desynchronised schedules
 are larger than the additive error model predicts (cross-unit terms are not in the statistics), while
 the step family's granularity (one step = 1/S of the FLOPs) cannot meet a budget closely.
+
+Budget fill (``fill=True``, the default for the step and group families): the shared masks leave up to a
+step's (or a group-step's) FLOPs unspent; :func:`fill_segments` then adds single (unit, step) computes into
+that slack, largest predicted error decrease per FLOP first, so the plan realises its budget to within one
+unit call (docs/planner.md, "Budget fill").
 """
 
 from __future__ import annotations
@@ -326,6 +331,102 @@ def minimum_budget(unit_flops, full_step: float, fixed_step: float, steps: int, 
     return (steps * fixed_step + n * float(np.sum(unit_flops))) / (steps * full_step)
 
 
+def mask_segments(computed, steps: int, max_staleness: int, keep_last: int = 0) -> list[tuple[int, int, int]]:
+    """The segments ``(p, d, r)`` of a step-synchronous schedule that computes exactly the steps ``computed``.
+
+    Args:
+        computed: step indices (0-based, step 0 among them) of the computed steps, e.g. a FORA interval
+            pattern or the steps an adaptive peer computed on the calibration set.
+        steps: S.
+        max_staleness: K, the longest allowed run of skipped steps.
+        keep_last: the last ``keep_last`` steps must be computed.
+    Returns:
+        The segments in step order (as :func:`trace` returns them).
+    Raises:
+        ValueError: a step outside 0..S-1, step 0 missing, a run of more than K skipped steps, or one of the
+            last ``keep_last`` steps skipped.
+    """
+    c = sorted({int(x) for x in computed})
+    if not c or c[0] != 0 or c[-1] >= steps:
+        raise ValueError(f"computed steps must include step 0 and lie in 0..{steps - 1}, got {c}")
+    missing = [s for s in range(steps - keep_last, steps) if s not in c]
+    if missing:
+        raise ValueError(f"keep_last={keep_last} needs steps {missing} computed")
+    ends = c[1:] + [steps]
+    segs = []
+    prev = None
+    for p, nxt in zip(c, ends):
+        r = nxt - p - 1
+        if r > max_staleness:
+            raise ValueError(f"steps {p + 1}..{nxt - 1} skipped: {r} > max_staleness={max_staleness}")
+        segs.append((p, 0 if prev is None else p - prev, r))
+        prev = p
+    return segs
+
+
+def _split_gain(cost: np.ndarray, segs: list[tuple[int, int, int]], j: int, s: int, S: int) -> tuple[float, list]:
+    """Error decrease of computing step s inside segment j of one unit, and the segments after it.
+
+    Segment j = (p, d, r) skips p+1..p+r; computing s in that range splits it into (p, d, s-p-1) and
+    (s, s-p, p+r-s), and the next segment (p', r+1, r') becomes (p', p'-s, r') (its previous computed step
+    is now s). ``cost``: (S, K+2, K+1) segment costs of the unit.
+    """
+    p, d, r = segs[j]
+    new = [(p, d, s - p - 1), (s, s - p, p + r - s)]
+    old_e = cost[p, d, r]
+    new_e = cost[p, d, s - p - 1] + cost[s, s - p, p + r - s]
+    tail = []
+    if j + 1 < len(segs):
+        p2, d2, r2 = segs[j + 1]
+        tail = [(p2, p2 - s, r2)]
+        old_e += cost[p2, d2, r2]
+        new_e += cost[p2, p2 - s, r2]
+    return float(old_e - new_e), segs[:j] + new + tail + segs[j + 1 + len(tail):]
+
+
+def fill_segments(table: SegmentTable, segs_per_unit: list, unit_flops: np.ndarray, slack: float) -> tuple[list, int]:
+    """Add single (unit, step) computes into ``slack`` FLOPs, greedily by predicted error decrease per FLOP.
+
+    Each move computes one skipped step of one unit (:func:`_split_gain` prices it exactly with the
+    segment table: the split run and the re-anchored next run); only moves that lower the predicted
+    error and fit the remaining slack are taken. Run lengths only shrink, so ``max_staleness`` and
+    ``keep_last`` stay satisfied.
+
+    Args:
+        table: the segment table the segments were solved on.
+        segs_per_unit: U lists of segments ``(p, d, r)`` (as :func:`trace` returns them).
+        unit_flops: (U,) FLOPs of one call of each unit.
+        slack: FLOPs available for extra computes (>= 0).
+    Returns:
+        ``(segments, added)``: the new per-unit segment lists and the number of computes added.
+    """
+    S = table.cost.shape[1]
+    segs = [list(x) for x in segs_per_unit]
+    flops = np.asarray(unit_flops, dtype=np.float64)
+
+    def best_move(u):
+        out = (0.0, None)
+        for j, (p, _d, r) in enumerate(segs[u]):
+            for s in range(p + 1, p + r + 1):
+                g, new = _split_gain(table.cost[u], segs[u], j, s, S)
+                if np.isfinite(g) and g > out[0]:
+                    out = (g, new)
+        return out
+
+    moves = [best_move(u) for u in range(len(segs))]
+    added = 0
+    while True:
+        ratio = [g / flops[u] if new is not None and flops[u] <= slack and flops[u] > 0 else -np.inf
+                 for u, (g, new) in enumerate(moves)]
+        u = int(np.argmax(ratio))
+        if not np.isfinite(ratio[u]):
+            return segs, added
+        segs[u] = moves[u][1]
+        slack -= flops[u]
+        added += 1
+        moves[u] = best_move(u)
+
+
 def _schedule_from_segments(table: SegmentTable, segs_per_unit, S: int, options: dict) -> Schedule:
     U = len(segs_per_unit)
     compute = np.zeros((U, S), dtype=bool)
@@ -354,6 +455,8 @@ def solve(
     keep_last: int = 0,
     front: Frontier | None = None,
     groups: np.ndarray | None = None,
+    fill: bool = True,
+    mask=None,
 ) -> Schedule:
     """Least-error schedule spending at most ``budget`` of a full run's FLOPs.
 
@@ -367,9 +470,14 @@ def solve(
         keep_last: number of final steps always computed.
         front: a precomputed :func:`frontier` of this table and family (reused across budgets).
         groups: (U,) int group ids, required for ``family="group"``.
+        fill: for the step and group families, add single (unit, step) computes into the FLOPs the
+            shared masks leave unspent (:func:`fill_segments`; recorded as ``options.fill``). Ignored
+            by the free family, whose allocation already fills the budget per unit.
+        mask: for the step family only: the computed steps (indices) instead of the DP's choice
+            (:func:`mask_segments`; recorded as ``options.mask``); the budget must cover them.
     Returns:
-        A :class:`Schedule` (history ``computed``) whose realised fraction is <= budget, and within 1%
-        below it when the family's granularity allows.
+        A :class:`Schedule` (history ``computed``) whose realised fraction is <= budget, and within one
+        unit call below it when ``fill`` (or the family) allows.
     Raises:
         ValueError: unknown family, budget outside (0, 1], or below the minimum for the constraints (the
             message names the minimum); ``family="group"`` without ``groups``.
@@ -389,6 +497,16 @@ def solve(
         )
     cap = budget * S * full_step * (1 + 1e-12) - S * fixed_step
     options = {"family": family, "max_staleness": int(K), "keep_last": int(keep_last)}
+    if mask is not None:
+        if family != "step":
+            raise ValueError(f"a computed-step mask is only used by family 'step', not {family!r}")
+        segs = mask_segments(mask, S, K, keep_last)
+        need = len(segs) * float(unit_flops.sum())
+        if need > cap:
+            raise ValueError(f"the mask computes {len(segs)} of {S} steps: "
+                             f"{(need + S * fixed_step) / (S * full_step):.6g} of a full run, over the budget {budget:.6g}")
+        options["mask"] = [p for p, _, _ in segs]
+        return _finish(table, [segs] * U, unit_flops, cap, S, options, fill)
     if family == "step":
         if front is None:
             front = frontier(table.cost.sum(axis=0, keepdims=True), keep_last)
@@ -400,8 +518,8 @@ def solve(
         if not np.isfinite(e).any():
             raise ValueError(f"budget {budget:.6g} is below the minimum {minb:.6g}")
         best = np.flatnonzero(e == np.min(e))[-1]  # least error, most computes on ties
-        segs = trace(front, 0, int(best))
-        return _schedule_from_segments(table, [segs] * U, S, options)
+        segs = [trace(front, 0, int(best))] * U
+        return _finish(table, segs, unit_flops, cap, S, options, fill)
     if family == "group":
         if groups is None or len(groups) != U:
             raise ValueError("family 'group' needs groups: one group id per unit")
@@ -419,4 +537,14 @@ def solve(
     segs = [trace(front, v, int(n[v])) for v in range(len(flops))]
     if family == "group":
         segs = [segs[g] for g in groups]
+        return _finish(table, segs, unit_flops, cap, S, options, fill)
+    return _schedule_from_segments(table, segs, S, options)
+
+
+def _finish(table, segs, unit_flops, cap, S, options, fill):
+    if fill:
+        spent = sum(len(x) * float(f) for x, f in zip(segs, unit_flops))
+        segs, added = fill_segments(table, segs, unit_flops, cap - spent)
+        options["fill"] = True
+        options["filled"] = int(added)
     return _schedule_from_segments(table, segs, S, options)

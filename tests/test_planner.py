@@ -284,7 +284,7 @@ def test_solver_matches_enumeration_of_table_costs(family):
     cnt = np.array([m.sum() for m in masks])
     for budget in (0.35, 0.45, 0.6, 0.8):
         cap = budget * 7 * cal.full_step_flops * (1 - 1e-12) - 7 * cal.fixed_step_flops
-        sched = planner.schedule(budget, "cachec", max_staleness=K, family=family)
+        sched = planner.schedule(budget, "cachec", max_staleness=K, family=family, fill=False)
         got = sum(mask_cost(tab, u, sched.compute[u]) for u in range(3))
         if family == "step":
             ok = cnt * cal.unit_flops.sum() <= cap
@@ -295,6 +295,62 @@ def test_solver_matches_enumeration_of_table_costs(family):
             tot_e = costs[0][:, None, None] + costs[1][None, :, None] + costs[2][None, None, :]
             best = tot_e[tot_c <= cap].min()
         assert got == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["step", "group"])
+def test_budget_fill_prices_exactly_and_leaves_no_fitting_gain(family):
+    """The fill pass (single unit computes into the slack of shared masks): its bookkeeping equals the table
+    cost of the final masks, it never raises the predicted error, it stays under the budget, and no single
+    further compute that fits would lower the error (greedy's stopping rule)."""
+    feats = random_features(U=3, S=7, seed=5)
+    feats = {n: f for n, f in zip(["blocks.0.attn1", "blocks.1.attn1", "blocks.1.ff"], feats.values())}
+    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=5)
+    planner = Planner(cal)
+    K = 3
+    tab = planner.table(K)
+    opts = dict(max_staleness=K, family=family, **({"groups": 2} if family == "group" else {}))
+    for budget in (0.35, 0.45, 0.6, 0.8):
+        cap = budget * 7 * cal.full_step_flops * (1 + 1e-12) - 7 * cal.fixed_step_flops
+        plain = planner.schedule(budget, "cachec", fill=False, **opts)
+        filled = planner.schedule(budget, "cachec", **opts)
+        e_plain = sum(mask_cost(tab, u, plain.compute[u]) for u in range(3))
+        e_fill = sum(mask_cost(tab, u, filled.compute[u]) for u in range(3))
+        assert e_fill <= e_plain + 1e-12
+        assert filled.options["fill"] is True and filled.options["filled"] == int(filled.compute.sum() - plain.compute.sum())
+        assert (filled.compute >= plain.compute).all()  # only adds computes
+        spent = float((filled.compute.sum(axis=1) * cal.unit_flops).sum())
+        assert spent <= cap
+        for u in range(3):
+            if spent + cal.unit_flops[u] > cap:
+                continue
+            for s in np.flatnonzero(~filled.compute[u]):
+                m = filled.compute[u].copy()
+                m[s] = True
+                assert mask_cost(tab, u, m) >= mask_cost(tab, u, filled.compute[u]) - 1e-12, (u, s)
+        # the plan's recorded error is the table's price of the final masks
+        assert schedule_error(planner.model, filled) == pytest.approx(e_fill, rel=1e-9, abs=1e-12)
+
+
+def test_step_mask_option_runs_the_given_steps():
+    feats = random_features(U=3, S=7, seed=2)
+    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=2)
+    planner = Planner(cal)
+    tab = planner.table(3)
+    sched = planner.schedule(1.0, "cachec", family="step", mask=[0, 2, 4, 6], fill=False, max_staleness=3)
+    assert sched.compute.tolist() == [[True, False, True, False, True, False, True]] * 3
+    assert sched.options["mask"] == [0, 2, 4, 6]
+    assert schedule_error(planner.model, sched) == pytest.approx(
+        sum(mask_cost(tab, u, sched.compute[u]) for u in range(3)), rel=1e-9)
+    plan, _ = planner.plan(1.0, "cachec", family="step", mask=[0, 3], max_staleness=3)  # filled up to the budget
+    assert plan.budget.realised == 1.0
+    with pytest.raises(ValueError, match="include step 0"):
+        planner.schedule(1.0, "cachec", family="step", mask=[1, 3])
+    with pytest.raises(ValueError, match="max_staleness=3"):
+        planner.schedule(1.0, "cachec", family="step", mask=[0, 5], max_staleness=3)
+    with pytest.raises(ValueError, match="over the budget"):
+        planner.schedule(0.3, "cachec", family="step", mask=[0, 1, 2, 3, 4, 5, 6])
+    with pytest.raises(ValueError, match="only used by family 'step'"):
+        planner.schedule(1.0, "cachec", family="free", mask=[0, 2])
 
 
 def test_block_groups_hand_cases():
@@ -323,7 +379,7 @@ def test_group_family_matches_enumeration_and_keeps_groups_in_sync():
     g1 = np.array([mask_cost(tab, 1, m) + mask_cost(tab, 2, m) for m in masks])
     for budget in (0.4, 0.55, 0.7):
         cap = budget * 7 * cal.full_step_flops * (1 - 1e-12) - 7 * cal.fixed_step_flops
-        sched = planner.schedule(budget, "cachec", max_staleness=K, family="group", groups=2)
+        sched = planner.schedule(budget, "cachec", max_staleness=K, family="group", groups=2, fill=False)
         assert (sched.compute[1] == sched.compute[2]).all()
         assert sched.options["groups"] == 2
         got = sum(mask_cost(tab, u, sched.compute[u]) for u in range(3))
@@ -409,7 +465,7 @@ def test_constraints_staleness_keep_last_and_step_family(synth_planner):
         for c in row:
             run = 0 if c else run + 1
             assert run <= 3
-    plan, _ = synth_planner.plan(0.3, "cachec", family="step")
+    plan, _ = synth_planner.plan(0.3, "cachec", family="step", fill=False)
     assert len({u.actions for u in plan.units}) == 1
     assert plan.budget.realised <= 0.3
     assert plan.budget.options["family"] == "step"
