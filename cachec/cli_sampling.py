@@ -211,6 +211,11 @@ def eval_summary(result: dict) -> str:
         lines.append("attribute adherence, cached (uncached), chance: " + "; ".join(
             f"{k} {pct(adh[k]['candidate'])} ({pct(adh[k]['reference'])}), {pct(adh['chance'][k])} over {adh['n'][k]}"
             for k in ("thickness", "slant", "both")))
+    iou = result.get("control_iou")
+    if iou:
+        c, r = iou["candidate"], iou["reference"]
+        lines.append(f"control IoU (ink vs control mask), cached (uncached): {c['mean']:.3f} ({r['mean']:.3f}) "
+                     f"over {len(c['per_image'])} images")
     for k, why in (result.get("not_measured") or {}).items():
         lines.append(f"not measured: {k} ({why})")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .control import NAME as CONTROL_NAME
 from .reference import DEFAULT_MODEL, REFERENCE_MODELS
 from .reference_mmdit import NAME as MMDIT_NAME
 from .runtime.registry import ModelSpec, spec_for_pipeline
@@ -210,12 +211,12 @@ def quiet_diffusers():
 
 def shipped_models() -> list[str]:
     """Names of the reference models shipped inside the package."""
-    return sorted({*REFERENCE_MODELS, MMDIT_NAME})
+    return sorted({*REFERENCE_MODELS, MMDIT_NAME, CONTROL_NAME})
 
 
 def _load_reference(folder: Path, name: str, device, dtype) -> Driver:
-    """A shipped-style reference folder: a class-conditional digit DiT, or (card ``architecture:
-    mmdit``) the prompt-conditioned ``digits-mmdit``."""
+    """A shipped-style reference folder: a class-conditional digit DiT, (card ``architecture: mmdit``) the
+    prompt-conditioned ``digits-mmdit``, or (``mmdit-control``) its ControlNet model ``digits-mmdit-control``."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from .pipeline import DigitsPipeline
@@ -225,6 +226,10 @@ def _load_reference(folder: Path, name: str, device, dtype) -> Driver:
     with quiet_diffusers():
         if card.get("architecture") == "mmdit":
             pipe = load_pipeline(folder, name, device, dtype)
+        elif card.get("architecture") == "mmdit-control":
+            from .pipeline_control import load_pipeline as load_control_pipeline
+
+            pipe = load_control_pipeline(folder, name, device, dtype)
         else:
             transformer = DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype)
             transformer.to(device).eval()

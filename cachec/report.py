@@ -30,6 +30,7 @@ import torch
 
 from .attributes import adherence
 from .classifier import classify, reference_features
+from .control import condition_masks, control_iou, prompt_of
 from .digit_prompts import parse
 from .frechet import FRECHET_NAME, frechet_distance
 from .metrics import IMAGE_SHAPE, as_image_batch, as_labels, check_unit_range, mean_ci, psnr, ssim
@@ -95,7 +96,8 @@ def evaluate(
             ``digit_metrics``); row i of both must come from the same condition, guidance and seed.
         labels: int (N,) requested digit classes 0..9 (tensor, array or sequence), or N prompts of the
             prompt-conditioned digit model (:mod:`cachec.digit_prompts`: the class is parsed from each, and
-            ``attribute_adherence`` is added); only read with ``digit_metrics`` (any value, e.g. None, otherwise).
+            ``attribute_adherence`` is added), or N ``"PROMPT | SPLIT:K"`` conditions of the control model
+            (``control_iou`` is added too); only read with ``digit_metrics`` (any value, e.g. None, otherwise).
         digit_metrics: also measure class accuracy and the Fréchet distance in digit-classifier features
             (the digit models); False for any other model: those entries are null and ``not_measured``
             says why.
@@ -118,6 +120,8 @@ def evaluate(
             class_accuracy: {candidate, reference}        # fraction judged the requested label
             class_agreement                               # fraction where the classifier gives both the same label
             attribute_adherence: {thickness|slant|both: {candidate, reference}, n, chance}   # prompts only
+            control_iou: {candidate, reference}: {mean, std, min, max, ci95, per_image}   # conditions with a
+                # control mask ("PROMPT | SPLIT:K", cachec.control) only: IoU of the ink with the mask
             frechet_distance: {name, candidate, reference, candidate_vs_reference, real_set_size}
                 # d² to the 500 held-out real digits (and between the two sample sets); null if N < 2
             flops_per_image, wall_s                       # pass-through
@@ -139,6 +143,9 @@ def evaluate(
     if not digit_metrics:
         return _pixel_report(cand, ref, n, name, flops_per_image, wall_s)
     prompts = _prompts(labels)
+    masks = condition_masks(prompts) if prompts is not None else None  # "PROMPT | SPLIT:K" conditions
+    if prompts is not None:
+        prompts = [prompt_of(p) for p in prompts]
     lab = as_labels([parse(p)[0] for p in prompts] if prompts is not None else labels, n)
 
     cand_pred, cand_feat = classify(cand)
@@ -167,6 +174,8 @@ def evaluate(
         "class_agreement": frac(cand_pred == ref_pred),
         "frechet_distance": {"name": FRECHET_NAME, **{k: _json_float(v) for k, v in fd.items()}, "real_set_size": real_n},
         **({} if prompts is None else {"attribute_adherence": _adherence(cand, ref, prompts)}),
+        **({} if masks is None else {"control_iou": {"candidate": _summary(torch.from_numpy(control_iou(cand, masks))),
+                                                     "reference": _summary(torch.from_numpy(control_iou(ref, masks)))}}),
         "flops_per_image": to_jsonable(flops_per_image),
         "wall_s": _json_float(wall_s),
     }

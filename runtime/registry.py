@@ -307,3 +307,24 @@ register(ModelSpec(
     digit_metrics=True,
     eval_samples=90,  # the 30 held-out prompts 3 times each
 ))
+register(ModelSpec(
+    name="digits-mmdit-control",  # digits-mmdit + a ControlNet on ink masks: cachec.pipeline_control
+    transformers=("ControlledFluxTransformer",),  # the ControlNet and the generator, called as one transformer
+    pipelines=("ControlDigitsPipeline",),
+    blocks={  # execution order: the ControlNet's blocks run first; their residuals feed the generator's blocks
+        "controlnet.transformer_blocks": (("", "control_block"),),
+        "controlnet.single_transformer_blocks": (("", "control_block"),),
+        **{f"transformer.{k}": v for k, v in _FLUX_BLOCKS.items()},
+    },
+    residual_inputs=_FLUX_RESIDUALS,  # dual and single FLUX blocks both return (encoder_hidden_states, hidden_states)
+    guidance_scale_is_cfg=False,
+    cond_first=True,
+    condition="prompt",  # "PROMPT | SPLIT:K" strings: a prompt and a control mask (cachec.control)
+    step_callback=False,
+    split_cfg=True,
+    default_steps=None,
+    default_guidance=None,
+    takes_size=False,
+    digit_metrics=True,
+    eval_samples=90,  # the 90 held-out (prompt, mask) conditions once each
+))

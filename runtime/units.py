@@ -25,7 +25,8 @@ class UnitSpec:
     Attributes:
         name: module path inside the transformer, e.g. ``"transformer_blocks.7.attn1"``.
         kind: ``"attn"`` (self-attention), ``"cross_attn"``, ``"joint_attn"`` (SD3/FLUX joint attention,
-            tuple output: image stream, context stream), ``"ff"``, ``"ff_context"`` or ``"block"``.
+            tuple output: image stream, context stream), ``"ff"``, ``"ff_context"``, ``"block"`` or
+            ``"control_block"`` (a ControlNet block's residual, ``digits-mmdit-control``).
         mode: ``"output"`` — the feature is the module's return value (tensor or tuple of tensors);
             ``"residual"`` — the feature is ``output − input`` of the block, part by part.
         residual_inputs: for ``mode="residual"``: the names of the forward arguments that the output parts
@@ -36,6 +37,17 @@ class UnitSpec:
     kind: str
     mode: str = "output"
     residual_inputs: tuple[str, ...] = ()
+
+
+def _block_list(model, path: str):
+    """The block list at ``path`` (an attribute, or a dotted path through child modules such as
+    ``controlnet.transformer_blocks``); empty when the model has none there."""
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return []
+    return obj
 
 
 def find_units(transformer) -> list[UnitSpec]:
@@ -57,7 +69,7 @@ def find_units(transformer) -> list[UnitSpec]:
     spec = spec_for_transformer(model)
     units: list[UnitSpec] = []
     for list_name, children in spec.blocks.items():
-        for i, block in enumerate(getattr(model, list_name, None) or []):
+        for i, block in enumerate(_block_list(model, list_name)):
             for child, kind in children:
                 if child == "":
                     units.append(UnitSpec(f"{list_name}.{i}", kind, "residual", spec.residual_inputs))

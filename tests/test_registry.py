@@ -180,7 +180,7 @@ def _named(name: str):
 
 def test_registry_entries_keep_the_families_behaviour():
     by_name = {s.name: s for s in registry.registered()}
-    assert list(by_name) == ["dit", "pixart", "sd3", "flux", "digits", "digits-mmdit"]
+    assert list(by_name) == ["dit", "pixart", "sd3", "flux", "digits", "digits-mmdit", "digits-mmdit-control"]
     # condition kind, batched-CFG half order, split CFG, defaults the front end used before the registry
     facts = {n: (s.condition, s.cond_first, s.split_cfg, s.default_steps, s.default_guidance, s.guidance_scale_is_cfg)
              for n, s in by_name.items()}
@@ -191,6 +191,7 @@ def test_registry_entries_keep_the_families_behaviour():
         "flux": ("prompt", False, False, 20, 3.5, False),
         "digits": ("class", True, True, None, None, True),
         "digits-mmdit": ("prompt", True, True, None, None, False),
+        "digits-mmdit-control": ("prompt", True, True, None, None, False),
     }
     # neither DiTPipeline nor the PixArt pipelines call callback_on_step_end (PixArt swallows it in **kwargs)
     assert by_name["dit"].step_callback is False and by_name["pixart"].step_callback is False
@@ -198,7 +199,7 @@ def test_registry_entries_keep_the_families_behaviour():
     # sizes and evaluation: text families take a size, the digit metrics apply to the digit models only
     assert {n: (s.takes_size, s.digit_metrics, s.eval_samples) for n, s in by_name.items()} == {
         "dit": (False, False, 8), "pixart": (True, False, 8), "sd3": (True, False, 8), "flux": (True, False, 8),
-        "digits": (False, True, 100), "digits-mmdit": (False, True, 90)}
+        "digits": (False, True, 100), "digits-mmdit": (False, True, 90), "digits-mmdit-control": (False, True, 90)}
     # the DiT transformer answers with the first family that names it; both agree on its unit layout
     assert spec_for_transformer(_named("DiTTransformer2DModel")()).name == "dit"
     assert by_name["dit"].unit_layout() == by_name["digits"].unit_layout()
