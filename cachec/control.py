@@ -113,6 +113,18 @@ def prompt_of(condition: str) -> str:
     return split_condition(condition)[0]
 
 
+def held_out_condition(condition) -> bool:
+    """Whether a condition names a ``held-out`` mask or a held-out prompt (:func:`cachec.digit_prompts.prompt_set`):
+    ``cachec calibrate`` refuses those, so a plan is never evaluated on its own calibration masks or prompts."""
+    if not isinstance(condition, str) or "|" not in condition:
+        return False
+    try:
+        prompt, ref = split_condition(condition)
+    except ValueError:
+        return False  # not a control condition: the pipeline refuses it when sampling
+    return (ref is not None and ref[0] == "held-out") or prompt in prompt_set("held-out")
+
+
 def masks_of(refs: Sequence[tuple[str, int]]):
     """Control masks of ``(split, K)`` references: float32 torch (N, 1, 32, 32), 0/1."""
     import torch

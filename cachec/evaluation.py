@@ -64,15 +64,20 @@ def held_out_prompt(prompt: str, driver=None) -> bool:
 
 def check_calibration_conditions(conditions: Sequence, seed: int, n_samples: int, driver=None) -> None:
     """What ``cachec calibrate`` checks so that evaluation stays held out: no prompt of
-    :data:`HELD_OUT_PROMPTS` or of the driver's held-out set (:func:`held_out_prompts`) and seeds
+    :data:`HELD_OUT_PROMPTS` or of the driver's held-out set (:func:`held_out_prompts`), no control condition
+    naming a held-out mask or prompt (:func:`cachec.control.held_out_condition`) and seeds
     ``seed .. seed + n_samples − 1`` inside ``[0, VALIDATION_SEED)``.
 
     Raises:
         ValueError: a held-out prompt (named) or a seed outside that range.
     """
+    from .control import held_out_condition
+
     for c in conditions:
         if isinstance(c, str) and held_out_prompt(c, driver):
             raise ValueError(f"prompt {c!r} is one of cachec eval's held-out prompts: calibrate on other prompts")
+        if held_out_condition(c):
+            raise ValueError(f"condition {c!r} names a held-out control mask or prompt: calibrate on calibration ones")
     if seed < 0 or seed + n_samples > VALIDATION_SEED:
         raise ValueError(f"calibration seeds {seed}..{seed + n_samples - 1} must lie in 0..{VALIDATION_SEED - 1} "
                          f"(validation seeds start at {VALIDATION_SEED}, evaluation seeds at {EVAL_SEED})")
