@@ -103,8 +103,7 @@ def split_condition(condition: str, require_mask: bool = False) -> tuple[str, tu
     prompt, split, k = m.group("prompt"), m.group("split"), int(m.group("k"))
     if split not in MASK_SPLITS or not 0 <= k < 10 * MASKS_PER_CLASS:
         raise ValueError(f"condition {condition!r}: no mask {split}:{k}; write {FORMAT}")
-    if prompt:
-        parse(prompt)
+    parse(prompt)
     return prompt, (split, k)
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .control import BASE, NAME, masks_of, split_condition
+from .control import BASE, NAME, condition_set, masks_of, split_condition
 from .pipeline import DigitsOutput
 from .pipeline_prompt import PromptDigitsPipeline, load_pipeline as load_prompt_pipeline
 from .reference_mmdit import encode, pack, position_ids
@@ -92,11 +92,10 @@ class ControlDigitsPipeline(PromptDigitsPipeline):
     def __init__(self, transformer, scheduler, text_encoder, tokenizer, name: str = NAME):
         super().__init__(transformer, scheduler, text_encoder, tokenizer, name)
 
-    #: the shipped condition sets (``calibration``, ``held-out``; :func:`cachec.control.condition_set`)
     @property
     def prompt_sets(self) -> dict[str, list[str]]:
-        from .control import condition_set
-
+        """The shipped condition sets, ``{"calibration": 30, "held-out": 90 conditions}``
+        (:func:`cachec.control.condition_set`): calibrate's and eval's defaults."""
         return {"calibration": condition_set("calibration"), "held-out": condition_set("held-out")}
 
     @staticmethod
