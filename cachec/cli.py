@@ -155,9 +155,14 @@ def calibrate_merge(files, output):
 @click.option("--sweep", "sweep_range", default=None, help="A family of plans, e.g. 20%..80% (step 10%) or 20%..80%:5%.")
 @click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
               show_default=True, help="cachec = solved schedule; the others are the published baselines.")
-@click.option("--interval", type=click.IntRange(min=1), default=None, help="FORA interval N (fora/eoc-paper/goc-paper).")
-@click.option("--family", type=click.Choice(["free", "step", "group"]), default="free", show_default=True,
-              help="cachec: free per-unit schedules, one shared mask per step, or one mask per group of blocks.")
+@click.option("--interval", type=click.IntRange(min=1), default=None,
+              help="FORA interval N (fora/eoc-paper/goc-paper); cachec --family warmup: interval after the warm-up (default 2).")
+@click.option("--family", type=click.Choice(["free", "step", "group", "warmup"]), default="free", show_default=True,
+              help="cachec: free per-unit schedules, one shared mask per step, one mask per group of blocks, or "
+                   "warm-up + interval steps (TaylorSeer's shape).")
+@click.option("--predictors", type=click.Choice(["fitted", "taylor"]), default="fitted", show_default=True,
+              help="cachec: predictor set (fitted = every candidate by judged error; taylor = reuse or first-order Taylor).")
+@click.option("--no-fill", is_flag=True, help="cachec step/group/warmup: leave the slack of the shared masks unspent.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
               help="cachec --family group: number of contiguous block groups (default 4).")
 @click.option("--max-staleness", type=click.IntRange(min=1), default=None, help="cachec: most consecutive skipped steps.")
@@ -166,8 +171,8 @@ def calibrate_merge(files, output):
               help="Plan YAML (with --sweep: NAME-<percent>.yaml per budget).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and its sidecar name) even if they are not plan files.")
 @friendly
-def plan(calibration, budget, sweep_range, method, interval, family, groups, max_staleness, keep_last, output,
-         overwrite):
+def plan(calibration, budget, sweep_range, method, interval, family, predictors, no_fill, groups, max_staleness,
+         keep_last, output, overwrite):
     """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
     from .planner import load_calibration, sweep
     from .planner.budget import parse_budget, parse_sweep
@@ -181,8 +186,16 @@ def plan(calibration, budget, sweep_range, method, interval, family, groups, max
     options = {}
     if groups is not None and (method != "cachec" or family != "group"):
         raise click.ClickException("--groups is only used with --family group")
+    if interval is not None and method == "cachec" and family != "warmup":
+        raise click.ClickException("--interval is only used by the baselines and by --family warmup")
     if method == "cachec":
         options["family"] = family
+        if predictors != "fitted":
+            options["predictors"] = predictors
+        if no_fill:
+            options["fill"] = False
+        if interval is not None:
+            options["interval"] = interval
         if groups is not None:
             options["groups"] = groups
         if max_staleness is not None:
@@ -232,7 +245,7 @@ def inspect(plan_file, png):
 @click.option("--budget", default="40%", show_default=True, help="FLOPs budget: fraction of a full run's FLOPs.")
 @click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
               show_default=True)
-@click.option("--family", type=click.Choice(["auto", "free", "step", "group"]), default="auto", show_default=True,
+@click.option("--family", type=click.Choice(["auto", "free", "step", "group", "warmup"]), default="auto", show_default=True,
               help="cachec: schedule family; auto = closed-loop choice on validation seeds.")
 @click.option("--samples-per-condition", type=click.IntRange(min=1), default=None,
               help="Calibration samples per condition (default: about 40 samples in all, e.g. 4 per class of 10, "

@@ -3,10 +3,12 @@
 ``cachec compile`` runs it. Every stage writes its file into one output folder, and a re-run reuses
 what is already there (the calibration resumes or is reused when its file exists with the same settings).
 Plan search (``family="auto"``, ``refine=2``, :func:`cachec.refine.search_plan`): the planner solves a
-free per-unit schedule, a step-synchronous one and a block-group one; each is refined twice along its own
-cached trajectory; every one of these plans runs closed-loop on *validation* seeds (disjoint from the
-calibration and evaluation seeds) and the one closest to the uncached output wins (predicted errors rank
-plans of one family, but error propagation can reorder free and structured schedules: docs/planner.md).
+free per-unit schedule, a step-synchronous one, a block-group one and a warm-up + interval one, each with
+the fitted predictors and with the Taylor set; every one of these plans runs closed-loop on *validation*
+seeds (disjoint from the calibration and evaluation seeds), the two best are refined twice along their own
+cached trajectories and scored the same way, and the plan closest to the uncached output wins (predicted
+errors rank plans of one family, but error propagation can reorder families and predictor sets:
+docs/planner.md).
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         budget: fraction (0, 1] of a full run's FLOPs.
         out_dir: folder for calib.safetensors, plan.yaml, eval.json and side_by_side.png (created).
         method: planner method (``cachec`` or a baseline).
-        family: ``"free"``, ``"step"``, ``"group"`` or ``"auto"`` (closed-loop choice among them on
-            validation seeds; cachec only).
+        family: ``"free"``, ``"step"``, ``"group"``, ``"warmup"`` or ``"auto"`` (closed-loop choice among
+            them on validation seeds; cachec only).
         samples_per_condition: calibration samples per condition (calibration seeds 0..N−1); None: about 40
             samples in all, ``max(1, round(40 / conditions))`` (4 per class of 10; 1 per prompt of 30).
         eval_per_class: evaluation samples per condition (seeds from :data:`EVAL_SEED`); text models are
@@ -76,8 +78,9 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         resolution: ``(H, W)`` pixels to sample at (pipelines that take a size), default the model's.
         sensitivity: calibration sensitivity method; ``auto``: ``factored`` where ``full`` would be affordable
             (the digit models), else ``chain`` (:func:`cachec.calibrate.sensitivity.resolve`).
-        refine: trajectory refinements per family (:mod:`cachec.refine`); every iterate is a candidate of
-            the closed-loop choice (cachec only; 0 = plans from the uncached calibration only).
+        refine: trajectory refinements of each of the best first-stage candidates (:mod:`cachec.refine`);
+            every iterate is a candidate of the closed-loop choice (cachec only; 0 = plans from the uncached
+            calibration only).
         log: where progress lines go.
 
     Returns:
@@ -89,7 +92,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     from .calibrate.run import calibrate
     from .images import save_png, side_by_side
     from .loading import load_model
-    from .planner import FAMILIES, Planner, load_calibration
+    from .planner import Planner, load_calibration
+    from .refine import SEARCH_FAMILIES
     from .runtime.io import to_jsonable
 
     out = Path(out_dir)
@@ -124,7 +128,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             sensitivity = resolve("auto", len(find_units(driver.transformer)), steps, small="factored")
         calibrate(driver, conditions, output=calib, samples_per_condition=samples_per_condition, steps=steps,
                   guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
-    families = list(FAMILIES) if family == "auto" else [family]
+    families = list(SEARCH_FAMILIES) if family == "auto" else [family]
     cal_opts = dict(conditions=conditions, samples_per_condition=samples_per_condition, steps=steps, guidance=guidance)
 
     def planned(cands):
@@ -147,8 +151,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     conds, seeds = _seeded(spread(eval_conditions, eval_per_class * n_cond), EVAL_SEED)
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")
-    run.result.update(model=driver.name, family=best.family, refine=best.iteration,
-                      candidates=[{"family": c.family, "refine": c.iteration, "path": str(c.path),
+    run.result.update(model=driver.name, family=best.family, refine=best.iteration, predictors=best.predictors,
+                      candidates=[{"family": c.family, "predictors": c.predictors, "refine": c.iteration, "path": str(c.path),
                                    "realised": c.plan.budget.realised, "validation_psnr": c.validation_psnr}
                                   for c in candidates])
     png = save_png(side_by_side(run.reference, run.cached, ncols=eval_per_class), out / "side_by_side.png")

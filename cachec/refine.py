@@ -49,11 +49,14 @@ class Candidate:
     path: Path
     written: Plan
     validation_psnr: float | None = None
+    predictors: str = "fitted"
 
     @property
     def name(self) -> str:
-        """``"{family}/refine{iteration}"``, the key of the closed-loop scores."""
-        return f"{self.family}/refine{self.iteration}"
+        """``"{family}/refine{iteration}"`` (``"{family}+{predictors}/refine{iteration}"`` for a predictor set
+        other than ``fitted``), the key of the closed-loop scores."""
+        tag = self.family if self.predictors == "fitted" else f"{self.family}+{self.predictors}"
+        return f"{tag}/refine{self.iteration}"
 
     def write(self, path: str | Path) -> Plan:
         """Write this plan (and its sidecar, named ``<path stem>.eoc.safetensors``) to ``path`` atomically.
@@ -66,8 +69,8 @@ class Candidate:
         return write_plan(self.plan, path, self.sidecar or None)
 
 
-def _candidate(family: str, iteration: int, plan: Plan, sidecar: dict, path: Path) -> Candidate:
-    return Candidate(family, iteration, plan, sidecar, path, write_plan(plan, path, sidecar or None))
+def _candidate(family: str, iteration: int, plan: Plan, sidecar: dict, path: Path, predictors: str = "fitted") -> Candidate:
+    return Candidate(family, iteration, plan, sidecar, path, write_plan(plan, path, sidecar or None), predictors=predictors)
 
 
 def refined_plans(driver, calibration: str | Path, budget: float, *, family: str, iterations: int,
@@ -103,7 +106,9 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    tag = f"{family}-{round(1000 * budget)}"
+    plan_options = dict(plan_options or {})
+    pset = plan_options.get("predictors", "fitted") if isinstance(plan_options.get("predictors", "fitted"), str) else "fitted"
+    tag = f"{family}-{round(1000 * budget)}" + ("" if pset == "fitted" else f"-{pset}")
     options = dict(calibrate_options)
     conditions = options.pop("conditions")
     options.update(sensitivity="none", progress=False, restart=True)
@@ -112,10 +117,10 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
     for k in range(int(iterations) + 1):
         if k or planner is None:
             planner = Planner(load_calibration(str(cal_path)))
-        plan, side = planner.plan(budget, method, family=family, **(plan_options or {}))
+        plan, side = planner.plan(budget, method, family=family, **plan_options)
         if k:
             plan.budget.options["refine"] = k
-        cand = _candidate(family, k, plan, side, work / f"plan-{tag}-r{k}.yaml")
+        cand = _candidate(family, k, plan, side, work / f"plan-{tag}-r{k}.yaml", predictors=pset)
         out.append(cand)
         if k == iterations:
             break
@@ -152,12 +157,28 @@ class Search:
     validation: tuple[list, list[int]] | None
 
 
+#: schedule families of the plan search: the DP families and the peer-shaped ``warmup`` family
+SEARCH_FAMILIES = FAMILIES + ("warmup",)
+#: predictor sets of the plan search (:data:`cachec.planner.error_model.PREDICTOR_SETS`)
+SEARCH_PREDICTORS = ("fitted", "taylor")
+#: candidates of the first stage refined along their own trajectories
+REFINE_TOP = 2
+
+
 def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str | Path, calibrate_options: dict,
-                validation, families: Sequence[str] = FAMILIES, iterations: int = 2, method: str = "cachec",
-                planner=None, log: Callable[[str], None] | None = None,
+                validation, families: Sequence[str] = SEARCH_FAMILIES,
+                predictor_sets: Sequence[str] = SEARCH_PREDICTORS, iterations: int = 2, refine_top: int = REFINE_TOP,
+                method: str = "cachec", planner=None, log: Callable[[str], None] | None = None,
                 planned: Callable[[list[Candidate]], None] | None = None) -> Search:
-    """cachec's plan search: every schedule family, each refined ``iterations`` times along its own cached
-    trajectory (:func:`refined_plans`), and the candidate closest to uncached sampling on validation seeds.
+    """cachec's plan search (docs/planner.md, "The plan search"), in two stages.
+
+    1. Every (family, predictor set) plan from the uncached calibration (no refinement), scored closed-loop
+       on the validation seeds: ``len(families) * len(predictor_sets)`` validation runs.
+    2. The ``refine_top`` best of them refined ``iterations`` times along their own cached trajectories
+       (:func:`refined_plans`: one trajectory calibration per iterate), the iterates scored the same way:
+       ``refine_top * iterations`` more validation runs and trajectory calibrations.
+
+    The candidate closest to uncached sampling over both stages wins (ties: the earlier one).
 
     Args:
         driver: the loaded model (:func:`cachec.loading.load_model`).
@@ -167,42 +188,66 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         calibrate_options: as :func:`refined_plans`.
         validation: ``(conditions, seeds)`` of the closed-loop choice (disjoint from the calibration and
             evaluation seeds), or a function returning them; only used with more than one candidate.
-        families: schedule families to solve (``cachec`` only).
-        iterations: refinements per family, >= 0 (``cachec`` only).
+        families: schedule families to solve (``cachec`` only; :data:`SEARCH_FAMILIES`).
+        predictor_sets: names of :data:`cachec.planner.error_model.PREDICTOR_SETS` (``cachec`` only).
+        iterations: refinements of each refined candidate, >= 0 (``cachec`` only).
+        refine_top: how many first-stage candidates are refined (>= 0).
         method: ``cachec``, or a baseline method (then one candidate, ``workdir/plan.yaml``, no refinement).
         planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse (as :func:`refined_plans`).
         log: progress printer of the refinements.
-        planned: called with the candidates once all are written, before the closed-loop choice runs.
+        planned: called with the first-stage candidates once all are written, before they are scored.
     Returns:
         :class:`Search`; with a single candidate it is the best one and no validation sampling runs.
     Raises:
         ValueError: as :func:`refined_plans`, the planner and :func:`cachec.evaluation.choose_plan` raise.
     """
-    if method == "cachec":
-        cands: list[Candidate] = []
-        for fam in families:
-            cands += refined_plans(driver, calibration, budget, family=fam, iterations=iterations, workdir=workdir,
-                                   calibrate_options=calibrate_options, planner=planner, log=log)
-    else:
+    if method != "cachec":
         from .planner import Planner, load_calibration
 
         planner = planner or Planner(load_calibration(str(calibration)))
         plan, side = planner.plan(budget, method)
         cands = [_candidate(method, 0, plan, side, Path(workdir) / "plan.yaml")]
+        if planned:
+            planned(cands)
+        return Search(cands[0], cands, None)
+    if planner is None:
+        from .planner import Planner, load_calibration
+
+        planner = Planner(load_calibration(str(calibration)))
+    cands: list[Candidate] = []
+    for fam in families:
+        for pset in predictor_sets:
+            cands += refined_plans(driver, calibration, budget, family=fam, iterations=0, workdir=workdir,
+                                   calibrate_options=calibrate_options, planner=planner,
+                                   plan_options={"predictors": pset})
     if planned:
         planned(cands)
-    if len(cands) == 1:
+    if len(cands) == 1 and not (iterations and refine_top):
         return Search(cands[0], cands, None)
     vconds, vseeds = validation() if callable(validation) else validation
-    return Search(choose(driver, cands, vconds, vseeds), cands, (list(vconds), list(vseeds)))
+    best = choose(driver, cands, vconds, vseeds)
+    if iterations and refine_top:
+        ranked = sorted(cands, key=lambda c: -c.validation_psnr)[:int(refine_top)]
+        more: list[Candidate] = []
+        for c in ranked:
+            more += refined_plans(driver, calibration, budget, family=c.family, iterations=iterations, workdir=workdir,
+                                  calibrate_options=calibrate_options, planner=planner, log=log,
+                                  plan_options={"predictors": c.predictors})[1:]
+        choose(driver, more, vconds, vseeds)
+        cands += more
+        top = max(c.validation_psnr for c in cands)
+        best = next(c for c in cands if c.validation_psnr == top)
+    return Search(best, cands, (list(vconds), list(vseeds)))
 
 
 def replan_options(options: dict) -> dict:
-    """The planner options to pass again when rebuilding a plan from its ``budget.options``: ``fill`` (absent
-    means False: plans made before the budget fill record nothing) and ``mask`` when recorded."""
+    """The planner options to pass again when rebuilding a plan from its ``budget.options``: every recorded
+    solver option (``groups``, ``max_staleness``, ``keep_last``, ``ridge``, ``predictors``, ``mask``,
+    ``interval``) and ``fill`` (absent means False: plans made before the budget fill record nothing)."""
     out = {"fill": bool(options.get("fill", False))}
-    if options.get("mask") is not None:
-        out["mask"] = list(options["mask"])
+    for key in ("groups", "max_staleness", "keep_last", "ridge", "predictors", "mask", "interval"):
+        if options.get(key) is not None:
+            out[key] = options[key]
     return out
 
 

@@ -11,14 +11,14 @@ Public API:
 """
 
 from .calibration import Calibration, CalibrationError, load_calibration
-from .error_model import PREDICTORS, ErrorModel, schedule_error, segment_table
+from .error_model import PREDICTOR_SETS, PREDICTORS, ErrorModel, schedule_error, segment_table
 from .plan import METHODS, Planner, build_plan, make_plan, sweep
 from .schedule import Schedule, realised_fraction
 from .solver import FAMILIES, minimum_budget, solve
 from .synthetic import calibration_from_features, synthetic_calibration
 
 __all__ = [
-    "Calibration", "CalibrationError", "load_calibration", "PREDICTORS", "ErrorModel", "schedule_error",
+    "Calibration", "CalibrationError", "load_calibration", "PREDICTOR_SETS", "PREDICTORS", "ErrorModel", "schedule_error",
     "segment_table", "METHODS", "Planner", "build_plan", "make_plan", "sweep", "Schedule",
     "realised_fraction", "FAMILIES", "minimum_budget", "solve", "calibration_from_features",
     "synthetic_calibration",

@@ -34,6 +34,27 @@ from .schedule import Schedule
 #: candidate predictors of a skipped step s with anchors p (last computed) and q (the one before)
 PREDICTORS = ("reuse", "scale", "eoc", "goc", "taylor", "ls2")
 REUSE, SCALE, EOC, GOC, TAYLOR, LS2 = range(len(PREDICTORS))
+#: named predictor sets of the plan search (docs/planner.md, "Predictor sets"): ``fitted`` = every candidate,
+#: chosen per (unit, step) by the judged error; ``taylor`` = plain reuse or the first-order Taylor forecast
+#: only (TaylorSeer's / SeaCache's predictor), which the closed loop often prefers: the fitted coefficients
+#: are fitted on uncached trajectories and extrapolate worse from perturbed anchors
+PREDICTOR_SETS = {"fitted": PREDICTORS, "taylor": ("reuse", "taylor")}
+
+
+def resolve_predictors(predictors) -> tuple[str, ...]:
+    """A predictor set given by name (a key of :data:`PREDICTOR_SETS`) or as names of :data:`PREDICTORS`.
+
+    Raises:
+        ValueError: an unknown set name.
+    """
+    if isinstance(predictors, str):
+        if predictors not in PREDICTOR_SETS:
+            raise ValueError(f"predictors: unknown set {predictors!r}; known: {sorted(PREDICTOR_SETS)} "
+                         f"or a list of {list(PREDICTORS)}")
+        return tuple(PREDICTOR_SETS[predictors])
+    return tuple(predictors)
+
+
 #: predictors that need the second anchor q
 NEEDS_Q = (GOC, TAYLOR, LS2)
 

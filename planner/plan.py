@@ -16,15 +16,61 @@ from cachec.runtime.plan import (
 
 from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
-from .error_model import PREDICTORS, ErrorModel, SegmentTable, schedule_error, segment_table
+from .error_model import PREDICTORS, ErrorModel, SegmentTable, resolve_predictors, schedule_error, segment_table
 from .schedule import Schedule, realised_fraction, round_sig
 from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, frontier, group_costs, solve
+
+#: families whose computed steps follow a peer's schedule shape instead of the DP: ``warmup`` = TaylorSeer's
+#: and SeaCache's realised shape (the first W steps computed, then every ``interval``-th; W as large as the
+#: budget allows; by default the smallest interval that fits), run step-synchronously with cachec's
+#: predictors and the budget fill
+SHAPED_FAMILIES = ("warmup",)
+def warmup_mask(cal: Calibration, budget: float, interval: int | None, max_staleness: int, keep_last: int = 0
+                ) -> tuple[list[int], dict]:
+    """Computed steps of the ``warmup`` family: steps 0..W-1, then every ``interval``-th step after W-1, and
+    the last ``keep_last`` steps, with the largest warm-up W whose step-synchronous FLOPs fit ``budget``.
+
+    Args:
+        interval: N >= 1, or None: the smallest N (2, 3, ...) at which W = 1 fits the budget (the densest
+            sampling after the warm-up, then as long a warm-up as the budget allows).
+    Returns:
+        ``(steps, {"interval": N, "warmup": W})``.
+    Raises:
+        ValueError: interval < 1 or above ``max_staleness + 1``, or not even W = 1 fits the budget.
+    """
+    S = cal.steps
+    if interval is None:
+        for n in range(2, max_staleness + 2):
+            try:
+                return warmup_mask(cal, budget, n, max_staleness, keep_last)
+            except ValueError:
+                continue
+        interval = max_staleness + 1
+    if interval < 1 or interval > max_staleness + 1:
+        raise ValueError(f"interval must be in 1..max_staleness+1 = {max_staleness + 1}, got {interval}")
+
+    def steps_of(W):
+        c = set(range(W)) | set(range(W - 1 + interval, S, interval)) | set(range(S - keep_last, S))
+        return sorted(c)
+
+    def fraction(c):
+        return (S * cal.fixed_step_flops + len(c) * float(np.sum(cal.unit_flops))) / (S * cal.full_step_flops)
+
+    best = None
+    for W in range(1, S + 1):
+        c = steps_of(W)
+        if fraction(c) <= budget * (1 + 1e-12):
+            best = (c, W)
+    if best is None:
+        raise ValueError(f"budget {budget:.6g} is below the warmup family's minimum "
+                         f"{fraction(steps_of(1)):.6g} at interval {interval}; raise the budget or the interval")
+    return best[0], {"interval": int(interval), "warmup": int(best[1])}
 
 METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
 DEFAULT_MAX_STALENESS = 8
 
 _METHOD_OPTIONS = {
-    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask"},
+    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask", "interval"},
     "fora": {"interval"},
     "eoc-paper": {"interval", "alpha"},
     "goc-paper": {"interval", "lam"},
@@ -42,35 +88,55 @@ def _version() -> str:
 
 
 class Planner:
-    """Plans for one calibration, caching the error model, segment tables and frontiers across budgets.
+    """Plans for one calibration, caching error models, segment tables and frontiers across budgets.
 
     Args:
         cal: the calibration.
-        ridge: relative ridge of the fitted predictors (see :class:`ErrorModel`).
-        predictors: candidate predictors of the cachec solver (names from ``PREDICTORS``).
+        ridge: default relative ridge of the fitted predictors (see :class:`ErrorModel`).
+        predictors: default candidate predictors of the cachec solver (names from ``PREDICTORS``); a plan
+            may ask for another set with the ``predictors`` option (e.g. :data:`PREDICTOR_SETS` ``taylor``).
     """
 
     def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
         self.cal = cal
-        self.model = ErrorModel(cal, ridge=ridge, predictors=predictors)
-        self._tables: dict[int, SegmentTable] = {}
+        self.model = ErrorModel(cal, ridge=ridge, predictors=resolve_predictors(predictors))
+        self._models: dict[tuple, ErrorModel] = {(self.model.ridge, tuple(self.model.predictors)): self.model}
+        self._tables: dict[tuple, SegmentTable] = {}
         self._fronts: dict[tuple, Frontier] = {}
 
-    def table(self, max_staleness: int) -> SegmentTable:
-        """Segment costs for ``max_staleness`` (computed once)."""
+    def error_model(self, predictors=None, ridge: float | None = None) -> ErrorModel:
+        """The error model with these predictors and ridge (the defaults when None; built once).
+
+        Raises:
+            ValueError: an unknown predictor name or a negative ridge.
+        """
+        preds = tuple(self.model.predictors) if predictors is None else resolve_predictors(predictors)
+        r = self.model.ridge if ridge is None else float(ridge)
+        key = (r, preds)
+        if key not in self._models:
+            self._models[key] = ErrorModel(self.cal, ridge=r, predictors=preds)
+        return self._models[key]
+
+    def table(self, max_staleness: int, model: ErrorModel | None = None) -> SegmentTable:
+        """Segment costs for ``max_staleness`` under ``model`` (default :attr:`model`; computed once)."""
+        model = model or self.model
         K = int(min(max_staleness, self.cal.steps - 1))
-        if K not in self._tables:
-            self._tables[K] = segment_table(self.model, K)
-        return self._tables[K]
+        key = (K, model.ridge, tuple(model.predictors))
+        if key not in self._tables:
+            self._tables[key] = segment_table(model, K)
+        return self._tables[key]
 
     def groups(self, n_groups: int):
         """(U,) group ids of the ``group`` family with ``n_groups`` block groups (:func:`block_groups`)."""
         return block_groups(self.cal.unit_names, n_groups)
 
-    def frontier(self, max_staleness: int, keep_last: int, family: str, n_groups: int = DEFAULT_GROUPS) -> Frontier:
+    def frontier(self, max_staleness: int, keep_last: int, family: str, n_groups: int = DEFAULT_GROUPS,
+                 model: ErrorModel | None = None) -> Frontier:
         """Frontier of the DP for the table, ``keep_last`` and family (computed once)."""
-        tab = self.table(max_staleness)
-        key = (tab.max_staleness, int(keep_last), family, int(n_groups) if family == "group" else 0)
+        model = model or self.model
+        tab = self.table(max_staleness, model)
+        key = (tab.max_staleness, int(keep_last), family, int(n_groups) if family == "group" else 0,
+               model.ridge, tuple(model.predictors))
         if key not in self._fronts:
             if family == "step":
                 cost = tab.cost.sum(axis=0, keepdims=True)
@@ -80,6 +146,11 @@ class Planner:
                 cost = tab.cost
             self._fronts[key] = frontier(cost, int(keep_last))
         return self._fronts[key]
+
+    def _model_for(self, method: str, options: dict) -> ErrorModel:
+        if method != "cachec":
+            return self.model
+        return self.error_model(options.get("predictors"), options.get("ridge"))
 
     def schedule(self, budget: float | None, method: str = "cachec", **options) -> Schedule:
         """The schedule of ``method`` at ``budget`` (see :func:`make_plan` for the options).
@@ -99,8 +170,8 @@ class Planner:
             if budget is None:
                 raise ValueError("method 'cachec' needs a budget")
             family = options.get("family", "free")
-            if family not in FAMILIES:
-                raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+            if family not in FAMILIES + SHAPED_FAMILIES:
+                raise ValueError(f"family must be one of {FAMILIES + SHAPED_FAMILIES}, got {family!r}")
             K = int(options.get("max_staleness", DEFAULT_MAX_STALENESS))
             keep_last = int(options.get("keep_last", 0))
             if K < 0 or keep_last < 0:
@@ -110,13 +181,26 @@ class Planner:
                 raise ValueError(f"option groups is only used by family 'group', not {family!r}")
             if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)) or n_groups < 1:
                 raise ValueError(f"groups must be an int >= 1, got {n_groups!r}")
+            model = self._model_for(method, options)
+            fill = bool(options.get("fill", True))
+            if "interval" in options and family != "warmup":
+                raise ValueError(f"option interval is only used by family 'warmup', not {family!r}")
+            mask, extra = options.get("mask"), {}
+            if family == "warmup":
+                if mask is not None:
+                    raise ValueError("family 'warmup' makes its own mask; use family 'step' for a given mask")
+                iv = options.get("interval")
+                mask, extra = warmup_mask(cal, float(budget), None if iv is None else int(iv), K, keep_last)
             sched = solve(
-                self.table(K), cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops, float(budget),
-                family=family, keep_last=keep_last, front=self.frontier(K, keep_last, family, n_groups),
-                groups=self.groups(n_groups) if family == "group" else None,
-                fill=bool(options.get("fill", True)), mask=options.get("mask"),
+                self.table(K, model), cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops, float(budget),
+                family="step" if family == "warmup" else family, keep_last=keep_last,
+                front=None if mask is not None else self.frontier(K, keep_last, family, n_groups, model),
+                groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask,
             )
-            sched.options.update(ridge=self.model.ridge, predictors=list(self.model.predictors))
+            if family == "warmup":
+                sched.options.pop("mask")
+                sched.options.update(family="warmup", **extra)
+            sched.options.update(ridge=model.ridge, predictors=list(model.predictors))
             return sched
         if method == "uniform":
             if budget is None:
@@ -138,7 +222,7 @@ class Planner:
     def plan(self, budget: float | None, method: str = "cachec", **options) -> tuple[Plan, dict[str, np.ndarray]]:
         """``(plan, sidecar)`` of ``method`` at ``budget``; see :func:`make_plan`."""
         sched = self.schedule(budget, method, **options)
-        return build_plan(self.cal, self.model, sched, method, budget)
+        return build_plan(self.cal, self._model_for(method, options), sched, method, budget)
 
 
 def sidecar_arrays(cal: Calibration, schedule: Schedule) -> dict[str, np.ndarray]:
@@ -251,7 +335,8 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
         budget: fraction (0, 1] of a full run's FLOPs, fixed (never-cached) FLOPs included; may be None
             for FORA-based methods with an explicit ``interval``.
         method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
-        ridge, predictors: error-model options (cachec's fitted predictors).
+        ridge, predictors: error-model options (cachec's candidate predictors: names of ``PREDICTORS`` or a
+            set name of ``PREDICTOR_SETS``; also accepted per plan as options).
         **options: cachec: ``family`` ("free" | "step" | "group"), ``groups`` (block groups of the
             ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0),
             ``fill`` (default True: the step/group families add single unit computes into the FLOPs their

@@ -353,6 +353,49 @@ def test_step_mask_option_runs_the_given_steps():
         planner.schedule(1.0, "cachec", family="free", mask=[0, 2])
 
 
+def test_warmup_family_and_predictor_sets(synth_planner, synth):
+    """The warm-up + interval family (TaylorSeer's shape): the first W steps, then every N-th, W as large as the
+    budget allows before the fill; the Taylor predictor set only ever uses reuse or the Taylor forecast."""
+    from cachec.planner.error_model import resolve_predictors
+
+    S = synth.steps
+    total = float(synth.unit_flops.sum())
+    for budget, N in ((0.6, 2), (0.6, 3), (0.4, 3)):
+        plain = synth_planner.schedule(budget, "cachec", family="warmup", interval=N, fill=False)
+        W = plain.options["warmup"]
+        want = sorted(set(range(W)) | set(range(W - 1 + N, S, N)))
+        assert (plain.compute == plain.compute[0]).all() and np.flatnonzero(plain.compute[0]).tolist() == want
+        frac = lambda n: (S * synth.fixed_step_flops + n * total) / (S * synth.full_step_flops)  # noqa: E731
+        assert frac(len(want)) <= budget
+        bigger = set(range(W + 1)) | set(range(W + N, S, N))
+        assert frac(len(bigger)) > budget  # W is the largest warm-up that fits
+        filled, _ = synth_planner.plan(budget, "cachec", family="warmup", interval=N)
+        assert budget - 0.01 <= filled.budget.realised <= budget
+        assert filled.budget.options["family"] == "warmup" and filled.budget.options["interval"] == N
+    with pytest.raises(ValueError, match="interval must be in"):
+        synth_planner.schedule(0.5, "cachec", family="warmup", interval=20)
+    with pytest.raises(ValueError, match="warmup family's minimum"):
+        synth_planner.schedule(0.4, "cachec", family="warmup", interval=2)  # 10 of 20 steps at least
+    auto = synth_planner.schedule(0.4, "cachec", family="warmup")  # the smallest interval that fits: 3
+    assert auto.options["interval"] == 3
+    with pytest.raises(ValueError, match="warmup family's minimum"):
+        synth_planner.schedule(0.12, "cachec", family="warmup")
+    with pytest.raises(ValueError, match="makes its own mask"):
+        synth_planner.schedule(0.5, "cachec", family="warmup", mask=[0, 2])
+    with pytest.raises(ValueError, match="only used by family 'warmup'"):
+        synth_planner.schedule(0.5, "cachec", family="free", interval=2)
+    taylor, _ = synth_planner.plan(0.4, "cachec", family="step", predictors="taylor")
+    assert taylor.budget.options["predictors"] == ["reuse", "taylor"]
+    comps = [c for u in taylor.units for c in u.compensation.values()]
+    assert comps and all(c.eoc_alpha == 0.0 for c in comps)
+    assert all(c.coeffs == [1.0] or (len(c.coeffs) == 2 and abs(sum(c.coeffs) - 1.0) < 1e-7) for c in comps)
+    assert any(len(c.coeffs) == 2 for c in comps)  # the Taylor forecast is used somewhere
+    fitted, _ = synth_planner.plan(0.4, "cachec", family="step")
+    assert fitted.budget.options["predictors"] == list(resolve_predictors("fitted"))
+    with pytest.raises(ValueError, match="unknown set 'bogus'"):
+        synth_planner.plan(0.4, "cachec", predictors="bogus")
+
+
 def test_block_groups_hand_cases():
     names = [f"transformer_blocks.{i}.{b}" for i in range(5) for b in ("attn1", "ff")]
     assert block_groups(names, 2).tolist() == [0] * 6 + [1] * 4  # 5 blocks -> 3 + 2

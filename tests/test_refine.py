@@ -59,7 +59,8 @@ def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
 
     seen = []
     search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=validation,
-                         families=("free", "step"), iterations=0, planned=lambda cands: seen.append(len(cands)))
+                         families=("free", "step"), predictor_sets=("fitted",), iterations=0,
+                         planned=lambda cands: seen.append(len(cands)))
     assert [c.name for c in search.candidates] == ["free/refine0", "step/refine0"] and seen == [2] and asked == [1]
     assert search.validation == ([5, 6, 7], [100, 101, 102])
     assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
@@ -79,3 +80,27 @@ def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
                        method="fora")
     assert [c.name for c in fora.candidates] == ["fora/refine0"] and fora.validation is None and asked == [1]
     assert fora.best.path == tmp_path / "f" / "plan.yaml" and fora.best.validation_psnr is None
+
+
+def test_two_stage_search_refines_the_best_first_stage_candidates(tiny_digits, base, tmp_path):
+    """Stage 1 scores every (family, predictor set) plan; stage 2 refines the ``refine_top`` best of them; the
+    winner is the best score of both stages, and a refined Taylor-set warm-up plan is rebuilt from its options."""
+    val = ([5, 6, 7], [100, 101, 102])
+    search = search_plan(tiny_digits, base, 0.5, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
+                         families=("free", "warmup"), predictor_sets=("fitted", "taylor"), iterations=1, refine_top=1)
+    first = search.candidates[:4]
+    assert [c.name for c in first] == ["free/refine0", "free+taylor/refine0", "warmup/refine0", "warmup+taylor/refine0"]
+    top = max(first, key=lambda c: c.validation_psnr)
+    refined = search.candidates[4:]
+    assert [(c.family, c.predictors, c.iteration) for c in refined] == [(top.family, top.predictors, 1)]
+    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    for c in search.candidates:
+        opts = c.plan.budget.options
+        assert opts["predictors"] == (["reuse", "taylor"] if c.predictors == "taylor" else
+                                      ["reuse", "scale", "eoc", "goc", "taylor", "ls2"])
+        if c.family == "warmup":
+            assert opts["interval"] == 3 and opts["warmup"] >= 1 and opts["fill"] is True  # 6 steps: 2 needs > 50 %
+    # rebuilding the refined candidate from the uncached calibration and its recorded options
+    r = refined[0]
+    again, _ = replan(tiny_digits, base, 0.5, r.plan.budget.options, tmp_path / "again", OPTS)
+    assert [u.actions for u in again.units] == [u.actions for u in r.plan.units]

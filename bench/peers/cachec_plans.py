@@ -88,9 +88,10 @@ def _planner(ctx: BenchContext):
 
 def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tuple[object, dict, dict]:
     """cachec's shipped procedure (``cachec compile``, :func:`cachec.refine.search_plan`): solve every
-    schedule family, refine each ``ctx.refine`` times along its own cached trajectory (on the calibration
-    samples), keep the plan closest to uncached sampling on validation seeds (``VALIDATION_SEED``, disjoint
-    from the calibration and evaluation seeds). Candidates are written under ``<path stem>-candidates/``.
+    schedule family with every predictor set, refine the best two ``ctx.refine`` times along their own cached
+    trajectories (on the calibration samples), keep the plan closest to uncached sampling on validation seeds
+    (``VALIDATION_SEED``, disjoint from the calibration and evaluation seeds). Candidates are written under
+    ``<path stem>-candidates/``.
 
     Returns:
         ``(plan, sidecar, {"chosen", "refine", "validation_psnr_db", "validation_images"})``: the chosen
@@ -137,8 +138,9 @@ class PlanMethod(Method):
             self.group = "planner baseline"
         self.settings = {"planner_method": method, **options}
         if choose_family:
-            self.settings["family"] = ("free/step/group, each refined along its own trajectory, chosen closed-loop on "
-                                       "validation seeds (as cachec compile does)")
+            self.settings["family"] = ("free/step/group/warmup x fitted/taylor predictors, the best two refined along "
+                                       "their own trajectories, chosen closed-loop on validation seeds (as cachec "
+                                       "compile does: cachec.refine.search_plan)")
 
     def prepare(self, ctx: BenchContext) -> None:
         _planner(ctx)
@@ -158,7 +160,10 @@ class PlanMethod(Method):
         tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.name}-{p}").strip("-")
         path = Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml"
         if self.choose_family:
-            plan, side, choice = choose_family(ctx, planner, float(p), path)
+            key = ("chosen plan", float(p))  # the headline confirmation runs the same point again
+            if key not in ctx.cache:
+                ctx.cache[key] = choose_family(ctx, planner, float(p), path)
+            plan, side, choice = ctx.cache[key]
             session = PlanSession(ctx, plan, side, path)
             session.info["family_choice"] = choice
             return session
