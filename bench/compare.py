@@ -51,7 +51,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
-from bench.compare_report import TABLE_BUDGETS, at_budget, fmt, headline, write_markdown, write_plot  # noqa: E402
+from bench.compare_report import (TABLE_BUDGETS, at_budget, fmt, headline, iso_quality, write_markdown,  # noqa: E402
+                                  write_plot)
 from bench.compare_sweeps import Config, log, run_config, run_point  # noqa: E402
 from cachec.runtime.io import to_jsonable  # noqa: E402
 
@@ -94,6 +95,9 @@ def parse_args(argv=None):
                          "on the reference and on every method's first point; torch: count_flops everywhere (≈2× slower)")
     ap.add_argument("--refine", type=int, default=None,
                     help="trajectory refinements per family in cachec's plan search (default 1; quick 0)")
+    ap.add_argument("--confirm-images", type=int, default=None,
+                    help="re-measure the headline's points (cachec and the best peer at each budget) on this many "
+                         "images for narrower paired intervals (default 100; quick 0 = off)")
     ap.add_argument("--families", action="store_true",
                     help="also one line per cachec schedule family (free, step, group) besides the closed-loop choice")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 10 images, few points, no adaptive sweep")
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
                         "machine": platform.machine()},
         "options": {"flop_counter": args.flop_counter, "per_class": per_class, "cal_per_class": cal_per_class, "batch_size": args.batch_size,
                     "sensitivity": sensitivity, "quick": args.quick, "table_budgets": list(TABLE_BUDGETS),
-                    "refine": args.refine if args.refine is not None else (0 if args.quick else 1)},
+                    "refine": args.refine if args.refine is not None else (0 if args.quick else 1),
+                    "confirm_images": args.confirm_images if args.confirm_images is not None else (0 if args.quick else 100)},
         "configs": configs,
         "seconds": time.perf_counter() - t_all,
     }
@@ -240,10 +245,12 @@ def run_configs(args, plan_list, out_dir, per_class, cal_per_class, sensitivity)
                              args.sensitivity_samples)
                 cfg.counter = args.flop_counter
                 cfg.ctx.refine = args.refine if args.refine is not None else (0 if args.quick else 1)
+                cfg.confirm_images = args.confirm_images if args.confirm_images is not None else (0 if args.quick else 100)
                 methods = peers.all_methods(steps, quick=args.quick, families=args.families,
                                             only=args.methods.split(",") if args.methods else None)
                 res = run_config(cfg, methods, args.quick, args.max_extra, progress)
                 res["headline"] = headline(res)
+                res["iso_quality"] = iso_quality(res)
                 configs.append(res)
     partial.unlink(missing_ok=True)
     return configs

@@ -120,11 +120,10 @@ def paired_margin(mine: dict, theirs: dict) -> tuple[float, float | None, float 
                              [_num(v) for v in theirs["psnr_db_per_image"]], cap=PSNR_CAP)
 
 
-def headline(cfg_res: dict) -> dict:
-    """cachec vs the best peer at each table budget by the frontier rule (:func:`frontier_point` on both
-    sides): ``margin_db`` is the mean per-image PSNR difference with its paired 95 % bootstrap interval
-    ``margin_ci_low``/``margin_ci_high``; ``verdict`` is ``ahead`` / ``behind`` when the interval excludes 0,
-    else ``tie``. ``best_peer`` is the peer whose frontier point has the highest mean PSNR."""
+def headline_pairs(cfg_res: dict) -> dict:
+    """``{budget key: (cachec point, (best peer name, its point))}`` by the frontier rule at each table budget
+    (either side None when it has no point there); the peer is the one whose frontier point has the highest
+    mean PSNR on the sweep's images."""
     out = {}
     ours = next((e for e in cfg_res["methods"] if e["method"] == "cachec"), None)
     for b in TABLE_BUDGETS:
@@ -136,6 +135,32 @@ def headline(cfg_res: dict) -> dict:
             r = frontier_point(e, b)
             if r is not None and (best is None or _num(r["psnr_db"]) > _num(best[1]["psnr_db"])):
                 best = (e["method"], r)
+        out[f"{b:.2f}"] = (mine, best)
+    return out
+
+
+def confirmed(cfg_res: dict, method: str, label: str) -> dict | None:
+    """The re-measurement of ``method``'s point ``label`` on the confirmation images, if the run made one
+    (``cfg_res["confirmation"]["points"]``, see :func:`bench.compare_sweeps.confirm_headline`)."""
+    conf = cfg_res.get("confirmation") or {}
+    return next((r for r in conf.get("points", []) if r["method"] == method and r["label"] == label
+                 and "error" not in r and r.get("psnr_db_per_image")), None)
+
+
+def headline(cfg_res: dict) -> dict:
+    """cachec vs the best peer at each table budget by the frontier rule (:func:`headline_pairs`):
+    ``margin_db`` is the mean per-image PSNR difference with its paired 95 % bootstrap interval
+    ``margin_ci_low``/``margin_ci_high``; ``verdict`` is ``ahead`` / ``behind`` when the interval excludes 0,
+    else ``tie``. The points are chosen on the sweep's images; when the run re-measured both on more images
+    (``confirmation``), the margin, interval and PSNRs are those of the re-measurement, and ``images`` says
+    how many images the margin is over."""
+    out = {}
+    for key, (mine, best) in headline_pairs(cfg_res).items():
+        b = float(key)
+        if mine and best:
+            cm, cp = confirmed(cfg_res, "cachec", mine["label"]), confirmed(cfg_res, best[0], best[1]["label"])
+            if cm and cp:
+                mine, best = cm, (best[0], cp)
         h = {"rule": f"best real point at <= {b:.1%} + {FRONTIER_SLACK:.1%} FLOPs",
              "cachec_psnr": _num(mine["psnr_db"]) if mine else None,
              "cachec_flops": mine["flops_fraction"] if mine else None,
@@ -147,9 +172,49 @@ def headline(cfg_res: dict) -> dict:
              "margin_db": None, "margin_ci_low": None, "margin_ci_high": None, "verdict": None}
         if mine and best and mine.get("psnr_db_per_image") and best[1].get("psnr_db_per_image"):
             m, lo, hi = paired_margin(mine, best[1])
-            h.update(margin_db=m, margin_ci_low=lo, margin_ci_high=hi,
+            h.update(margin_db=m, margin_ci_low=lo, margin_ci_high=hi, images=len(mine["psnr_db_per_image"]),
                      verdict="tie" if lo is None else "ahead" if lo > 0 else "behind" if hi < 0 else "tie")
-        out[f"{b:.2f}"] = h
+        out[key] = h
+    return out
+
+
+#: budgets of the iso-quality table
+ISO_BUDGETS = (0.40, 0.60)
+
+
+def iso_quality(cfg_res: dict) -> dict:
+    """FLOPs cachec needs to match the headline's best peer at each of :data:`ISO_BUDGETS`.
+
+    cachec's PSNR between its measured points is interpolated linearly in realised FLOPs (its sweep is the
+    table budgets); the needed FLOPs is the smallest fraction where that line reaches the peer's mean PSNR
+    (sweep images). ``how`` is ``interp`` (between two measured points), ``at most`` (cachec's lowest point
+    already beats the peer: the fraction is an upper bound) or ``not reached`` (above cachec's highest point).
+
+    Returns:
+        ``{budget key: {"peer", "peer_psnr", "peer_flops", "cachec_flops", "ratio", "how"}}`` (ratio =
+        cachec FLOPs ÷ peer FLOPs; None when not reached or nothing to compare).
+    """
+    ours = next((e for e in cfg_res["methods"] if e["method"] == "cachec"), None)
+    pts = sorted(((r["flops_fraction"], _num(r["psnr_db"])) for r in _ok_points(ours)), key=lambda x: x[0]) if ours else []
+    out = {}
+    pairs = headline_pairs(cfg_res)
+    for b in ISO_BUDGETS:
+        _, best = pairs[f"{b:.2f}"]
+        if best is None or not pts:
+            out[f"{b:.2f}"] = None
+            continue
+        name, r = best
+        target, F = _num(r["psnr_db"]), r["flops_fraction"]
+        need, how = None, "not reached"
+        if pts[0][1] >= target:
+            need, how = pts[0][0], "at most"
+        else:
+            for (f0, p0), (f1, p1) in zip(pts, pts[1:]):
+                if p0 < target <= p1:
+                    need, how = f0 + (target - p0) / (p1 - p0) * (f1 - f0), "interp"
+                    break
+        out[f"{b:.2f}"] = {"peer": name, "peer_point": r["label"], "peer_psnr": target, "peer_flops": F,
+                           "cachec_flops": need, "ratio": None if need is None else need / F, "how": how}
     return out
 
 
@@ -160,6 +225,7 @@ def rescore(results: dict) -> dict:
 
     for cfg in results["configs"]:
         cfg["headline"] = headline(cfg)
+        cfg["iso_quality"] = iso_quality(cfg)
     results["rescored"] = {"by": "python bench/compare_report.py",
                            "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rule": "frontier"}
     return results
@@ -348,11 +414,35 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                 parts.append(f"at {b:.0%}: cachec {fmt(h['cachec_psnr'])} dB at {h['cachec_flops']:.1%} vs "
                              f"{h['best_peer']} ({h['best_peer_point']}) {fmt(h['best_peer_psnr'])} dB at "
                              f"{h['best_peer_flops']:.1%}: **{h['margin_db']:+.2f} dB** [{h['margin_ci_low']:+.2f}, "
-                             f"{h['margin_ci_high']:+.2f}] ({h['verdict']})")
+                             f"{h['margin_ci_high']:+.2f}] ({h['verdict']}, {h.get('images', cfg['n_images'])} images)")
+        conf = cfg.get("confirmation")
         L.append("**cachec vs the best peer** by the frontier rule (each side's best real point at ≤ the budget "
-                 f"+ {FRONTIER_SLACK:.1%} FLOPs; margin = mean per-image PSNR difference with its paired 95 % "
-                 "bootstrap interval over the images; 'tie' when the interval contains 0): " + "; ".join(parts) + ".")
+                 f"+ {FRONTIER_SLACK:.1%} FLOPs, chosen on the sweep's images; margin = mean per-image PSNR "
+                 "difference with its paired 95 % bootstrap interval over the images; 'tie' when the interval "
+                 "contains 0"
+                 + (f"; both points re-measured on {conf['n_images']} images, seeds {conf['eval_seeds'][0]}–"
+                    f"{conf['eval_seeds'][1]}, for the margin" if conf else "")
+                 + "): " + "; ".join(parts) + ".")
         L.append("")
+        iso = cfg.get("iso_quality") or iso_quality(cfg)
+        rows = []
+        for b in ISO_BUDGETS:
+            q = iso.get(f"{b:.2f}")
+            if not q:
+                continue
+            need = ("–" if q["cachec_flops"] is None else
+                    f"{'≤ ' if q['how'] == 'at most' else ''}{q['cachec_flops']:.1%}")
+            ratio = "–" if q["ratio"] is None else f"{'≤ ' if q['how'] == 'at most' else ''}{q['ratio']:.2f}×"
+            rows.append(f"| {b:.0%} | {q['peer']} ({q['peer_point']}) | {fmt(q['peer_psnr'])} | {q['peer_flops']:.1%} | "
+                        f"{need} | {ratio} |")
+        if rows:
+            L.append("Iso-quality (FLOPs cachec needs for the best peer's PSNR; cachec's PSNR interpolated linearly "
+                     "between its measured points, '≤' = its lowest point already matches):")
+            L.append("")
+            L.append("| budget | best peer | peer PSNR dB | peer FLOPs | cachec FLOPs | ratio |")
+            L.append("|---|---|---:|---:|---:|---:|")
+            L += rows
+            L.append("")
         L.append("<details><summary>Every measured operating point</summary>")
         L.append("")
         L.append("| method | setting | realised FLOPs | PSNR dB | SSIM | class acc. | Fréchet | wall ratio | note |")

@@ -43,24 +43,19 @@ class Config:
         self.model = model
         self.steps = steps
         self.guidance = float(driver.default_guidance)
+        self.batch_size = batch_size
         ncls = int(driver.num_classes or 10)
-        if driver.prompt_sets:  # the prompt-conditioned reference: its own held-out / calibration prompt sets
+        if driver.prompt_sets:  # the prompt-conditioned reference: its own calibration prompt set
             from cachec.evaluation import spread
 
-            held, cal = driver.prompt_sets["held-out"], driver.prompt_sets["calibration"]
-            self.eval_conditions = spread(held, per_class * ncls)
+            cal = driver.prompt_sets["calibration"]
             cal_conditions = spread(cal, max(len(cal), cal_per_class * ncls))
-            self.condition_text = f"{len(self.eval_conditions)} of the {len(held)} held-out prompts"
         else:
-            self.eval_conditions = [c for _ in range(per_class) for c in range(ncls)]
             cal_conditions = [c for _ in range(cal_per_class) for c in range(ncls)]
-            self.condition_text = "classes 0-9 x %d" % (len(self.eval_conditions) // 10)
-        self.eval_seeds = [EVAL_SEED0 + i for i in range(len(self.eval_conditions))]
+        self.set_eval(per_class * ncls)
         cal_seeds = list(range(len(cal_conditions)))
         assert not set(cal_seeds) & set(self.eval_seeds)
         bs = batch_size
-        self.batches = [(self.eval_conditions[i : i + bs], self.eval_seeds[i : i + bs])
-                        for i in range(0, len(self.eval_conditions), bs)]
         self.ctx = peers.BenchContext(
             driver=driver, steps=steps, guidance=self.guidance, calib_conditions=cal_conditions,
             calib_seeds=cal_seeds, workdir=workdir, batch_size=bs, sensitivity=sensitivity,
@@ -69,6 +64,26 @@ class Config:
         self.name = f"{model} · {steps} steps"
         self.counter = "fast"
         self.timing_size = max(1, batch_size // 2)
+        #: images of the headline confirmation (:func:`confirm_headline`; 0: none)
+        self.confirm_images = 0
+
+    def set_eval(self, n: int) -> None:
+        """Use ``n`` evaluation images: classes 0-9 cycled (or the held-out prompts spread), seeds
+        ``EVAL_SEED0 + i``; the first images of a larger set are those of a smaller one."""
+        ncls = int(self.driver.num_classes or 10)
+        if self.driver.prompt_sets:
+            from cachec.evaluation import spread
+
+            held = self.driver.prompt_sets["held-out"]
+            self.eval_conditions = spread(held, n)
+            self.condition_text = f"{len(self.eval_conditions)} of the {len(held)} held-out prompts"
+        else:
+            self.eval_conditions = [c for _ in range(max(1, n // ncls)) for c in range(ncls)]
+            self.condition_text = "classes 0-9 x %d" % (len(self.eval_conditions) // 10)
+        self.eval_seeds = [EVAL_SEED0 + i for i in range(len(self.eval_conditions))]
+        bs = self.batch_size
+        self.batches = [(self.eval_conditions[i : i + bs], self.eval_seeds[i : i + bs])
+                        for i in range(0, len(self.eval_conditions), bs)]
 
 
 def counted_generate(cfg: Config, session: peers.Session | None, batches, per_batch: list | None = None,
@@ -352,6 +367,7 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
         results.append(entry)
         if progress is not None:
             progress({"name": cfg.name, "methods": results})
+    confirmation = confirm_headline(cfg, methods, results)
     out = {
         "name": cfg.name,
         "model": cfg.model,
@@ -371,10 +387,60 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
         "flop_counter_check_reference": counter_check,
         "reference_wall_s": ref_times,
         "methods": results,
+        "confirmation": confirmation,
         "seconds": time.perf_counter() - t_cfg,
     }
     log(f"  {cfg.name}: {out['seconds']:.0f} s")
     return out
+
+
+def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dict]) -> dict | None:
+    """Re-measure the headline's points on ``cfg.confirm_images`` images, so that the paired intervals of the
+    margins are narrow enough to call (issue 20: under ±0.5 dB).
+
+    The pairs are chosen on the sweep's images by the frontier rule
+    (:func:`bench.compare_report.headline_pairs`); each chosen (method, operating point) is run once more
+    (:func:`run_point`, cachec's plan reused from its search) on the larger set, beside a new uncached
+    reference of it. :func:`bench.compare_report.headline` then uses these records.
+
+    Returns:
+        ``{"n_images", "eval_seeds", "reference_seconds", "points": [run_point records]}``, or None when
+        ``cfg.confirm_images`` is not above the sweep's image count or there is nothing to confirm.
+    """
+    from bench.compare_report import headline_pairs
+
+    n = int(cfg.confirm_images)
+    if n <= len(cfg.eval_conditions):
+        return None
+    wanted: list[tuple[str, Any, str]] = []
+    for mine, best in headline_pairs({"methods": results}).values():
+        if mine and best:
+            for name, rec in (("cachec", mine), (best[0], best[1])):
+                if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
+                    wanted.append((name, rec["param"], rec["label"]))
+    if not wanted:
+        return None
+    by_name = {m.name: m for m in methods}
+    saved = (cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text)
+    t = time.perf_counter()
+    cfg.set_eval(n)
+    try:
+        log(f"  -- confirming the headline on {len(cfg.eval_conditions)} images: "
+            + ", ".join(f"{w[0]} {w[2]}" for w in wanted))
+        per_batch: list[int] = []
+        images, flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)
+        ref = {"images": images, "flops": flops, "flops_batch0": per_batch[0]}
+        ref_seconds = time.perf_counter() - t
+        points = []
+        for name, param, label in wanted:
+            rec = run_point(cfg, by_name[name], param, ref, {"checked": True, "counter": cfg.counter})
+            points.append(rec)
+            log(f"      {name} {label:28s} FLOPs {fmt(rec.get('flops_fraction'), '.1%')}  PSNR {fmt(rec.get('psnr_db'))} dB"
+                + (f"  ERROR {rec['error']}" if "error" in rec else ""))
+        return {"n_images": len(cfg.eval_conditions), "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
+                "reference_seconds": ref_seconds, "points": points, "seconds": time.perf_counter() - t}
+    finally:
+        cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text = saved
 
 
 def peers_settings(method: peers.Method) -> dict:

@@ -213,3 +213,31 @@ def test_headline_uses_the_frontier_rule_with_paired_intervals():
     # at 60 % the peer's best real point is p2 (more PSNR at fewer FLOPs), not p3 near the budget
     assert h["0.60"]["best_peer_point"] == "p2" and h["0.60"]["margin_db"] == pytest.approx(-1.0)
     assert h["0.60"]["verdict"] == "behind" and h["0.60"]["margin_ci_high"] < 0
+    # a re-measurement of both chosen points on more images replaces the sweep's margin
+    per = [1.0] * 60
+    cfg["confirmation"] = {"n_images": 60, "points": [
+        {"method": "cachec", "label": "b60", "flops_fraction": 0.6, "psnr_db": 41.0, "psnr_db_per_image": [41.0] * 60},
+        {"method": "peer", "label": "p2", "flops_fraction": 0.41, "psnr_db": 40.5,
+         "psnr_db_per_image": [40.5 + 0.1 * (i % 3) for i, _ in enumerate(per)]}]}
+    h = headline(cfg)
+    assert h["0.60"]["images"] == 60 and h["0.60"]["cachec_psnr"] == 41.0
+    assert h["0.60"]["margin_db"] == pytest.approx(0.4) and h["0.60"]["verdict"] == "ahead"
+    assert h["0.40"]["images"] == 20  # p1/b40 were not re-measured
+
+
+def test_iso_quality_interpolates_cachec_between_its_points():
+    from bench.compare_report import iso_quality
+
+    def pt(label, flops, psnr):
+        return {"label": label, "flops_fraction": flops, "psnr_db": psnr, "psnr_db_per_image": [psnr] * 4, "frechet": 1.0}
+
+    cfg = {"methods": [
+        {"method": "cachec", "group": "cachec", "points": [pt("b25", 0.25, 30.0), pt("b40", 0.40, 36.0), pt("b60", 0.60, 44.0)]},
+        {"method": "peer", "group": "diffusers", "points": [pt("p1", 0.40, 33.0), pt("p2", 0.58, 46.0)]},
+    ]}
+    iso = iso_quality(cfg)
+    assert iso["0.40"]["how"] == "interp" and iso["0.40"]["cachec_flops"] == pytest.approx(0.325)
+    assert iso["0.40"]["ratio"] == pytest.approx(0.325 / 0.40)
+    assert iso["0.60"]["how"] == "not reached" and iso["0.60"]["ratio"] is None
+    cfg["methods"][1]["points"] = [pt("p0", 0.40, 20.0)]
+    assert iso_quality(cfg)["0.40"]["how"] == "at most" and iso_quality(cfg)["0.40"]["cachec_flops"] == 0.25
