@@ -88,7 +88,8 @@ def parse_args(argv=None):
                     help="cachec calibration sensitivity (default factored; quick none)")
     ap.add_argument("--sensitivity-samples", type=int, default=4)
     ap.add_argument("--methods", default=None, help="only methods whose name contains one of these (comma-separated)")
-    ap.add_argument("--max-extra", type=int, default=2, help="extra points per threshold method to bracket budgets")
+    ap.add_argument("--max-extra", type=int, default=5,
+                    help="extra points per threshold method to bracket the budgets and reach each within 2 points below")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--flop-counter", choices=["fast", "torch"], default="fast",
                     help="fast: flop_counter formulas in a bare dispatch mode, checked against cachec.runtime.flops.count_flops "

@@ -178,6 +178,25 @@ def headline(cfg_res: dict) -> dict:
     return out
 
 
+#: a peer "reaches" a budget when it has a real point at most this far below it (and at most FRONTIER_SLACK above)
+COVERAGE_BELOW = 0.02
+
+
+def coverage(cfg_res: dict) -> dict:
+    """``{budget key: [methods without a real point in [B - COVERAGE_BELOW, B + FRONTIER_SLACK]]}`` over the
+    peers that ran (diagnostic lines excluded): where a sweep is too coarse, or its knob cannot reach B."""
+    out = {}
+    for b in TABLE_BUDGETS:
+        miss = []
+        for e in cfg_res["methods"]:
+            if e["group"] == "cachec" or e.get("diagnostic") or e.get("error"):
+                continue
+            if not any(b - COVERAGE_BELOW <= r["flops_fraction"] <= b + FRONTIER_SLACK for r in _ok_points(e)):
+                miss.append(e["method"])
+        out[f"{b:.2f}"] = miss
+    return out
+
+
 #: budgets of the iso-quality table
 ISO_BUDGETS = (0.40, 0.60)
 
@@ -423,6 +442,11 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                  + (f"; both points re-measured on {conf['n_images']} images, seeds {conf['eval_seeds'][0]}–"
                     f"{conf['eval_seeds'][1]}, for the margin" if conf else "")
                  + "): " + "; ".join(parts) + ".")
+        L.append("")
+        cov = coverage(cfg)
+        L.append("Peers without a real point within 2 points below the budget (their sweep or knob does not reach "
+                 "it; the frontier rule then uses their best point further below): "
+                 + "; ".join(f"{float(k):.0%}: {', '.join(v) if v else 'none'}" for k, v in cov.items()) + ".")
         L.append("")
         iso = cfg.get("iso_quality") or iso_quality(cfg)
         rows = []

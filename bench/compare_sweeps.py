@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bench import peers
-from bench.compare_report import CHECK_SIZE, EXACT_TOL, TABLE_BUDGETS, fmt
+from bench.compare_report import CHECK_SIZE, COVERAGE_BELOW, EXACT_TOL, FRONTIER_SLACK, TABLE_BUDGETS, fmt
 from cachec.runtime.io import to_jsonable
 
 #: threshold sweeps are extended until they also bracket the low end of cachec's budget sweep
@@ -272,7 +272,11 @@ def sweep_method(cfg: Config, method: peers.Method, ref: dict, quick: bool, max_
                 continue  # the ends of cachec's sweep are only bracketed, not refined
             lo = max(below, key=lambda r: r["flops_fraction"])
             hi = min(above, key=lambda r: r["flops_fraction"])
-            if hi["flops_fraction"] - lo["flops_fraction"] > MAX_GAP and lo is not hi:
+            # bisect a wide bracket, and one without a real point in [b - 2 points, b + slack] (the headline's
+            # frontier rule needs a point just below each budget)
+            wide = hi["flops_fraction"] - lo["flops_fraction"] > MAX_GAP
+            gap = lo["flops_fraction"] < b - COVERAGE_BELOW and hi["flops_fraction"] > b + FRONTIER_SLACK
+            if (wide or gap) and lo is not hi:
                 a, c = float(lo["param"]), float(hi["param"])
                 mid = method.between(a, c)
                 if all(abs(mid - float(r["param"])) > 1e-9 * max(1.0, abs(mid)) for r in ok):
