@@ -97,25 +97,37 @@ def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
     assert "PSNR" in text and "realised" in text.lower()
     result = json.loads((out / "eval.json").read_text())
     plan = load_plan(out / "plan.yaml")
-    assert result["family"] == plan.budget.options["family"] in ("free", "step", "group")
-    assert {(c["family"], c["refine"]) for c in result["candidates"]} == {
-        (f, k) for f in ("free", "step", "group") for k in (0, 1, 2)}  # 2 trajectory refinements per family
+    assert result["family"] == plan.budget.options["family"] in ("free", "step", "group", "warmup")
+    cands = result["candidates"]
+    first = {(c["family"], c["predictors"]) for c in cands if c["refine"] == 0}
+    assert first == {(f, p) for f in ("free", "step", "group", "warmup") for p in ("fitted", "taylor")}
+    refined = [c for c in cands if c["refine"] > 0]  # the 2 best first-stage plans, 2 refinements each
+    assert sorted(c["refine"] for c in refined) == [1, 1, 2, 2]
+    assert {(c["family"], c["predictors"]) for c in refined} <= first
     assert plan.budget.options.get("refine", 0) == result["refine"]
-    assert max(c["validation_psnr"] for c in result["candidates"]) == next(
-        c["validation_psnr"] for c in result["candidates"] if (c["family"], c["refine"]) == (result["family"], result["refine"]))
-    assert len(list((out / "candidates").glob("calib-*-along-r*.safetensors"))) == 6
-    assert 0.49 <= plan.budget.realised <= 0.5 or result["family"] == "step"
+    key = (result["family"], result["predictors"], result["refine"])
+    assert max(c["validation_psnr"] for c in cands) == next(
+        c["validation_psnr"] for c in cands if (c["family"], c["predictors"], c["refine"]) == key)
+    assert len(list((out / "candidates").glob("calib-*-along-r*.safetensors"))) == 4
+    assert 0.49 <= plan.budget.realised <= 0.5
     assert abs(result["flops_fraction"] - plan.budget.realised) < 0.01  # counted FLOPs agree with the plan
     assert (out / "side_by_side.png").stat().st_size > 0
 
     calib = str(out / "calib.safetensors")
-    code, text = run("plan", calib, "--budget", "40%", "--family", "group", "--groups", "2", "-o", str(tmp_path / "g.yaml"))
+    code, text = run("plan", calib, "--budget", "40%", "--family", "group", "--groups", "2", "--no-fill",
+                     "-o", str(tmp_path / "g.yaml"))
     assert code == 0, text
     g = load_plan(tmp_path / "g.yaml")
-    assert g.budget.options["family"] == "group" and g.budget.options["groups"] == 2
+    assert g.budget.options["family"] == "group" and g.budget.options["groups"] == 2 and "fill" not in g.budget.options
     group_step = max(sum(u.flops for u in g.units[:2]), sum(u.flops for u in g.units[2:])) / (g.steps * g.budget.full_step_flops)
     assert 0.4 - group_step <= g.budget.realised <= 0.4  # within one group-step of the budget
     assert len({u.actions for u in g.units}) <= 2  # one mask per block group
+    code, text = run("plan", calib, "--budget", "40%", "--family", "group", "--groups", "2", "-o", str(tmp_path / "gf.yaml"))
+    assert code == 0, text
+    gf = load_plan(tmp_path / "gf.yaml")  # the budget fill adds single unit computes into the slack
+    unit_step = max(u.flops for u in gf.units) / (gf.steps * gf.budget.full_step_flops)
+    assert gf.budget.options["fill"] is True and g.budget.realised <= gf.budget.realised <= 0.4
+    assert 0.4 - unit_step <= gf.budget.realised or gf.budget.options["filled"] == 0
     code, text = run("inspect", str(tmp_path / "g.yaml"))
     assert code == 0 and "group" in text, text
     code, text = run("plan", calib, "--budget", "40%", "--groups", "2", "-o", str(tmp_path / "x.yaml"))
