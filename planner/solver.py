@@ -284,12 +284,21 @@ def allocate(err: np.ndarray, cost: np.ndarray, cap: float, exact_limit: int = E
     return n
 
 
+def unit_block(name: str) -> str:
+    """The block a unit belongs to: the unit itself when its name ends in a block index (a whole-block
+    residual unit such as ``single_transformer_blocks.3``), else its name without the last component
+    (``transformer_blocks.3.attn1`` -> ``transformer_blocks.3``)."""
+    if "." not in name:
+        return name
+    head, last = name.rsplit(".", 1)
+    return name if last.isdigit() else head
+
+
 def block_groups(unit_names, groups: int) -> np.ndarray:
     """Group ids of units for the ``group`` family: contiguous groups of whole blocks.
 
-    A unit's block is its name without the last component (``transformer_blocks.3.attn1`` ->
-    ``transformer_blocks.3``); blocks keep their order of first appearance and are split into ``groups``
-    contiguous groups of (nearly) equal block counts, the earlier groups taking the remainder.
+    A unit's block is :func:`unit_block`; blocks keep their order of first appearance and are split into
+    ``groups`` contiguous groups of (nearly) equal block counts, the earlier groups taking the remainder.
 
     Args:
         unit_names: U unit names in plan order.
@@ -304,7 +313,7 @@ def block_groups(unit_names, groups: int) -> np.ndarray:
     blocks: list[str] = []
     of_unit = []
     for name in unit_names:
-        b = name.rsplit(".", 1)[0] if "." in name else name
+        b = unit_block(name)
         if b not in blocks:
             blocks.append(b)
         of_unit.append(blocks.index(b))

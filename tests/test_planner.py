@@ -404,6 +404,11 @@ def test_block_groups_hand_cases():
     flux = ["transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
             "single_transformer_blocks.0.attn", "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.attn"]
     assert block_groups(flux, 3).tolist() == [0, 0, 0, 1, 1, 2]
+    # whole-block residual units (FLUX single blocks, ControlNet blocks) are one block each, not one block
+    # per block list
+    residual = ["transformer_blocks.0.attn", "transformer_blocks.0.ff"] + [f"single_transformer_blocks.{i}" for i in range(5)]
+    assert block_groups(residual, 3).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert block_groups(residual, 9).tolist() == [0, 0, 1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="groups"):
         block_groups(names, 0)
 
