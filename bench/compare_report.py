@@ -197,6 +197,24 @@ def coverage(cfg_res: dict) -> dict:
     return out
 
 
+def chosen_name(choice: dict) -> str:
+    """The name (``family[+predictors]/refineK``, :attr:`cachec.refine.Candidate.name`) of the candidate cachec's
+    plan search chose, from a point's ``info.family_choice`` (:func:`bench.peers.cachec_plans.choose_family`).
+
+    Results that predate the recorded ``name`` give the winner as the first best validation score (the search's
+    own rule) when that candidate is of the recorded family and refinement, else ``{chosen}/refine{refine}``.
+    """
+    if choice.get("name"):
+        return str(choice["name"])
+    fallback = f"{choice['chosen']}/refine{choice['refine']}"
+    scores = choice.get("validation_psnr_db") or {}
+    if not scores:
+        return fallback
+    best = max(scores, key=lambda k: _num(scores[k]))  # first of the best, as the search's choice
+    fam, _, k = best.partition("/refine")
+    return best if fam.split("+")[0] == choice["chosen"] and k == str(choice["refine"]) else fallback
+
+
 #: budgets of the iso-quality table
 ISO_BUDGETS = (0.40, 0.60)
 
@@ -488,7 +506,7 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                 choice = (r.get("info") or {}).get("family_choice")
                 if choice:
                     sc = " / ".join(f"{k} {fmt(v)}" for k, v in choice["validation_psnr_db"].items())
-                    note += (f"; chosen {choice['chosen']}/refine{choice['refine']} (validation PSNR on "
+                    note += (f"; chosen {chosen_name(choice)} (validation PSNR on "
                              f"{choice['validation_images']} images: {sc} dB)")
                 L.append(f"| {e['method']} | {r['label']} | {r['flops_fraction']:.1%} | {fmt(r.get('psnr_db'))} | "
                          f"{fmt(r.get('ssim'), '.4f')} | {fmt(r.get('class_accuracy'), '.3f')} | "

@@ -241,3 +241,18 @@ def test_iso_quality_interpolates_cachec_between_its_points():
     assert iso["0.60"]["how"] == "not reached" and iso["0.60"]["ratio"] is None
     cfg["methods"][1]["points"] = [pt("p0", 0.40, 20.0)]
     assert iso_quality(cfg)["0.40"]["how"] == "at most" and iso_quality(cfg)["0.40"]["cachec_flops"] == 0.25
+
+
+def test_family_choice_note_names_the_chosen_candidate_with_its_predictor_set():
+    """The point table's note names the candidate the search chose, predictor set included: a Taylor-set
+    winner is not reported as its family's fitted-set candidate."""
+    from bench.compare_report import chosen_name
+
+    scores = {"step/refine0": 30.0, "warmup/refine0": 31.0, "warmup+taylor/refine0": 32.0,
+              "warmup+taylor/refine1": 33.0, "warmup/refine1": 31.5}
+    # results written before the choice recorded its name: the winner is the first best score
+    assert chosen_name({"chosen": "warmup", "refine": 1, "validation_psnr_db": scores}) == "warmup+taylor/refine1"
+    assert chosen_name({"chosen": "warmup", "refine": 1, "name": "warmup+taylor/refine1",
+                        "validation_psnr_db": scores}) == "warmup+taylor/refine1"
+    # older results (fitted set only, no scores of that family): family/refine as recorded
+    assert chosen_name({"chosen": "group", "refine": 2, "validation_psnr_db": {}}) == "group/refine2"

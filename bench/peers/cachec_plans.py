@@ -94,7 +94,7 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
     ``<path stem>-candidates/``.
 
     Returns:
-        ``(plan, sidecar, {"chosen", "refine", "validation_psnr_db", "validation_images"})``: the chosen
+        ``(plan, sidecar, {"chosen", "predictors", "refine", "name", "validation_psnr_db", "validation_images"})``: the chosen
         :class:`cachec.runtime.plan.Plan` (not yet written to ``path``), its EOC tensors and the choice.
     """
     from cachec.evaluation import VALIDATION_SEED, validation_set
@@ -112,7 +112,7 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
                          calibrate_options=opts, validation=validation, iterations=ctx.refine, planner=planner)
     best = search.best
     return best.plan, best.sidecar, {
-        "chosen": best.family, "refine": best.iteration,
+        "chosen": best.family, "predictors": best.predictors, "refine": best.iteration, "name": best.name,
         "validation_psnr_db": {c.name: c.validation_psnr for c in search.candidates},
         "validation_images": len(validation()[0]),
     }
