@@ -416,12 +416,13 @@ def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dic
     n = int(cfg.confirm_images)
     if n <= len(cfg.eval_conditions):
         return None
-    wanted: list[tuple[str, Any, str]] = []
+    wanted: list[tuple[str, Any, str, str]] = []
     for mine, best in headline_pairs({"methods": results}).values():
         if mine and best:
             for name, rec in (("cachec", mine), (best[0], best[1])):
                 if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
-                    wanted.append((name, rec["param"], rec["label"]))
+                    # the counter the method's sweep settled on: ``torch`` where its fast count disagreed
+                    wanted.append((name, rec["param"], rec["label"], rec.get("flop_counter", cfg.counter)))
     if not wanted:
         return None
     by_name = {m.name: m for m in methods}
@@ -436,8 +437,8 @@ def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dic
         ref = {"images": images, "flops": flops, "flops_batch0": per_batch[0]}
         ref_seconds = time.perf_counter() - t
         points = []
-        for name, param, label in wanted:
-            rec = run_point(cfg, by_name[name], param, ref, {"checked": True, "counter": cfg.counter})
+        for name, param, label, counter in wanted:
+            rec = run_point(cfg, by_name[name], param, ref, {"checked": True, "counter": counter})
             points.append(rec)
             log(f"      {name} {label:28s} FLOPs {fmt(rec.get('flops_fraction'), '.1%')}  PSNR {fmt(rec.get('psnr_db'))} dB"
                 + (f"  ERROR {rec['error']}" if "error" in rec else ""))

@@ -256,3 +256,43 @@ def test_family_choice_note_names_the_chosen_candidate_with_its_predictor_set():
                         "validation_psnr_db": scores}) == "warmup+taylor/refine1"
     # older results (fitted set only, no scores of that family): family/refine as recorded
     assert chosen_name({"chosen": "group", "refine": 2, "validation_psnr_db": {}}) == "group/refine2"
+
+
+def test_confirmation_counts_each_point_with_the_counter_its_sweep_settled_on(monkeypatch):
+    """A method whose fast FLOP count disagreed with count_flops in its sweep was counted with count_flops
+    from then on; re-measuring its headline point on the confirmation images must do the same (the fast
+    count is known to be wrong for it), and the confirmation runs on the larger image set and restores the
+    sweep's afterwards."""
+    from bench import compare_sweeps as cs
+
+    def pt(label, param, flops, psnr, counter):
+        return {"label": label, "param": param, "flops_fraction": flops, "psnr_db": psnr, "flop_counter": counter,
+                "psnr_db_per_image": [psnr] * 2}
+
+    results = [
+        {"method": "cachec", "group": "cachec", "points": [pt("budget 40%", 0.4, 0.40, 30.0, "fast")]},
+        {"method": "peer", "group": "diffusers", "points": [pt("t=0.1", 0.1, 0.39, 29.0, "torch")]},
+    ]
+
+    class Cfg:
+        confirm_images, counter = 4, "fast"
+        eval_conditions, eval_seeds, batches, condition_text = [0, 1], [10, 11], [([0, 1], [10, 11])], "2"
+
+        def set_eval(self, n):
+            self.eval_conditions, self.eval_seeds = list(range(n)), list(range(10, 10 + n))
+            self.batches = [(self.eval_conditions, self.eval_seeds)]
+
+    class M:
+        def __init__(self, name):
+            self.name = name
+
+    calls = []
+    monkeypatch.setattr(cs, "counted_generate", lambda cfg, s, b, per_batch=None, counter="fast": (
+        per_batch.append(1) if per_batch is not None else None, (torch.zeros(len(cfg.eval_conditions)), 1))[1])
+    monkeypatch.setattr(cs, "run_point", lambda cfg, m, p, ref, check: calls.append(
+        (m.name, p, check.get("counter"), len(cfg.eval_conditions))) or {"method": m.name, "label": "x"})
+    cfg = Cfg()
+    conf = cs.confirm_headline(cfg, [M("cachec"), M("peer")], results)
+    assert conf["n_images"] == 4
+    assert sorted(calls) == [("cachec", 0.4, "fast", 4), ("peer", 0.1, "torch", 4)]
+    assert cfg.eval_conditions == [0, 1]  # the sweep's set is restored
