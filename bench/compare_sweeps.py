@@ -68,8 +68,9 @@ class Config:
         self.confirm_images = 0
 
     def set_eval(self, n: int) -> None:
-        """Use ``n`` evaluation images: classes 0-9 cycled (or the held-out prompts spread), seeds
-        ``EVAL_SEED0 + i``; the first images of a larger set are those of a smaller one."""
+        """Use ``n`` evaluation images: classes 0-9 cycled (the first images of a larger set are those of a
+        smaller one), or the held-out prompts spread condition-major (:func:`cachec.evaluation.spread`: a larger
+        set is not an extension of a smaller one); seeds ``EVAL_SEED0 + i``."""
         ncls = int(self.driver.num_classes or 10)
         if self.driver.prompt_sets:
             from cachec.evaluation import spread

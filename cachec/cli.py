@@ -156,7 +156,7 @@ def calibrate_merge(files, output):
 @click.option("--method", type=click.Choice(["cachec", "fora", "eoc-paper", "goc-paper", "uniform"]), default="cachec",
               show_default=True, help="cachec = solved schedule; the others are the published baselines.")
 @click.option("--interval", type=click.IntRange(min=1), default=None,
-              help="FORA interval N (fora/eoc-paper/goc-paper); cachec --family warmup: interval after the warm-up (default 2).")
+              help="FORA interval N (fora/eoc-paper/goc-paper); cachec --family warmup: interval after the warm-up (default: the smallest, from 2, that fits the budget).")
 @click.option("--family", type=click.Choice(["free", "step", "group", "warmup"]), default="free", show_default=True,
               help="cachec: free per-unit schedules, one shared mask per step, one mask per group of blocks, or "
                    "warm-up + interval steps (TaylorSeer's shape).")

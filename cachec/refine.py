@@ -30,7 +30,7 @@ class Candidate:
     """One plan of the search.
 
     Attributes:
-        family: schedule family (``free`` | ``step`` | ``group``), or the planner method of a baseline.
+        family: schedule family (``free`` | ``step`` | ``group`` | ``warmup``), or the planner method of a baseline.
         iteration: number k of trajectory refinements behind the plan (0: from the uncached calibration).
         plan: the plan as the planner made it (no ``sidecar`` entry: :meth:`write` names the sidecar after
             the file it writes).
@@ -40,6 +40,8 @@ class Candidate:
             runs apply.
         validation_psnr: PSNR in dB against uncached sampling on the validation seeds, set by :func:`choose`
             (None before, or when the search had a single candidate).
+        predictors: the predictor set's name (a key of :data:`cachec.planner.error_model.PREDICTOR_SETS`;
+            ``fitted`` also when the plan was given its predictors as a list of names, as :func:`replan` does).
     """
 
     family: str
@@ -82,7 +84,7 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
         driver: the loaded model (:func:`cachec.loading.load_model`).
         calibration: the uncached calibration file (its sensitivity is reused by every refinement).
         budget: FLOPs fraction (0, 1].
-        family: schedule family (``free`` | ``step`` | ``group``).
+        family: schedule family (``free`` | ``step`` | ``group`` | ``warmup``).
         iterations: number of refinements k >= 0 (k + 1 plans are returned).
         workdir: folder for the plan and trajectory-calibration files (created); plans are
             ``plan-{family}-{1000·budget}-r{k}.yaml``.

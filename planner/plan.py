@@ -337,11 +337,12 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
         method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
         ridge, predictors: error-model options (cachec's candidate predictors: names of ``PREDICTORS`` or a
             set name of ``PREDICTOR_SETS``; also accepted per plan as options).
-        **options: cachec: ``family`` ("free" | "step" | "group"), ``groups`` (block groups of the
+        **options: cachec: ``family`` ("free" | "step" | "group" | "warmup"), ``groups`` (block groups of the
             ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0),
             ``fill`` (default True: the step/group families add single unit computes into the FLOPs their
             shared masks leave unspent; plans made before it record no ``fill`` and mean False),
-            ``mask`` (step family: the computed step indices, e.g. a peer's pattern, instead of the DP's);
+            ``mask`` (step family: the computed step indices, e.g. a peer's pattern, instead of the DP's),
+            ``interval`` (warmup family: N, default the smallest that fits; :func:`warmup_mask`);
             fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper: ``lam`` (1.2).
     Returns:
         ``(plan, sidecar)``: the typed :class:`cachec.runtime.plan.Plan` (no ``sidecar`` entry until
