@@ -84,6 +84,34 @@ def test_plan_rejects_bad_budget(tmp_path, budget):
     assert code != 0 and "Traceback" not in out
 
 
+def test_plan_warmup_interval_predictors_and_no_fill_are_wired(tmp_path):
+    """cachec plan --family warmup [--interval N] --predictors taylor --no-fill on a synthetic calibration: the
+    options reach the planner and are recorded; --interval is refused for the DP families."""
+    import numpy as np
+
+    from cachec.planner.synthetic import calibration_tensors, save_calibration, synthetic_features
+    from cachec.runtime.plan import load_plan
+
+    feats = synthetic_features(blocks=2, steps=12, seed=0)
+    header, tensors = calibration_tensors(feats, np.ones(len(feats)), len(feats) * 1.05, None, np.ones((len(feats), 12)))
+    cal = str(tmp_path / "cal.safetensors")
+    save_calibration(cal, header, tensors)
+    out = str(tmp_path / "p.yaml")
+    code, text = run("plan", cal, "--budget", "60%", "--family", "warmup", "--interval", "2", "--predictors", "taylor",
+                     "--no-fill", "-o", out)
+    assert code == 0, text
+    o = load_plan(out).budget.options
+    assert (o["family"], o["interval"], o["predictors"]) == ("warmup", 2, ["reuse", "taylor"]) and "fill" not in o
+    assert load_plan(out).units[0].actions == "C" * o["warmup"] + "".join(
+        "C" if (s - o["warmup"] + 1) % 2 == 0 else "." for s in range(o["warmup"], 12))
+    code, text = run("plan", cal, "--budget", "50%", "--family", "warmup", "-o", out, "--overwrite")
+    assert code == 0, text
+    o = load_plan(out).budget.options  # default interval: 2 does not fit 50 % here (6 of 12 steps + fixed), 3 does
+    assert o["interval"] == 3 and o["fill"] is True and len(o["predictors"]) == 6
+    code, text = run("plan", cal, "--budget", "50%", "--family", "step", "--interval", "2", "-o", out, "--overwrite")
+    _assert_one_line_error(code, text, "--interval")
+
+
 def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
     """The main job on a tiny model folder, then the stage commands on its calibration."""
     import json
