@@ -95,7 +95,8 @@ def parse_args(argv=None):
                     help="fast: flop_counter formulas in a bare dispatch mode, checked against cachec.runtime.flops.count_flops "
                          "on the reference and on every method's first point; torch: count_flops everywhere (≈2× slower)")
     ap.add_argument("--refine", type=int, default=None,
-                    help="trajectory refinements per family in cachec's plan search (default 1; quick 0)")
+                    help="trajectory refinements of each of the 2 best first-stage candidates in cachec's plan search "
+                         "(default 1; quick 0)")
     ap.add_argument("--confirm-images", type=int, default=None,
                     help="re-measure the headline's points (cachec and the best peer at each budget) on this many "
                          "images for narrower paired intervals (default 100; quick 0 = off)")
