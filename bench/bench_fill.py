@@ -1,7 +1,7 @@
 """The planner's budget fill (docs/planner.md, "Budget fill"): step/group plans with and without it.
 
 Per model and budget, from one calibration made with the shipped plans' settings
-(:func:`cachec.shipped.calibrate_reference`), no trajectory refinement: the step and group family plans
+(:func:`cachec.shipped.calibrate_reference`, or ``--calibration FILE``), no trajectory refinement: the step and group family plans
 with ``fill=False`` and ``fill=True``; each run on the same held-out conditions and seeds
 (:func:`cachec.evaluation.held_out_set`) beside the uncached reference. Prints realised FLOPs (fraction of a
 full run, the planner's accounting, which equals the counted FLOPs: tests/test_flops.py), predicted error,
@@ -40,9 +40,9 @@ def _images(driver, conds, seeds, steps, guidance, batch=10):
                       for i in range(0, len(conds), batch)])
 
 
-def run_model(model: str, budgets, n_images: int, workdir: Path) -> list[dict]:
+def run_model(model: str, budgets, n_images: int, workdir: Path, calibration: Path | None = None) -> list[dict]:
     driver = load_model(model)
-    cal = calibrate_reference(model, workdir / f"{model}-calib.safetensors")
+    cal = calibration or calibrate_reference(model, workdir / f"{model}-calib.safetensors")
     planner = Planner(load_calibration(str(cal)))
     conds, seeds = held_out_set(driver, n_images)
     steps = planner.cal.steps
@@ -80,13 +80,19 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="use this calibration (e.g. cachec-out/calib.safetensors of `cachec compile MODEL`) instead of "
+                         "making one with the shipped settings; one model only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models.split(","):
-            rows += run_model(model, budgets, args.images, Path(tmp))
+        models = args.models.split(",")
+        if args.calibration and len(models) != 1:
+            ap.error("--calibration needs exactly one model")
+        for model in models:
+            rows += run_model(model, budgets, args.images, Path(tmp), args.calibration)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
