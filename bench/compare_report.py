@@ -153,14 +153,22 @@ def headline(cfg_res: dict) -> dict:
     ``margin_ci_low``/``margin_ci_high``; ``verdict`` is ``ahead`` / ``behind`` when the interval excludes 0,
     else ``tie``. The points are chosen on the sweep's images; when the run re-measured both on more images
     (``confirmation``), the margin, interval and PSNRs are those of the re-measurement, and ``images`` says
-    how many images the margin is over."""
+    how many images the margin is over; a re-measured point whose realised FLOPs moved above the budget +
+    slack (an adaptive method on the new images) voids the pair's re-measurement
+    (``confirmation_rejected`` says why) and the sweep's margin stands."""
     out = {}
     for key, (mine, best) in headline_pairs(cfg_res).items():
         b = float(key)
+        rejected = None
         if mine and best:
             cm, cp = confirmed(cfg_res, "cachec", mine["label"]), confirmed(cfg_res, best[0], best[1]["label"])
             if cm and cp:
-                mine, best = cm, (best[0], cp)
+                over = [f"{n} realised {r['flops_fraction']:.1%}" for n, r in (("cachec", cm), (best[0], cp))
+                        if r["flops_fraction"] > b + FRONTIER_SLACK]
+                if over:  # an adaptive method's FLOPs moved past the rule on the new images: not a valid pair
+                    rejected = "re-measurement over the budget + slack: " + ", ".join(over)
+                else:
+                    mine, best = cm, (best[0], cp)
         h = {"rule": f"best real point at <= {b:.1%} + {FRONTIER_SLACK:.1%} FLOPs",
              "cachec_psnr": _num(mine["psnr_db"]) if mine else None,
              "cachec_flops": mine["flops_fraction"] if mine else None,
@@ -174,6 +182,8 @@ def headline(cfg_res: dict) -> dict:
             m, lo, hi = paired_margin(mine, best[1])
             h.update(margin_db=m, margin_ci_low=lo, margin_ci_high=hi, images=len(mine["psnr_db_per_image"]),
                      verdict="tie" if lo is None else "ahead" if lo > 0 else "behind" if hi < 0 else "tie")
+        if rejected:
+            h["confirmation_rejected"] = rejected
         out[key] = h
     return out
 
@@ -451,7 +461,9 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                 parts.append(f"at {b:.0%}: cachec {fmt(h['cachec_psnr'])} dB at {h['cachec_flops']:.1%} vs "
                              f"{h['best_peer']} ({h['best_peer_point']}) {fmt(h['best_peer_psnr'])} dB at "
                              f"{h['best_peer_flops']:.1%}: **{h['margin_db']:+.2f} dB** [{h['margin_ci_low']:+.2f}, "
-                             f"{h['margin_ci_high']:+.2f}] ({h['verdict']}, {h.get('images', cfg['n_images'])} images)")
+                             f"{h['margin_ci_high']:+.2f}] ({h['verdict']}, {h.get('images', cfg['n_images'])} images"
+                             + (f"; {h['confirmation_rejected']}, so the sweep's images" if h.get("confirmation_rejected") else "")
+                             + ")")
         conf = cfg.get("confirmation")
         L.append("**cachec vs the best peer** by the frontier rule (each side's best real point at ≤ the budget "
                  f"+ {FRONTIER_SLACK:.1%} FLOPs, chosen on the sweep's images; margin = mean per-image PSNR "

@@ -296,3 +296,21 @@ def test_confirmation_counts_each_point_with_the_counter_its_sweep_settled_on(mo
     assert conf["n_images"] == 4
     assert sorted(calls) == [("cachec", 0.4, "fast", 4), ("peer", 0.1, "torch", 4)]
     assert cfg.eval_conditions == [0, 1]  # the sweep's set is restored
+
+
+def test_confirmation_over_the_budget_is_rejected():
+    """An adaptive peer whose re-measured FLOPs jump above the budget + slack (e.g. it stopped skipping on the
+    new images) does not replace the sweep's pair."""
+    from bench.compare_report import headline
+
+    def pt(label, flops, psnr, n=20):
+        return {"label": label, "flops_fraction": flops, "psnr_db": psnr, "psnr_db_per_image": [psnr + 0.01 * (i % 2) for i in range(n)],
+                "frechet": 1.0}
+
+    cfg = {"methods": [{"method": "cachec", "group": "cachec", "points": [pt("b40", 0.40, 40.0)]},
+                       {"method": "peer", "group": "diffusers", "points": [pt("p", 0.401, 41.0)]}],
+           "confirmation": {"n_images": 100, "points": [dict(pt("b40", 0.40, 40.5, 100), method="cachec"),
+                                                        dict(pt("p", 1.0, float("inf"), 100), method="peer")]}}
+    h = headline(cfg)["0.40"]
+    assert h["images"] == 20 and h["best_peer_flops"] == 0.401 and h["margin_db"] == pytest.approx(-1.0)
+    assert "peer realised 100.0%" in h["confirmation_rejected"]
