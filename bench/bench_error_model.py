@@ -1,0 +1,124 @@
+"""Predicted vs realised plan error on held-out seeds, before and after trajectory-aware pricing (issue 20).
+
+The planner prices a schedule with the additive error model on **uncached** statistics ("before"). The
+trajectory calibration (`cachec calibrate run --along PLAN`, docs/planner.md) records the features along the
+plan's own cached trajectory; pricing the *same* schedule with those statistics ("after") sees the
+propagation of the plan's own errors into its anchors and the cross-unit effects that reach them (TCC-like).
+
+For one model, from one calibration with the shipped plans' settings (:func:`cachec.shipped.calibrate_reference`),
+every (budget, family, predictor set) plan of the plan search is
+
+1. run on held-out conditions and seeds (:func:`cachec.evaluation.held_out_set`) beside the uncached model:
+   realised error = mean over images of the summed squared difference of the [0, 1] images (C·H·W values);
+2. priced "before" (its ``predicted_error``) and, with ``--along``, "after": the schedule re-priced by
+   :func:`cachec.planner.schedule_error` on a calibration along the plan (same settings, the uncached
+   calibration's sensitivity).
+
+Prints, for both pricings, Spearman's rank correlation with the realised errors over all plans, the slope of
+log(realised) on log(predicted) (1 = errors scale as predicted) and the median ratio realised ÷ predicted
+(the unit offset: predicted errors are per (sample, branch) output in the model's sample space). All numbers
+come from one process.
+
+Usage (digits-flow, 24 plans, ≈ 25 min on one thread with ``--along``)::
+
+    python bench/bench_error_model.py --model digits-flow --images 40 --along [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cachec.calibrate.run import calibrate  # noqa: E402
+from cachec.evaluation import held_out_set  # noqa: E402
+from cachec.loading import load_model  # noqa: E402
+from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E402
+from cachec.refine import SEARCH_FAMILIES, SEARCH_PREDICTORS  # noqa: E402
+from cachec.runtime import apply, write_plan  # noqa: E402
+from cachec.shipped import calibrate_reference, calibration_options  # noqa: E402
+
+
+def _images(driver, conds, seeds, steps, guidance, batch=10):
+    return torch.cat([driver.generate(conds[i:i + batch], seeds[i:i + batch], steps=steps, guidance=guidance)
+                      for i in range(0, len(conds), batch)])
+
+
+def fit_quality(pred, real) -> dict:
+    """Spearman rho, log-log slope (least squares of log real on log pred) and median real/pred ratio."""
+    pred, real = np.asarray(pred, float), np.asarray(real, float)
+    ok = (pred > 0) & (real > 0)
+    rho = float(stats.spearmanr(pred[ok], real[ok]).statistic)
+    slope = float(np.polyfit(np.log(pred[ok]), np.log(real[ok]), 1)[0])
+    return {"spearman": rho, "loglog_slope": slope, "median_ratio": float(np.median(real[ok] / pred[ok])), "plans": int(ok.sum())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="digits-flow")
+    ap.add_argument("--budgets", default="0.25,0.4,0.6")
+    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--along", action="store_true", help="also price each schedule along its own trajectory")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    driver = load_model(args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cal_path = calibrate_reference(args.model, work / "calib.safetensors")
+        planner = Planner(load_calibration(str(cal_path)))
+        conds, seeds = held_out_set(driver, args.images)
+        steps = planner.cal.steps
+        reference = None
+        cal_opts = calibration_options(driver)
+        cal_conds = cal_opts.pop("conditions")
+        for budget in (float(b) for b in args.budgets.split(",")):
+            for family in SEARCH_FAMILIES:
+                for pset in SEARCH_PREDICTORS:
+                    opts = dict(family=family, predictors=pset)
+                    sched = planner.schedule(budget, "cachec", **opts)
+                    plan, side = planner.plan(budget, "cachec", **opts)
+                    tag = f"{family}-{pset}-{round(100 * budget)}"
+                    written = write_plan(plan, work / f"{tag}.yaml", side or None)
+                    guidance = plan.sampler.guidance.scale
+                    if reference is None:
+                        reference = _images(driver, conds, seeds, steps, guidance).double()
+                    with apply(driver, written):
+                        out = _images(driver, conds, seeds, steps, guidance).double()
+                    real = float(((out - reference) ** 2).flatten(1).sum(1).mean())
+                    row = {"budget": budget, "family": family, "predictors": pset, "realised_flops": plan.budget.realised,
+                           "predicted_before": plan.predicted_error, "realised_error": real}
+                    if args.along:
+                        along = calibrate(driver, cal_conds, output=work / f"{tag}-along.safetensors", along=written,
+                                          sensitivity_from=cal_path, sensitivity="none", progress=False, restart=True,
+                                          **cal_opts)
+                        p2 = Planner(load_calibration(str(along)))
+                        row["predicted_after"] = float(schedule_error(p2.error_model(pset), sched))
+                    rows.append(row)
+                    print(f"{args.model} {100 * budget:.0f}% {family:6s} {pset:6s} before {row['predicted_before']:.4g}"
+                          + (f" after {row['predicted_after']:.4g}" if "predicted_after" in row else "")
+                          + f" realised {real:.4g}", flush=True)
+    real = [r["realised_error"] for r in rows]
+    summary = {"before": fit_quality([r["predicted_before"] for r in rows], real)}
+    if args.along:
+        summary["after"] = fit_quality([r["predicted_after"] for r in rows], real)
+    for k, v in summary.items():
+        print(f"{k:6s}: Spearman {v['spearman']:+.3f}, log-log slope {v['loglog_slope']:.3f}, "
+              f"median realised/predicted {v['median_ratio']:.3g} over {v['plans']} plans")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "images": args.images, "rows": rows, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
