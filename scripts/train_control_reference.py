@@ -18,18 +18,16 @@ gets the mask too). The text encoder is frozen.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 import torch
-from training_common import Checkpoint, ema_update, learning_rate
+from training_common import Checkpoint, ema_update, flow_batch, learning_rate, prompt_batch, set_lr, training_parser
 
 from cachec.attributes import bins
 from cachec.control import ink_mask
 from cachec.data import split_digits, to_model_space
-from cachec.digit_prompts import random_prompt
 from cachec.loading import MODELS_DIR
 from cachec.pipeline_control import BASE, CONTROL_LAYERS, CONTROL_SINGLE_LAYERS, ControlledFluxTransformer, make_controlnet
 from cachec.pipeline_prompt import load_pipeline
@@ -55,17 +53,7 @@ def export(ema, ck: Checkpoint, args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--iters", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--export", type=Path, required=True)
-    ap.add_argument("--export-only", action="store_true", help="export the current checkpoint's EMA and stop")
-    args = ap.parse_args()
+    args = training_parser(__doc__, iters=1500, batch=32, threads=1, save_every=50, export_only=True).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -97,15 +85,9 @@ def main() -> None:
     while state["iter"] < args.iters:
         it = state["iter"]
         lr = learning_rate(args.lr, it, args.iters)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(0, len(data), (args.batch,), generator=gen)
-        x0 = data[idx]
-        prompts = ["" if rng.random() < 0.1 else random_prompt(*attrs[i], rng) for i in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        set_lr(opt, lr)
+        idx, x0, noise, sigma, xt = flow_batch(data, args.batch, gen)
+        prompts = prompt_batch(attrs, idx, rng)
         with torch.no_grad():
             hidden, pooled = encode(base.tokenizer, base.text_encoder, prompts)
         pred = model(hidden_states=pack(xt), controlnet_cond=pack(masks[idx]), encoder_hidden_states=hidden,

@@ -15,17 +15,16 @@ probability 0.25; 10 % of prompts are empty (the CFG unconditional branch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 import torch
-from training_common import Checkpoint, ema_update, learning_rate
+from training_common import Checkpoint, ema_update, flow_batch, learning_rate, prompt_batch, set_lr, training_parser
 
 from cachec.attributes import bins
 from cachec.data import split_digits, to_model_space
-from cachec.digit_prompts import make_tokenizer, random_prompt
+from cachec.digit_prompts import make_tokenizer
 from cachec.reference_mmdit import encode, make_text_encoder, make_transformer, pack, position_ids
 
 
@@ -51,17 +50,7 @@ def export(ema_tr, ema_te, tokenizer, ck: Checkpoint, args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--iters", type=int, default=2500)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--export", type=Path, required=True)
-    ap.add_argument("--export-only", action="store_true", help="export the current checkpoint's EMA and stop")
-    args = ap.parse_args()
+    args = training_parser(__doc__, iters=2500, batch=64, threads=0, save_every=50, export_only=True).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -92,15 +81,9 @@ def main() -> None:
     while state["iter"] < args.iters:
         it = state["iter"]
         lr = learning_rate(args.lr, it, args.iters)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(0, len(data), (args.batch,), generator=gen)
-        x0 = data[idx]
-        prompts = ["" if rng.random() < 0.1 else random_prompt(*attrs[i], rng) for i in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        set_lr(opt, lr)
+        idx, x0, noise, sigma, xt = flow_batch(data, args.batch, gen)
+        prompts = prompt_batch(attrs, idx, rng)
         target = pack(noise - x0)
         hidden, pooled = encode(tokenizer, text, prompts)
         pred = model(hidden_states=pack(xt), encoder_hidden_states=hidden, pooled_projections=pooled,

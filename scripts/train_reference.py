@@ -9,28 +9,19 @@ EMA weights are exported in diffusers format (fp16) to ``--export``.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
-from training_common import Checkpoint, ema_update, learning_rate
+from training_common import Checkpoint, ema_update, learning_rate, set_lr, training_parser
 
 from cachec.data import split_digits, to_model_space
 from cachec.reference import NULL_CLASS, REFERENCE_MODELS, make_scheduler, make_transformer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = training_parser(__doc__, iters=2000, batch=64, threads=0, save_every=100)
     ap.add_argument("model", choices=sorted(REFERENCE_MODELS))
-    ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--export", type=Path, required=True)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,8 +54,7 @@ def main() -> None:
     while state["iter"] < args.iters:
         it = state["iter"]
         lr = learning_rate(args.lr, it, args.iters)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         idx = torch.randint(0, len(data), (args.batch,), generator=gen)
         x0, y = data[idx], labels[idx].clone()
         y[torch.rand(args.batch, generator=gen) < 0.1] = NULL_CLASS

@@ -1,14 +1,20 @@
 """What the reference-model training scripts share: the learning-rate schedule, the EMA update, progress
 lines and the resumable checkpoint (safetensors weights + the optimizer + a JSON state, written atomically).
 
-Imported by scripts/train_reference.py and scripts/train_mmdit_reference.py (run from the repository root as
-``python scripts/<name>.py``, which puts this folder on ``sys.path``).
+Also the command line every training script takes (:func:`training_parser`) and the rectified-flow batch
+of the prompt-conditioned models (:func:`flow_batch`, :func:`prompt_batch`).
+
+Imported by scripts/train_reference.py, scripts/train_mmdit_reference.py and
+scripts/train_control_reference.py (run from the repository root as ``python scripts/<name>.py``, which puts
+this folder on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -20,6 +26,50 @@ from cachec.runtime.io import atomic_write
 WARMUP = 100  # iterations of linear warm-up
 FINAL_LR = 0.1  # the cosine decays to this fraction of the base learning rate
 EMA_DECAY = 0.999
+
+
+def training_parser(description: str, *, iters: int, batch: int, threads: int, save_every: int,
+                    export_only: bool = False) -> argparse.ArgumentParser:
+    """The options every training script takes (``--iters --batch --lr --seed --threads --save-every
+    --workdir --export``, and ``--export-only`` when asked), with the script's defaults."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--save-every", type=int, default=save_every)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--export", type=Path, required=True)
+    if export_only:
+        ap.add_argument("--export-only", action="store_true", help="export the current checkpoint's EMA and stop")
+    return ap
+
+
+def set_lr(opt, lr: float) -> None:
+    """Set the learning rate of every parameter group of ``opt``."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def flow_batch(data: torch.Tensor, batch: int, gen: torch.Generator):
+    """One rectified-flow training batch: ``(idx, x0, noise, sigma, xt)`` with ``idx`` (B,) int64 indices
+    into ``data`` (N, C, H, W), sigma (B,) logit-normal in (0, 1) and ``xt = (1 − σ) x0 + σ noise``; draws
+    idx, noise, sigma from ``gen`` in that order."""
+    idx = torch.randint(0, len(data), (batch,), generator=gen)
+    x0 = data[idx]
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal
+    s = sigma.view(-1, 1, 1, 1)
+    return idx, x0, noise, sigma, (1 - s) * x0 + s * noise
+
+
+def prompt_batch(attrs: list, idx: torch.Tensor, rng: random.Random, empty: float = 0.1) -> list[str]:
+    """Prompts of a batch: the empty prompt with probability ``empty`` (CFG dropout), else
+    :func:`cachec.digit_prompts.random_prompt` of the digit's (class, thickness bin, slant bin)."""
+    from cachec.digit_prompts import random_prompt
+
+    return ["" if rng.random() < empty else random_prompt(*attrs[i], rng) for i in idx.tolist()]
 
 
 def atomic_save(tensors: dict, path: Path) -> None:
