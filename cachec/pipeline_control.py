@@ -98,22 +98,17 @@ class ControlDigitsPipeline(PromptDigitsPipeline):
         (:func:`cachec.control.condition_set`): calibrate's and eval's defaults."""
         return {"calibration": condition_set("calibration"), "held-out": condition_set("held-out")}
 
+    CONDITION_HELP = f"a condition: {NAME} takes 'PROMPT | SPLIT:K' strings"
+
     @staticmethod
-    def check_prompts(prompts: Sequence[str]) -> list[str]:
-        """The conditions as a list, each a ``"PROMPT | SPLIT:K"`` pair whose prompt is in the grammar of
-        :mod:`cachec.digit_prompts` and whose mask exists (:func:`cachec.control.split_condition`).
+    def check_condition(prompt: str) -> None:
+        """Check one ``"PROMPT | SPLIT:K"`` pair: its prompt is in the grammar of :mod:`cachec.digit_prompts`
+        and its mask exists (:func:`cachec.control.split_condition`).
 
         Raises:
             ValueError: a condition without a mask, a prompt outside the grammar or an unknown mask.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        for p in prompts:
-            if not isinstance(p, str):
-                raise ValueError(f"{p!r} is not a condition: {NAME} takes 'PROMPT | SPLIT:K' strings")
-            split_condition(p, require_mask=True)
-        return prompts
+        split_condition(prompt, require_mask=True)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], num_inference_steps: int = 25, guidance_scale: float = 3.0,

@@ -52,20 +52,32 @@ class PromptDigitsPipeline(DigitsPipeline):
         self.text_encoder.to(device=device, dtype=dtype)
         return self
 
+    #: what a condition is, for the error that names a non-string one
+    CONDITION_HELP = "a prompt: digits-mmdit is text-conditional"
+
     @staticmethod
-    def check_prompts(prompts: Sequence[str]) -> list[str]:
-        """The prompts as a list, each checked against the grammar of :mod:`cachec.digit_prompts`.
+    def check_condition(prompt: str) -> None:
+        """Check one prompt against the grammar of :mod:`cachec.digit_prompts`.
 
         Raises:
-            ValueError: a non-string or a prompt outside the grammar (the message names it).
+            ValueError: a prompt outside the grammar (the message names it).
+        """
+        parse(prompt)
+
+    @classmethod
+    def check_prompts(cls, prompts: Sequence[str]) -> list[str]:
+        """The conditions as a list, each a string passing :meth:`check_condition`.
+
+        Raises:
+            ValueError: a non-string, or as :meth:`check_condition` raises.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         for p in prompts:
             if not isinstance(p, str):
-                raise ValueError(f"{p!r} is not a prompt: digits-mmdit is text-conditional")
-            parse(p)
+                raise ValueError(f"{p!r} is not {cls.CONDITION_HELP}")
+            cls.check_condition(p)
         return prompts
 
     @torch.no_grad()

@@ -297,17 +297,23 @@ def test_solver_matches_enumeration_of_table_costs(family):
         assert got == pytest.approx(best, rel=1e-12, abs=1e-12)
 
 
+def two_block_planner(seed: int, K: int = 3):
+    """(calibration, planner, segment table at max_staleness K) of 3 units in 2 blocks ({0}, {1, 2}),
+    7 steps, unit FLOPs 1, 1.5, 2.5."""
+    feats = random_features(U=3, S=7, seed=seed)
+    feats = {n: f for n, f in zip(["blocks.0.attn1", "blocks.1.attn1", "blocks.1.ff"], feats.values())}
+    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=seed)
+    planner = Planner(cal)
+    return cal, planner, planner.table(K)
+
+
 @pytest.mark.parametrize("family", ["step", "group"])
 def test_budget_fill_prices_exactly_and_leaves_no_fitting_gain(family):
     """The fill pass (single unit computes into the slack of shared masks): its bookkeeping equals the table
     cost of the final masks, it never raises the predicted error, it stays under the budget, and no single
     further compute that fits would lower the error (greedy's stopping rule)."""
-    feats = random_features(U=3, S=7, seed=5)
-    feats = {n: f for n, f in zip(["blocks.0.attn1", "blocks.1.attn1", "blocks.1.ff"], feats.values())}
-    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=5)
-    planner = Planner(cal)
-    K = 3
-    tab = planner.table(K)
+    cal, planner, tab = two_block_planner(seed=5)
+    K = tab.max_staleness
     opts = dict(max_staleness=K, family=family, **({"groups": 2} if family == "group" else {}))
     for budget in (0.35, 0.45, 0.6, 0.8):
         cap = budget * 7 * cal.full_step_flops * (1 + 1e-12) - 7 * cal.fixed_step_flops
@@ -415,12 +421,8 @@ def test_block_groups_hand_cases():
 
 def test_group_family_matches_enumeration_and_keeps_groups_in_sync():
     """Two groups of units (blocks {0}, {1, 2}) share masks; the solver's choice is the enumerated optimum."""
-    feats = random_features(U=3, S=7, seed=21)
-    feats = {n: f for n, f in zip(["blocks.0.attn1", "blocks.1.attn1", "blocks.1.ff"], feats.values())}
-    cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=21)
-    planner = Planner(cal)
-    K = 3
-    tab = planner.table(K)
+    cal, planner, tab = two_block_planner(seed=21)
+    K = tab.max_staleness
     masks = enumerate_masks(7, K)
     cnt = np.array([m.sum() for m in masks])
     g0 = np.array([mask_cost(tab, 0, m) for m in masks])
