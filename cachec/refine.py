@@ -109,7 +109,8 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     plan_options = dict(plan_options or {})
-    pset = plan_options.get("predictors", "fitted") if isinstance(plan_options.get("predictors", "fitted"), str) else "fitted"
+    pset = plan_options.get("predictors", "fitted")
+    pset = pset if isinstance(pset, str) else "fitted"  # a list of names (as replan passes them)
     tag = f"{family}-{round(1000 * budget)}" + ("" if pset == "fitted" else f"-{pset}")
     options = dict(calibrate_options)
     conditions = options.pop("conditions")

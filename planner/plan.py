@@ -25,46 +25,46 @@ from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, frontier, 
 #: budget allows; by default the smallest interval that fits), run step-synchronously with cachec's
 #: predictors and the budget fill
 SHAPED_FAMILIES = ("warmup",)
+
+
+def _warmup_fit(cal: Calibration, budget: float, interval: int, keep_last: int) -> tuple[list[int], int] | None:
+    """``(computed steps, W)`` of the longest warm-up W whose warm-up + ``interval`` mask fits ``budget``
+    (step-synchronous FLOPs, :func:`realised_fraction`'s accounting), or None when not even W = 1 fits."""
+    S, total = cal.steps, float(np.sum(cal.unit_flops))
+    best = None
+    for W in range(1, S + 1):
+        c = sorted(set(range(W)) | set(range(W - 1 + interval, S, interval)) | set(range(S - keep_last, S)))
+        if (S * cal.fixed_step_flops + len(c) * total) / (S * cal.full_step_flops) <= budget * (1 + 1e-12):
+            best = (c, W)
+    return best
+
+
 def warmup_mask(cal: Calibration, budget: float, interval: int | None, max_staleness: int, keep_last: int = 0
                 ) -> tuple[list[int], dict]:
     """Computed steps of the ``warmup`` family: steps 0..W-1, then every ``interval``-th step after W-1, and
     the last ``keep_last`` steps, with the largest warm-up W whose step-synchronous FLOPs fit ``budget``.
 
     Args:
-        interval: N >= 1, or None: the smallest N (2, 3, ...) at which W = 1 fits the budget (the densest
-            sampling after the warm-up, then as long a warm-up as the budget allows).
+        interval: N in 1..max_staleness+1, or None: the smallest N (2, 3, ...) at which W = 1 fits the budget
+            (the densest sampling after the warm-up, then as long a warm-up as the budget allows).
     Returns:
         ``(steps, {"interval": N, "warmup": W})``.
     Raises:
-        ValueError: interval < 1 or above ``max_staleness + 1``, or not even W = 1 fits the budget.
+        ValueError: interval outside 1..max_staleness+1, or not even W = 1 fits the budget.
     """
-    S = cal.steps
-    if interval is None:
-        for n in range(2, max_staleness + 2):
-            try:
-                return warmup_mask(cal, budget, n, max_staleness, keep_last)
-            except ValueError:
-                continue
-        interval = max_staleness + 1
-    if interval < 1 or interval > max_staleness + 1:
+    if interval is not None and not 1 <= interval <= max_staleness + 1:
         raise ValueError(f"interval must be in 1..max_staleness+1 = {max_staleness + 1}, got {interval}")
+    for n in ([interval] if interval is not None else range(2, max_staleness + 2)):
+        fit = _warmup_fit(cal, budget, n, keep_last)
+        if fit is not None:
+            return fit[0], {"interval": int(n), "warmup": int(fit[1])}
+    n = interval if interval is not None else max_staleness + 1
+    S = cal.steps
+    least = (S * cal.fixed_step_flops + len(set(range(0, S, n)) | set(range(S - keep_last, S)))
+             * float(np.sum(cal.unit_flops))) / (S * cal.full_step_flops)
+    raise ValueError(f"budget {budget:.6g} is below the warmup family's minimum {least:.6g} at interval {n}; "
+                     "raise the budget or the interval")
 
-    def steps_of(W):
-        c = set(range(W)) | set(range(W - 1 + interval, S, interval)) | set(range(S - keep_last, S))
-        return sorted(c)
-
-    def fraction(c):
-        return (S * cal.fixed_step_flops + len(c) * float(np.sum(cal.unit_flops))) / (S * cal.full_step_flops)
-
-    best = None
-    for W in range(1, S + 1):
-        c = steps_of(W)
-        if fraction(c) <= budget * (1 + 1e-12):
-            best = (c, W)
-    if best is None:
-        raise ValueError(f"budget {budget:.6g} is below the warmup family's minimum "
-                         f"{fraction(steps_of(1)):.6g} at interval {interval}; raise the budget or the interval")
-    return best[0], {"interval": int(interval), "warmup": int(best[1])}
 
 METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
 DEFAULT_MAX_STALENESS = 8
