@@ -40,14 +40,12 @@ class UnitSpec:
 
 
 def _block_list(model, path: str):
-    """The block list at ``path`` (an attribute, or a dotted path through child modules such as
-    ``controlnet.transformer_blocks``); empty when the model has none there."""
-    obj = model
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return []
-    return obj
+    """The block list at ``path`` (a child module, or a dotted path such as ``controlnet.transformer_blocks``;
+    ``torch.nn.Module.get_submodule``); empty when the model has none there."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return []
 
 
 def find_units(transformer) -> list[UnitSpec]:
