@@ -241,6 +241,40 @@ def test_static_path_unchanged(tiny_digits):
     assert "risk" not in handle.report.as_dict()
 
 
+@pytest.mark.parametrize("mode", ["softcap", "speca"])
+def test_torch_compile_in_adaptive_mode(tiny_digits, mode):
+    """A ``torch.compile``-d transformer runs the adaptive mode: the decision point is the one graph break
+    (``torch.compiler.disable``), and decisions, report and images equal the eager run's (backend ``eager``:
+    the same kernels, so bitwise). A second run compiles no new graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    plan = plan_for(tiny_digits)
+    opts = options(tiny_digits, plan, mode, 0.7)
+    if mode == "speca":  # its calibrated thresholds accept every forecast here: reject all, up to the guard
+        floor = step_floor(plan)
+        S = plan.steps
+        opts = replace(opts, profile=AdaptiveProfile("speca", 0.7, [-1.0] * S,
+                                                     [sum(floor[:s + 1]) / S for s in range(S)]))
+    eager, rep_eager, _ = run(tiny_digits, plan, opts)
+    assert rep_eager.full_steps  # the comparison covers Full steps, not only plan steps
+    original = tiny_digits.pipe.transformer
+    torch._dynamo.reset()
+    tiny_digits.pipe.transformer = torch.compile(original, backend="eager")
+    try:
+        compiled, rep, _ = run(tiny_digits, plan, opts)
+        graphs = counters["stats"]["unique_graphs"]
+        again, _, _ = run(tiny_digits, plan, opts)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        tiny_digits.pipe.transformer = original
+        torch._dynamo.reset()
+    assert graphs > 0  # dynamo traced the transformer (it did not fall back to eager for the whole call)
+    assert (rep.decisions, rep.risk, rep.tau, rep.flops_fraction) == (
+        rep_eager.decisions, rep_eager.risk, rep_eager.tau, rep_eager.flops_fraction)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
 def test_speca_wrapper_is_removed(tiny_digits):
     plan = plan_for(tiny_digits)
     model = tiny_digits.transformer
