@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
+from bench.compare_adaptive import adaptive_comparison  # noqa: E402
 from bench.compare_report import (TABLE_BUDGETS, at_budget, fmt, headline, iso_quality, write_markdown,  # noqa: E402
                                   write_plot)
 from bench.compare_sweeps import Config, log, run_config, run_point  # noqa: E402
@@ -73,8 +74,9 @@ def parse_args(argv=None):
         SystemExit: ``--help`` or an invalid option (argparse prints the message).
     """
     ap = argparse.ArgumentParser(description="cachec vs peer caching methods at matched realised FLOPs.")
-    ap.add_argument("--models", default="digits-flow,digits-ddim",
-                    help="comma-separated shipped names or model folders (default: digits-flow,digits-ddim)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated shipped names or model folders (default: digits-flow,digits-ddim; with --add: "
+                         "every configuration of FILE)")
     ap.add_argument("--steps", default=None,
                     help="comma-separated step counts for every model (default: digits-flow 25, digits-ddim 20 and 50, "
                          "otherwise the model's default)")
@@ -107,6 +109,10 @@ def parse_args(argv=None):
                     help="worker processes, one torch thread each, one configuration each (default 2, or 1 on one core): "
                          "the configurations run in parallel, each on one core; wall ratios stay interleaved within "
                          "a process")
+    ap.add_argument("--add", default=None, metavar="FILE",
+                    help="add the --methods lines (e.g. SoftCap) to an existing benchmarks JSON on its own images and "
+                         "options (after checking this machine reproduces a stored point) and rewrite FILE and its "
+                         ".md/.png; --models narrows its configurations")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -121,6 +127,8 @@ def main(argv=None) -> int:
         RuntimeError: a worker process failed. Errors of single methods are recorded, not raised.
     """
     args = parse_args(argv)
+    if args.add:
+        return add_main(args, argv)
     t_all = time.perf_counter()
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -143,7 +151,7 @@ def main(argv=None) -> int:
     log(f"cachec benchmark: torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers "
         f"{diffusers.__version__}, cache-dit {cd_msg}")
     plan_list = []
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for model in [m.strip() for m in (args.models or "digits-flow,digits-ddim").split(",") if m.strip()]:
         steps_list = ([int(x) for x in args.steps.split(",")] if args.steps else DEFAULT_STEPS.get(model))
         plan_list.append((model, steps_list))
     if args.jobs > 1 and args.worker_json is None:
@@ -177,6 +185,81 @@ def main(argv=None) -> int:
             log(f"  {cfg['name']} @ {float(b):.0%}: cachec {fmt(h['cachec_psnr'])} dB, best peer "
                 f"{h['best_peer'] or '–'} {fmt(h['best_peer_psnr'])} dB")
     return 0
+
+
+def add_main(args, argv) -> int:
+    """``--add FILE``: measure the ``--methods`` lines on every (or every ``--models``) configuration of FILE
+    with FILE's options (:func:`bench.compare_sweeps.add_to_config`), recompute the adaptive rows and rewrite
+    FILE, its ``.md`` and ``.png``; returns 0.
+
+    Raises:
+        SystemExit: FILE is not a benchmark result or ``--methods`` is missing. RuntimeError: a worker failed
+        or this machine does not reproduce FILE.
+    """
+    path = Path(args.add)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        stored = results["configs"]
+        opts = results["options"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--add {path}: not a bench/compare.py result ({exc}); give a benchmarks JSON it wrote")
+    if not args.methods:
+        raise SystemExit("--add needs --methods (the lines to add, e.g. --methods SoftCap)")
+    t_all = time.perf_counter()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = [m.strip() for m in args.models.split(",")] if args.models else None
+    todo = [c for c in stored if wanted is None or c["model"] in wanted]
+    if args.steps:
+        todo = [c for c in todo if c["steps"] in [int(x) for x in args.steps.split(",")]]
+    if args.jobs > 1 and args.worker_json is None and len(todo) > 1:
+        updated = run_workers(args, argv, [(c["model"], [c["steps"]]) for c in todo])
+    else:
+        updated = add_configs(args, todo, opts)
+    if args.worker_json is not None:
+        Path(args.worker_json).write_text(json.dumps(to_jsonable(updated), allow_nan=False))
+        return 0
+    by_name = {c["name"]: c for c in updated}
+    results["configs"] = [by_name.get(c["name"], c) for c in stored]
+    for cfg in results["configs"]:
+        if cfg.get("adaptive_confirmation"):
+            cfg["adaptive"] = adaptive_comparison(cfg)
+    results.setdefault("added", []).append({
+        "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": time.perf_counter() - t_all,
+        "worker_processes": args.jobs})
+    path.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    md_path, png_path = path.with_suffix(".md"), path.with_suffix(".png")
+    write_plot(results, png_path)
+    write_markdown(results, md_path, path.name, png_path.name)
+    log(f"\nwrote {path}, {md_path}, {png_path} in {(time.perf_counter() - t_all) / 60:.1f} min")
+    for cfg in results["configs"]:
+        for key, row in (cfg.get("adaptive") or {}).items():
+            st = row.get("static_matched") or {}
+            log(f"  {cfg['name']} SoftCap @ {float(key):.0%}: {row['flops']:.1%} FLOPs, {fmt(row['psnr'])} dB; vs static "
+                f"at its FLOPs {fmt(st.get('margin_db'), '+.2f')} dB ({st.get('verdict', '–')})")
+    return 0
+
+
+def add_configs(args, todo: list[dict], opts: dict) -> list[dict]:
+    """:func:`bench.compare_sweeps.add_to_config` for each stored configuration in ``todo``, in this process."""
+    from bench.compare_sweeps import add_to_config
+    from cachec.loading import load_model
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="cachec-bench-add-") as work:
+        for stored in todo:
+            driver = load_model(stored["model"])
+            wd = os.path.join(work, f"{Path(stored['model']).name}_{stored['steps']}")
+            os.makedirs(wd, exist_ok=True)
+            cfg = Config(driver, stored["model"], int(stored["steps"]), int(opts["per_class"]), int(opts["cal_per_class"]),
+                         int(opts["batch_size"]), wd, opts["sensitivity"], args.sensitivity_samples)
+            cfg.counter = stored.get("flop_counter", opts.get("flop_counter", "fast"))
+            cfg.ctx.refine = int(opts.get("refine", 1))
+            methods = peers.all_methods(cfg.steps, quick=bool(opts.get("quick")), only=args.methods.split(","))
+            out.append(add_to_config(cfg, stored, methods, bool(opts.get("quick")), args.max_extra))
+    return out
 
 
 def run_workers(args, argv, plan_list) -> list[dict]:
@@ -253,6 +336,8 @@ def run_configs(args, plan_list, out_dir, per_class, cal_per_class, sensitivity)
                 res = run_config(cfg, methods, args.quick, args.max_extra, progress)
                 res["headline"] = headline(res)
                 res["iso_quality"] = iso_quality(res)
+                if res.get("adaptive_confirmation"):
+                    res["adaptive"] = adaptive_comparison(res)
                 configs.append(res)
     partial.unlink(missing_ok=True)
     return configs

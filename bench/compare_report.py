@@ -314,7 +314,9 @@ def write_plot(results: dict, path: Path) -> None:
     cmap = plt.get_cmap("tab20")
     groups = {e["method"]: e["group"] for cfg in cfgs for e in cfg["methods"]}
     marker = {"cachec": "o-", "planner baseline": "o-", "diffusers": "s--", "cache-dit": "^:"}
-    style = {n: (cmap(i % 20), marker.get(groups.get(n), "x-.")) for i, n in enumerate(names)}
+    adaptive_cachec = {e["method"] for cfg in cfgs for e in cfg["methods"] if e["group"] == "cachec" and e.get("adaptive")}
+    style = {n: (cmap(i % 20), "D-" if n in adaptive_cachec else marker.get(groups.get(n), "x-."))
+             for i, n in enumerate(names)}
     for ax, cfg in zip(axes[0], cfgs):
         for e in cfg["methods"]:
             if e.get("diagnostic"):
@@ -365,6 +367,39 @@ def counter_note(results: dict) -> str:
                 f"{CHECK_SIZE} samples).")
     return (f"a bare dispatch-mode counter was checked against `cachec.runtime.flops.count_flops` ({checks} checks); where it "
             f"disagreed ({', '.join(bad)}) everything of that method was recounted with `count_flops`.")
+
+
+def adaptive_lines(cfg_res: dict) -> list[str]:
+    """Markdown lines of the adaptive table of one configuration from its ``adaptive`` rows
+    (:func:`bench.compare_adaptive.adaptive_comparison`); empty without them."""
+    rows = cfg_res.get("adaptive")
+    if not rows:
+        return []
+
+    def cell(p: dict | None, who: str = "") -> str:  # noqa: E306
+        if not p:
+            return "–"
+        name = f"{who} " if who else ""
+        return (f"{name}{fmt(p['psnr'])} dB at {p['flops']:.1%}: **{p['margin_db']:+.2f}** "
+                f"[{p['margin_ci_low']:+.2f}, {p['margin_ci_high']:+.2f}] ({p['verdict']})")
+
+    n = next(iter(rows.values()))["images"]
+    L = [f"**Adaptive mode (SoftCap, `adaptive: true`)** on {n} images, one sampling call per image (per-image "
+         "decisions); base plan 5 points under the ceiling (cachec's chosen family and predictors at the ceiling, "
+         "unrefined); margins = adaptive − other, paired 95 % bootstrap interval over the images. "
+         "'static at its FLOPs' = the same family and predictors solved at exactly the adaptive point's realised "
+         f"fraction; 'cachec' and 'best peer' = the headline's pair at the ceiling (frontier rule, ≤ ceiling + "
+         f"{FRONTIER_SLACK:.1%}):", "",
+         "| ceiling | realised (max run) | Full steps | PSNR dB | vs static at its FLOPs | vs cachec at the ceiling | vs best peer |",
+         "|---|---:|---:|---:|---|---|---|"]
+    for key in sorted(rows):
+        r = rows[key]
+        bp = r.get("best_peer")
+        L.append(f"| {r['ceiling']:.0%} | {r['flops']:.1%} ({fmt(r['run_flops_max'], '.1%')}) | "
+                 f"{fmt(r['full_steps_mean'], '.2f')} | {fmt(r['psnr'])} | {cell(r['static_matched'])} | "
+                 f"{cell(r['cachec_at_ceiling'])} | {cell(bp, bp.get('method', '') if bp else '')} |")
+    L.append("")
+    return L
 
 
 def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> None:
@@ -478,6 +513,7 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                  "it; the frontier rule then uses their best point further below): "
                  + "; ".join(f"{float(k):.0%}: {', '.join(v) if v else 'none'}" for k, v in cov.items()) + ".")
         L.append("")
+        L += adaptive_lines(cfg)
         iso = cfg.get("iso_quality") or iso_quality(cfg)
         rows = []
         for b in ISO_BUDGETS:

@@ -87,6 +87,15 @@ class Config:
                         for i in range(0, len(self.eval_conditions), bs)]
 
 
+def split_calls(session: peers.Session | None, batches) -> list[tuple[list, list]]:
+    """``batches`` cut into the session's ``call_batch`` samples per ``generate`` call (unchanged when it has
+    none)."""
+    k = getattr(session, "call_batch", None)
+    if not k:
+        return list(batches)
+    return [(list(c[i:i + k]), list(s[i:i + k])) for c, s in batches for i in range(0, len(c), k)]
+
+
 def counted_generate(cfg: Config, session: peers.Session | None, batches, per_batch: list | None = None,
                      counter: str = "fast") -> tuple[torch.Tensor, int]:
     """Images and FLOPs (counted over every whole ``generate`` call) of ``batches`` under ``session``;
@@ -95,7 +104,7 @@ def counted_generate(cfg: Config, session: peers.Session | None, batches, per_ba
     from cachec.runtime.flops import count_flops, count_total_flops
 
     images, total = [], 0
-    for conds, seeds in batches:
+    for conds, seeds in split_calls(session, batches):
         if session is not None:
             session.begin()
         try:
@@ -118,15 +127,18 @@ def timed_generate(cfg: Config, session: peers.Session | None) -> tuple[float, t
     samples of the first evaluation batch; no FLOP counting)."""
     conds, seeds = cfg.batches[0]
     conds, seeds = conds[: cfg.timing_size], seeds[: cfg.timing_size]
-    if session is not None:
-        session.begin()
-    try:
-        t = time.perf_counter()
-        images = cfg.ctx.generate(conds, seeds)
-        return time.perf_counter() - t, images
-    finally:
+    wall, images = 0.0, []
+    for c, s in split_calls(session, [(conds, seeds)]):
         if session is not None:
-            session.end()
+            session.begin()
+        try:
+            t = time.perf_counter()
+            images.append(cfg.ctx.generate(c, s))
+            wall += time.perf_counter() - t
+        finally:
+            if session is not None:
+                session.end()
+    return wall, torch.cat(images)
 
 
 def summarise(ev: dict) -> dict:
@@ -243,7 +255,7 @@ def sweep_method(cfg: Config, method: peers.Method, ref: dict, quick: bool, max_
 
     for p in method.grid(cfg.ctx, quick=quick):
         measure(p)
-    if not method.adaptive or quick:
+    if not (method.adaptive if method.bisect is None else method.bisect) or quick:
         return points
     # a sweep whose two most (least) aggressive points already realise the same FLOPs has hit its floor
     # (ceiling): e.g. MagCache's max_skip_steps caps how much any threshold can skip
@@ -297,23 +309,12 @@ def sweep_method(cfg: Config, method: peers.Method, ref: dict, quick: bool, max_
     return points
 
 
-def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra: int,
-               progress: Any = None) -> dict:
-    """Measure one configuration: the uncached reference (images, FLOPs, counter check, accuracy, Fréchet,
-    timing), then every method in ``methods`` (:func:`sweep_method`), each followed by the leftover check
-    and an interleaved uncached timing; ``progress(partial_result)`` is called after each method.
-
-    Returns:
-        The configuration's result dict (``name, model, steps, ..., reference, methods, seconds``).
-
-    Raises:
-        Whatever the uncached reference run raises; a method's errors are recorded in its entry.
-    """
+def measure_reference(cfg: Config) -> tuple[dict, dict, dict | None, list[float]]:
+    """The uncached reference of ``cfg``'s evaluation set: ``(ref, reference, counter_check, ref_times)`` with
+    ``ref = {"images", "flops", "flops_batch0"}`` for :func:`run_point`, ``reference`` the result fields
+    (FLOPs per image, accuracy, Fréchet, timing), the fast-vs-torch counter check and the first timing."""
     from cachec.report import evaluate
 
-    log(f"\n=== {cfg.name}: {len(cfg.eval_conditions)} evaluation images in {len(cfg.batches)} batches, "
-        f"guidance {cfg.guidance}, calibration {len(cfg.ctx.calib_conditions)} samples")
-    t_cfg = time.perf_counter()
     t = time.perf_counter()
     per_batch: list[int] = []
     ref_images, ref_flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)
@@ -342,7 +343,15 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
     }
     log(f"  uncached: {reference['flops_per_image'] / 1e9:.3f} GFLOP/image, accuracy {reference['class_accuracy']:.3f}, "
         f"Fréchet {reference['frechet']:.1f}, timing batch wall {ref_times[0]:.2f} s ({reference['seconds']:.1f} s)")
-    results = []
+    return ref, reference, counter_check, ref_times
+
+
+def run_methods(cfg: Config, methods: list[peers.Method], ref: dict, ref_times: list[float], quick: bool,
+                max_extra: int, progress: Any = None, done: list[dict] | None = None) -> list[dict]:
+    """Every method's entry (:func:`sweep_method`), each followed by the leftover check and an interleaved
+    uncached timing (appended to ``ref_times``); ``progress(partial)`` after each method, where ``partial``
+    lists ``done`` (entries measured before) and the new ones."""
+    results: list[dict] = []
     for method in methods:
         t = time.perf_counter()
         entry: dict[str, Any] = {"method": method.name, "group": method.group, "knob": method.knob,
@@ -371,8 +380,29 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
         entry["seconds"] = time.perf_counter() - t
         results.append(entry)
         if progress is not None:
-            progress({"name": cfg.name, "methods": results})
+            progress({"name": cfg.name, "methods": list(done or []) + results})
+    return results
+
+
+def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra: int,
+               progress: Any = None) -> dict:
+    """Measure one configuration: the uncached reference (:func:`measure_reference`), then every method in
+    ``methods`` (:func:`run_methods`), the headline's and the adaptive lines' confirmations;
+    ``progress(partial_result)`` is called after each method.
+
+    Returns:
+        The configuration's result dict (``name, model, steps, ..., reference, methods, seconds``).
+
+    Raises:
+        Whatever the uncached reference run raises; a method's errors are recorded in its entry.
+    """
+    log(f"\n=== {cfg.name}: {len(cfg.eval_conditions)} evaluation images in {len(cfg.batches)} batches, "
+        f"guidance {cfg.guidance}, calibration {len(cfg.ctx.calib_conditions)} samples")
+    t_cfg = time.perf_counter()
+    ref, reference, counter_check, ref_times = measure_reference(cfg)
+    results = run_methods(cfg, methods, ref, ref_times, quick, max_extra, progress)
     confirmation = confirm_headline(cfg, methods, results)
+    adaptive_confirmation = confirm_adaptive(cfg, methods, results)
     out = {
         "name": cfg.name,
         "model": cfg.model,
@@ -393,10 +423,73 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
         "reference_wall_s": ref_times,
         "methods": results,
         "confirmation": confirmation,
+        "adaptive_confirmation": adaptive_confirmation,
         "seconds": time.perf_counter() - t_cfg,
     }
     log(f"  {cfg.name}: {out['seconds']:.0f} s")
     return out
+
+
+#: a stored point re-measured to check that new points pair with a stored result image by image (dB)
+REPRODUCE_TOL = 1e-3
+
+
+def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick: bool, max_extra: int,
+                  progress: Any = None) -> dict:
+    """Add ``methods`` to a stored configuration result (``bench/compare.py --add``): the new lines are
+    measured on the same images as the stored ones, so the report pairs them image by image.
+
+    Checks first that this machine reproduces the stored result: the uncached reference's FLOPs must be equal
+    and a stored planner-baseline point (the first point of EOC as published) re-measured must give the stored per-image
+    PSNRs within :data:`REPRODUCE_TOL` dB (EOC as published: it uses the calibration's priors, so this also checks
+    that the calibration is reproduced). cachec's stored plan choices (``info.plan_options`` of the
+    ``cachec`` line's points) are what :class:`bench.peers.SoftCapMethod` builds on. Entries of the same name are
+    replaced; the adaptive lines are confirmed (:func:`confirm_adaptive`) on the stored confirmation's images.
+
+    Returns:
+        ``stored`` updated (``methods``, ``adaptive_confirmation``, ``additions``).
+
+    Raises:
+        RuntimeError: the stored result is not reproduced here (other model weights, torch or CPU kernels).
+    """
+    log(f"\n=== {cfg.name}: adding {', '.join(m.name for m in methods)} to the stored result")
+    t_cfg = time.perf_counter()
+    ref, reference, _, ref_times = measure_reference(cfg)
+    want = stored["reference"]["flops_per_image"]
+    if abs(reference["flops_per_image"] - want) > 0.5:
+        raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
+                           f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
+    for e in stored["methods"]:
+        if e["method"] == "cachec":
+            for r in e["points"]:
+                if (r.get("info") or {}).get("plan_options"):
+                    cfg.ctx.cache[("chosen options", round(float(r["param"]), 6))] = r["info"]["plan_options"]
+    base = next((e for e in stored["methods"] if e["method"] == "EOC (paper)" and e["points"]), None)
+    check = None
+    if base is not None:
+        point = base["points"][0]
+        method = next(m for m in peers.all_methods(cfg.steps, only=["EOC (paper)"]) if m.name == base["method"])
+        method.prepare(cfg.ctx)
+        rec = run_point(cfg, method, point["param"], ref)
+        diff = max(abs(a - b) for a, b in zip(rec["psnr_db_per_image"], point["psnr_db_per_image"]))
+        check = {"point": f"{base['method']} {point['label']}", "max_abs_psnr_diff_db": diff}
+        log(f"  reproduces the stored {check['point']}: max per-image PSNR difference {diff:.2e} dB")
+        if diff > REPRODUCE_TOL:
+            raise RuntimeError(f"{cfg.name}: {check['point']} differs from the stored result by up to {diff:.3g} dB "
+                               "per image: this machine does not reproduce it; rerun the whole benchmark")
+    names = {m.name for m in methods}
+    kept = [e for e in stored["methods"] if e["method"] not in names]
+    new = run_methods(cfg, methods, ref, ref_times, quick, max_extra, progress, done=kept)
+    stored["methods"] = kept + new
+    conf = stored.get("confirmation")
+    if conf:
+        cfg.confirm_images = int(conf["n_images"])
+    stored["adaptive_confirmation"] = confirm_adaptive(cfg, methods, new)
+    stored.setdefault("additions", []).append({
+        "methods": sorted(names), "reproduction_check": check, "reference_seconds": reference["seconds"],
+        "seconds": time.perf_counter() - t_cfg})
+    log(f"  {cfg.name}: added in {time.perf_counter() - t_cfg:.0f} s")
+    return stored
 
 
 def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dict]) -> dict | None:
@@ -443,6 +536,60 @@ def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dic
             points.append(rec)
             log(f"      {name} {label:28s} FLOPs {fmt(rec.get('flops_fraction'), '.1%')}  PSNR {fmt(rec.get('psnr_db'))} dB"
                 + (f"  ERROR {rec['error']}" if "error" in rec else ""))
+        cfg.confirm_reference = (len(cfg.eval_conditions), ref, ref_seconds)
+        return {"n_images": len(cfg.eval_conditions), "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
+                "reference_seconds": ref_seconds, "points": points, "seconds": time.perf_counter() - t}
+    finally:
+        cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text = saved
+
+
+def confirm_adaptive(cfg: Config, methods: list[peers.Method], results: list[dict]) -> dict | None:
+    """Every point of the adaptive lines (:class:`bench.peers.SoftCapMethod`) re-measured on
+    ``cfg.confirm_images`` images (one sampling call per image), each followed by the static plan of the same
+    family and predictors solved at exactly the realised fraction it had on those images
+    (:class:`bench.peers.MatchedStaticMethod`), against the same uncached reference as the headline's
+    confirmation (measured here if the headline made none). :func:`bench.compare_adaptive.adaptive_comparison`
+    pairs them with each other and with the headline's confirmed points.
+
+    Returns:
+        ``{"n_images", "eval_seeds", "reference_seconds", "points": [adaptive record, its static record, ...]}``,
+        or None without adaptive lines or with ``cfg.confirm_images`` not above the sweep's image count.
+    """
+    adaptive = [m for m in methods if isinstance(m, peers.SoftCapMethod)]
+    n = int(cfg.confirm_images)
+    if not adaptive or n <= len(cfg.eval_conditions):
+        return None
+    saved = (cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text)
+    t = time.perf_counter()
+    cfg.set_eval(n)
+    try:
+        have = getattr(cfg, "confirm_reference", None)
+        if have is not None and have[0] == len(cfg.eval_conditions):
+            ref, ref_seconds = have[1], have[2]
+        else:
+            per_batch: list[int] = []
+            images, flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)
+            ref, ref_seconds = {"images": images, "flops": flops, "flops_batch0": per_batch[0]}, time.perf_counter() - t
+        static = peers.MatchedStaticMethod()
+        points = []
+        for method in adaptive:
+            entry = next((e for e in results if e["method"] == method.name), None)
+            for r in (entry or {}).get("points", []):
+                if "error" in r:
+                    continue
+                counter = r.get("flop_counter", cfg.counter)
+                rec = run_point(cfg, method, r["param"], ref, {"checked": True, "counter": counter})
+                points.append(rec)
+                log(f"      {method.name} {rec['label']:20s} FLOPs {fmt(rec.get('flops_fraction'), '.2%')}  PSNR "
+                    f"{fmt(rec.get('psnr_db'))} dB" + (f"  ERROR {rec['error']}" if "error" in rec else ""))
+                if "error" in rec:
+                    continue
+                srec = run_point(cfg, static, (float(r["param"]), rec["flops_fraction"]), ref,
+                                 {"checked": True, "counter": counter})
+                srec["matches"] = rec["label"]
+                points.append(srec)
+                log(f"      {static.name} {srec['label']:20s} FLOPs {fmt(srec.get('flops_fraction'), '.2%')}  PSNR "
+                    f"{fmt(srec.get('psnr_db'))} dB" + (f"  ERROR {srec['error']}" if "error" in srec else ""))
         return {"n_images": len(cfg.eval_conditions), "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
                 "reference_seconds": ref_seconds, "points": points, "seconds": time.perf_counter() - t}
     finally:

@@ -53,6 +53,8 @@ def test_each_adapter_runs_and_is_counted(ctx, reference, method):
         return
     method.prepare(ctx)
     p = method.grid(ctx, quick=True)[-1]
+    if isinstance(method, peers.SoftCapMethod):  # builds on cachec's plan choice at the ceiling
+        ctx.cache[("chosen options", round(float(p), 6))] = {"family": "step", "fill": True}
     session = method.session(ctx, p)
     try:
         session.begin()
@@ -314,3 +316,46 @@ def test_confirmation_over_the_budget_is_rejected():
     h = headline(cfg)["0.40"]
     assert h["images"] == 20 and h["best_peer_flops"] == 0.401 and h["margin_db"] == pytest.approx(-1.0)
     assert "peer realised 100.0%" in h["confirmation_rejected"]
+
+
+def test_sessions_split_generate_calls_to_their_call_batch():
+    from bench.compare_sweeps import split_calls
+
+    batches = [([0, 1, 2], [10, 11, 12]), ([3], [13])]
+    assert split_calls(None, batches) == batches
+    one = peers.Session()
+    one.call_batch = 1
+    assert split_calls(one, batches) == [([0], [10]), ([1], [11]), ([2], [12]), ([3], [13])]
+    assert peers.SoftCapSession.call_batch == 1  # the adaptive line decides per image
+
+
+def test_softcap_without_a_plan_choice_says_what_to_run(ctx):
+    with pytest.raises(KeyError, match="run the 'cachec' line first"):
+        peers.SoftCapMethod().base_plan(ctx, 0.55)
+
+
+def test_adaptive_rows_pair_the_adaptive_point_with_its_static_match_and_the_headline_pair():
+    """The adaptive row of a ceiling pairs image by image with the static plan at its realised FLOPs and with
+    the headline's confirmed cachec and best-peer points at the same table budget; a margin whose interval
+    holds 0 is a tie; the ceiling check reads the largest single run."""
+    from bench.compare_adaptive import adaptive_comparison
+
+    def pt(method, label, flops, base, n=30, **kw):
+        return dict({"method": method, "label": label, "flops_fraction": flops, "psnr_db": base,
+                     "psnr_db_per_image": [base + 0.3 * ((7 * i) % 5 - 2) for i in range(n)], "frechet": 1.0}, **kw)
+
+    soft = pt("cachec SoftCap", "ceiling 40%", 0.385, 40.0, param=0.4,
+              info={"ceiling": 0.4, "run_flops_fraction_max": 0.398, "full_steps_mean": 1.5})
+    cfg = {"methods": [{"method": "cachec", "group": "cachec", "points": [pt("cachec", "budget 40%", 0.40, 39.0, 20)]},
+                       {"method": "peer", "group": "diffusers", "points": [pt("peer", "t", 0.401, 38.0, 20)]}],
+           "confirmation": {"n_images": 30, "points": [pt("cachec", "budget 40%", 0.40, 41.0),
+                                                       pt("peer", "t", 0.401, 38.0)]},
+           "adaptive_confirmation": {"n_images": 30, "points": [
+               soft, pt("cachec static (at SoftCap's FLOPs)", "budget 38.50%", 0.385, 40.0, matches="ceiling 40%")]}}
+    row = adaptive_comparison(cfg)["0.40"]
+    assert row["flops"] == 0.385 and row["over_ceiling_points"] == pytest.approx(-0.2)
+    assert row["static_matched"]["margin_db"] == pytest.approx(0.0) and row["static_matched"]["verdict"] == "tie"
+    assert row["cachec_at_ceiling"]["margin_db"] == pytest.approx(-1.0)
+    assert row["cachec_at_ceiling"]["verdict"] == "behind"
+    assert row["best_peer"]["method"] == "peer" and row["best_peer"]["verdict"] == "ahead"
+    assert row["best_peer"]["margin_db"] == pytest.approx(2.0)

@@ -12,6 +12,9 @@ Methods (``all_methods``), by group:
   :func:`cachec.runtime.apply`. Line ``cachec`` is the shipped procedure (every schedule family solved and
   refined along its own cached trajectory, the plan closest to uncached sampling on validation seeds kept, as
   ``cachec compile`` does); lines ``cachec (free | step | group family)`` show each family alone, unrefined.
+  Line ``cachec SoftCap`` is the adaptive runtime mode (docs/softcap.md) at FLOP ceilings 25/40/60 %, on a
+  base plan of the chosen family 5 points under each ceiling, deciding per image
+  (:mod:`bench.peers.cachec_adaptive`).
 - **planner baselines**: FORA (interval N), EOC as published (FORA + α = 0.01), GOC as published (FORA +
   λ = 1.2 with the inflection gate), built by the same planner and run by the same runtime.
 - **diffusers 0.42.1 hooks** (``diffusers.hooks.apply_*`` on the transformer): FirstBlockCache,
@@ -48,7 +51,7 @@ results next to each operating point):
 
 Layout (one flat module per technique, as diffusers' ``hooks/``): :mod:`bench.peers.core` (context,
 sessions, the :class:`Method` interface), :mod:`bench.peers.context` (the cache-context wrapper and the hook
-session), :mod:`bench.peers.cachec_plans`, :mod:`bench.peers.first_block_cache`,
+session), :mod:`bench.peers.cachec_plans`, :mod:`bench.peers.cachec_adaptive`, :mod:`bench.peers.first_block_cache`,
 :mod:`bench.peers.pyramid_attention_broadcast`, :mod:`bench.peers.taylorseer_cache`,
 :mod:`bench.peers.mag_cache`, :mod:`bench.peers.faster_cache`, :mod:`bench.peers.sea_cache`,
 :mod:`bench.peers.cache_dit`; this package re-exports their names and holds the registry
@@ -60,6 +63,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .cache_dit import CacheDitMethod, CacheDitSession, cache_dit_status
+from .cachec_adaptive import MatchedStaticMethod, SoftCapMethod, SoftCapSession
 from .cachec_plans import PlanMethod, PlanSession, choose_family, ensure_calibration
 from .context import CacheContextWrapper, HookSession, remove_diffusers_hooks
 from .context import _scheduler_sigma  # noqa: F401  (tests check it)
@@ -81,12 +85,15 @@ __all__ = [
     "FirstBlockCacheMethod",
     "HookSession",
     "MagCacheMethod",
+    "MatchedStaticMethod",
     "Method",
     "PABMethod",
     "PlanMethod",
     "PlanSession",
     "SeaCacheMethod",
     "Session",
+    "SoftCapMethod",
+    "SoftCapSession",
     "TaylorSeerMethod",
     "all_methods",
     "cache_dit_status",
@@ -115,6 +122,7 @@ def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = No
     intervals = [2, 3, 4, 5]
     methods: list[Method] = [
         PlanMethod("cachec", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.25, 0.4, 0.6], choose_family=True),
+        SoftCapMethod(),
     ]
     if families:
         methods += [PlanMethod(f"cachec ({fam} family)", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.4], family=fam)

@@ -97,6 +97,9 @@ class Session:
     """
 
     info: dict
+    #: samples per ``generate`` call this session needs (None: the configuration's batch size; 1: an adaptive
+    #: method deciding per image)
+    call_batch: int | None = None
 
     def __init__(self) -> None:
         self.info = {}
@@ -120,6 +123,8 @@ class Method:
         knob: what the sweep parameter is.
         adaptive: a threshold method (the benchmark extends/bisects its parameter until the realised FLOPs
             bracket each target budget); larger parameter = fewer FLOPs.
+        bisect: extend/bisect the parameter as for ``adaptive`` methods (None: as ``adaptive``; False for an
+            adaptive method whose parameter is itself the FLOP target, e.g. a ceiling).
         diagnostic: a configuration measured on the first batch only to show it does nothing (no-op).
         settings: fixed configuration facts reported with the results.
     """
@@ -128,6 +133,7 @@ class Method:
     group = ""
     knob = ""
     adaptive = False
+    bisect: bool | None = None
     diagnostic = False
 
     def __init__(self) -> None:
