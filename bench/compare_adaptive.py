@@ -9,7 +9,18 @@ Input: a configuration's result (``bench/compare.py``) with an ``adaptive_confir
 
 from __future__ import annotations
 
-from bench.compare_report import FRONTIER_SLACK, confirmed, fmt, headline_pairs, paired_margin
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.compare_report import (FRONTIER_SLACK, _num, confirmed, fmt, frontier_point, headline_pairs,  # noqa: E402
+                                  paired_margin)
+
+#: the peers the issue names, each the best of its lines (method-name prefixes) by the frontier rule
+PEER_FAMILIES = {"FBCache": ("FirstBlockCache",), "MagCache": ("MagCache",), "SeaCache": ("SeaCache",),
+                 "TaylorSeer": ("TaylorSeerCache",), "DBCache": ("cache-dit DBCache",)}
 
 
 def _verdict(lo, hi) -> str:
@@ -24,6 +35,26 @@ def _pair(mine: dict, theirs: dict | None) -> dict | None:
             "margin_db": m, "margin_ci_low": lo, "margin_ci_high": hi, "verdict": _verdict(lo, hi)}
 
 
+def peer_families(cfg_res: dict, point: dict) -> dict:
+    """``{family: pair}`` for each of :data:`PEER_FAMILIES` on the sweep's images: the family's best line point
+    at ≤ the adaptive sweep ``point``'s realised FLOPs + slack (frontier rule), paired with ``point``; families
+    without a point there are left out."""
+    out = {}
+    for fam, prefixes in PEER_FAMILIES.items():
+        best = None
+        for e in cfg_res["methods"]:
+            if e["group"] == "cachec" or not e["method"].startswith(prefixes):
+                continue
+            r = frontier_point(e, point["flops_fraction"])
+            if r is not None and (best is None or _num(r["psnr_db"]) > _num(best[1]["psnr_db"])):
+                best = (e["method"], r)
+        if best:
+            pair = _pair(point, best[1])
+            if pair:
+                out[fam] = dict(pair, method=best[0])
+    return out
+
+
 def adaptive_comparison(cfg_res: dict) -> dict:
     """``{ceiling key: row}`` for every adaptive point of ``cfg_res["adaptive_confirmation"]``.
 
@@ -33,7 +64,8 @@ def adaptive_comparison(cfg_res: dict) -> dict:
     ``cachec_at_ceiling``, ``best_peer``) the other point's PSNR, FLOPs, label and the paired margin
     adaptive − other with its interval and verdict (``ahead``/``behind`` when the interval excludes 0, else
     ``tie``). ``cachec_at_ceiling``/``best_peer`` are the headline's pair at the table budget equal to the
-    ceiling (frontier rule), taken from its confirmation on the same images; None where absent.
+    ceiling (frontier rule), taken from its confirmation on the same images; None where absent. ``sweep``: the
+    adaptive point on the sweep's images with ``peers`` (:func:`peer_families`: each named peer at ≤ its FLOPs).
     """
     conf = cfg_res.get("adaptive_confirmation") or {}
     pts = [r for r in conf.get("points", []) if "error" not in r and r.get("psnr_db_per_image")]
@@ -60,6 +92,39 @@ def adaptive_comparison(cfg_res: dict) -> dict:
                 row["best_peer"]["method"] = best[0]
         else:
             row["best_peer"] = None
+        sweep = next((p for e in cfg_res["methods"] if e["method"] == r["method"] for p in e["points"]
+                      if p.get("label") == r["label"] and "error" not in p and p.get("psnr_db_per_image")), None)
+        if sweep is not None:
+            row["sweep"] = {"images": len(sweep["psnr_db_per_image"]), "flops": sweep["flops_fraction"],
+                            "psnr": sweep["psnr_db"], "peers": peer_families(cfg_res, sweep)}
         out[f"{c:.2f}"] = row
     return out
 
+
+
+def main(argv=None) -> int:
+    """``python bench/compare_adaptive.py [docs/benchmarks.json]``: recompute every configuration's adaptive rows
+    (:func:`adaptive_comparison`, nothing re-run) and rewrite the JSON, its ``.md`` and ``.png``."""
+    import json
+
+    from bench.compare_report import write_markdown, write_plot
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    path = Path(args[0] if args else "docs/benchmarks.json")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    for cfg in results["configs"]:
+        if cfg.get("adaptive_confirmation"):
+            cfg["adaptive"] = adaptive_comparison(cfg)
+    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_plot(results, path.with_suffix(".png"))
+    write_markdown(results, path.with_suffix(".md"), path.name, path.with_suffix(".png").name)
+    for cfg in results["configs"]:
+        for key, row in (cfg.get("adaptive") or {}).items():
+            st = row.get("static_matched") or {}
+            print(f"{cfg['name']} SoftCap @ {float(key):.0%}: {row['flops']:.1%} FLOPs, {fmt(row['psnr'])} dB; vs static at "
+                  f"its FLOPs {fmt(st.get('margin_db'), '+.2f')} dB ({st.get('verdict', '–')})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -399,6 +399,22 @@ def adaptive_lines(cfg_res: dict) -> list[str]:
                  f"{fmt(r['full_steps_mean'], '.2f')} | {fmt(r['psnr'])} | {cell(r['static_matched'])} | "
                  f"{cell(r['cachec_at_ceiling'])} | {cell(bp, bp.get('method', '') if bp else '')} |")
     L.append("")
+    sweeps = [(k, rows[k]["sweep"]) for k in sorted(rows) if rows[k].get("sweep")]
+    if sweeps:
+        fams = sorted({f for _, sw in sweeps for f in sw["peers"]})
+        L.append(f"The named peers at ≤ the adaptive point's realised FLOPs (+ {FRONTIER_SLACK:.1%}) on the sweep's "
+                 f"{sweeps[0][1]['images']} images (each peer's best line by the frontier rule; adaptive − peer):")
+        L.append("")
+        L.append("| ceiling | adaptive (sweep) | " + " | ".join(fams) + " |")
+        L.append("|---|---:|" + "---|" * len(fams))
+        for k, sw in sweeps:
+            cells = []
+            for f in fams:
+                p = sw["peers"].get(f)
+                cells.append("–" if not p else f"{p['method']} {p['label']}: {fmt(p['psnr'])} dB at {p['flops']:.1%}, "
+                             f"**{p['margin_db']:+.2f}** [{p['margin_ci_low']:+.2f}, {p['margin_ci_high']:+.2f}]")
+            L.append(f"| {float(k):.0%} | {fmt(sw['psnr'])} dB at {sw['flops']:.1%} | " + " | ".join(cells) + " |")
+        L.append("")
     return L
 
 

@@ -352,7 +352,16 @@ def test_adaptive_rows_pair_the_adaptive_point_with_its_static_match_and_the_hea
                                                        pt("peer", "t", 0.401, 38.0)]},
            "adaptive_confirmation": {"n_images": 30, "points": [
                soft, pt("cachec static (at SoftCap's FLOPs)", "budget 38.50%", 0.385, 40.0, matches="ceiling 40%")]}}
+    cfg["methods"] += [
+        {"method": "cachec SoftCap", "group": "cachec", "points": [pt("cachec SoftCap", "ceiling 40%", 0.386, 33.0, 20)]},
+        {"method": "SeaCache", "group": "diffusers", "points": [pt("SeaCache", "a", 0.38, 31.0, 20),
+                                                                pt("SeaCache", "b", 0.45, 36.0, 20)]},
+        {"method": "SeaCache (no consecutive limit)", "group": "diffusers", "points": [pt("SeaCache", "c", 0.30, 32.0, 20)]},
+        {"method": "MagCache", "group": "diffusers", "points": [pt("MagCache", "d", 0.50, 39.0, 20)]}]
     row = adaptive_comparison(cfg)["0.40"]
+    sea = row["sweep"]["peers"]["SeaCache"]  # the best SeaCache line at <= 38.6 % + slack: not the 45 % point
+    assert (sea["method"], sea["label"], sea["margin_db"]) == ("SeaCache (no consecutive limit)", "c", pytest.approx(1.0))
+    assert "MagCache" not in row["sweep"]["peers"]  # no MagCache point at these FLOPs
     assert row["flops"] == 0.385 and row["over_ceiling_points"] == pytest.approx(-0.2)
     assert row["static_matched"]["margin_db"] == pytest.approx(0.0) and row["static_matched"]["verdict"] == "tie"
     assert row["cachec_at_ceiling"]["margin_db"] == pytest.approx(-1.0)
