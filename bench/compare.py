@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
 from bench.compare_adaptive import adaptive_comparison  # noqa: E402
+from bench.compare_control import control_summary  # noqa: E402
 from bench.compare_report import (TABLE_BUDGETS, at_budget, fmt, headline, iso_quality, write_markdown,  # noqa: E402
                                   write_plot)
 from bench.compare_sweeps import Config, log, run_config, run_point  # noqa: E402
@@ -102,6 +103,9 @@ def parse_args(argv=None):
     ap.add_argument("--confirm-images", type=int, default=None,
                     help="re-measure the headline's points (cachec and the best peer at each budget) on this many "
                          "images for narrower paired intervals (default 100; quick 0 = off)")
+    ap.add_argument("--budgets", default=None,
+                    help="comma-separated budgets of the cachec line, fractions or percents (default 25,40,60 %%); "
+                         "the tables stay at 25/40/60 %%")
     ap.add_argument("--families", action="store_true",
                     help="also one line per cachec schedule family (free, step, group) besides the closed-loop choice")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: 10 images, few points, no adaptive sweep")
@@ -115,6 +119,27 @@ def parse_args(argv=None):
                          ".md/.png; --models narrows its configurations")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def parse_budgets(text: str | None) -> list[float] | None:
+    """``"15,25,40"`` or ``"0.15,0.25"`` as fractions; None for None.
+
+    Raises:
+        SystemExit: a value that is not a number in (0, 100].
+    """
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            v = float(part.strip().rstrip("%"))
+        except ValueError:
+            raise SystemExit(f"--budgets: {part!r} is not a number; give fractions or percents, e.g. 15,25,40") from None
+        v = v / 100 if v > 1 else v
+        if not 0 < v <= 1:
+            raise SystemExit(f"--budgets: {part!r} is outside (0, 100] %")
+        out.append(v)
+    return out
 
 
 def main(argv=None) -> int:
@@ -171,6 +196,7 @@ def main(argv=None) -> int:
         "options": {"flop_counter": args.flop_counter, "per_class": per_class, "cal_per_class": cal_per_class, "batch_size": args.batch_size,
                     "sensitivity": sensitivity, "quick": args.quick, "table_budgets": list(TABLE_BUDGETS),
                     "refine": args.refine if args.refine is not None else (0 if args.quick else 1),
+                    "cachec_budgets": parse_budgets(args.budgets) or [0.25, 0.4, 0.6],
                     "confirm_images": args.confirm_images if args.confirm_images is not None else (0 if args.quick else 100)},
         "configs": configs,
         "seconds": time.perf_counter() - t_all,
@@ -332,12 +358,16 @@ def run_configs(args, plan_list, out_dir, per_class, cal_per_class, sensitivity)
                 cfg.ctx.refine = args.refine if args.refine is not None else (0 if args.quick else 1)
                 cfg.confirm_images = args.confirm_images if args.confirm_images is not None else (0 if args.quick else 100)
                 methods = peers.all_methods(steps, quick=args.quick, families=args.families,
-                                            only=args.methods.split(",") if args.methods else None)
+                                            only=args.methods.split(",") if args.methods else None,
+                                            budgets=parse_budgets(args.budgets))
                 res = run_config(cfg, methods, args.quick, args.max_extra, progress)
                 res["headline"] = headline(res)
                 res["iso_quality"] = iso_quality(res)
                 if res.get("adaptive_confirmation"):
                     res["adaptive"] = adaptive_comparison(res)
+                control = control_summary(res)
+                if control:
+                    res["control"] = control
                 configs.append(res)
     partial.unlink(missing_ok=True)
     return configs

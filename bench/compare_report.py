@@ -418,6 +418,36 @@ def adaptive_lines(cfg_res: dict) -> list[str]:
     return L
 
 
+def control_lines(cfg_res: dict) -> list[str]:
+    """Markdown lines of the control-fidelity table (:func:`bench.compare_control.control_summary`, stored as
+    ``cfg_res["control"]``); empty without it."""
+    c = cfg_res.get("control")
+    if not c:
+        return []
+    budgets = sorted({k for row in c["methods"].values() for k in row["at"]})
+
+    def at(p):
+        return "–" if not p else (f"{fmt(p['psnr'])} dB, IoU {p['control_iou']:.3f} "
+                                  f"({-100 * p['control_fidelity_loss']:+.1f} %) at {p['flops']:.1%}")
+
+    L = [f"**Control fidelity** (IoU of the generated ink with the control mask; uncached images: "
+         f"{c['reference_iou']:.3f}; loss = relative IoU change vs uncached). Operating point = the fewest FLOPs "
+         f"with at most {100 * c['fidelity_loss_limit']:.1f} % fidelity loss (HGC's; '≥': the method's cheapest "
+         f"measured point, so the reduction is a lower bound); uncached "
+         f"{c['reference_macs_per_image'] / 1e9:.2f} GMACs per image (MACs = FLOPs / 2, generator + ControlNet):", "",
+         "| method | " + " | ".join(f"@{float(b):.0%} (frontier)" for b in budgets)
+         + " | operating point (≤ loss limit) | MACs/image | MACs reduction |",
+         "|---|" + "---|" * len(budgets) + "---|---:|---:|"]
+    for name, row in c["methods"].items():
+        op = row["operating_point"]
+        L.append(f"| {name} | " + " | ".join(at(row["at"].get(b)) for b in budgets) + " | "
+                 + ("none" if not op else f"{op['label']}: {at(op)}") + " | "
+                 + ("–" if not op else f"{op['macs_per_image'] / 1e9:.2f} G") + " | "
+                 + ("–" if not op else ("≥ " if op.get("lowest_point") else "") + f"{op['macs_reduction']:.1%}") + " |")
+    L.append("")
+    return L
+
+
 def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> None:
     """``benchmarks.md`` at ``path``: protocol, per configuration the table at :data:`TABLE_BUDGETS`, the
     headline margin and every measured point; method settings; timings. ``json_name``/``png_name`` are the
@@ -530,6 +560,7 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                  + "; ".join(f"{float(k):.0%}: {', '.join(v) if v else 'none'}" for k, v in cov.items()) + ".")
         L.append("")
         L += adaptive_lines(cfg)
+        L += control_lines(cfg)
         iso = cfg.get("iso_quality") or iso_quality(cfg)
         rows = []
         for b in ISO_BUDGETS:

@@ -142,9 +142,17 @@ def timed_generate(cfg: Config, session: peers.Session | None) -> tuple[float, t
 
 
 def summarise(ev: dict) -> dict:
-    """The fields of a :func:`cachec.report.evaluate` result that the tables use."""
+    """The fields of a :func:`cachec.report.evaluate` result that the tables use; on the control model also
+    ``control_iou`` (mean IoU of the ink with the control masks), ``control_iou_reference`` (the uncached
+    images'), ``control_iou_per_image`` and ``control_fidelity_loss`` (``1 − IoU / IoU_reference``, a fraction)."""
     fd = ev["frechet_distance"]
-    return {
+    control = {}
+    if ev.get("control_iou"):  # the control model (cachec.control): IoU of the generated ink with the control mask
+        cand, refv = ev["control_iou"]["candidate"], ev["control_iou"]["reference"]
+        control = {"control_iou": cand["mean"], "control_iou_reference": refv["mean"],
+                   "control_iou_per_image": cand["per_image"],
+                   "control_fidelity_loss": (1.0 - cand["mean"] / refv["mean"]) if refv["mean"] else None}
+    return {**control,
         "psnr_db": ev["psnr_db"]["mean"],
         "psnr_db_std": ev["psnr_db"]["std"],
         "psnr_db_per_image": ev["psnr_db"]["per_image"],

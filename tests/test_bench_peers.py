@@ -368,3 +368,14 @@ def test_adaptive_rows_pair_the_adaptive_point_with_its_static_match_and_the_hea
     assert row["cachec_at_ceiling"]["verdict"] == "behind"
     assert row["best_peer"]["method"] == "peer" and row["best_peer"]["verdict"] == "ahead"
     assert row["best_peer"]["margin_db"] == pytest.approx(2.0)
+
+
+def test_hooks_go_on_the_generator_of_a_controlnet_model(tiny_digits):
+    """diffusers' hooks are applied where FLUX ControlNet users apply them: the generator transformer (the
+    ControlNet runs uncached); any other model is hooked as it is."""
+    from cachec.loading import load_model
+
+    control = load_model("digits-mmdit-control")
+    assert peers.hook_target(control) is control.transformer.transformer
+    assert type(peers.hook_target(control)).__name__ == "FluxTransformer2DModel"
+    assert peers.hook_target(tiny_digits) is tiny_digits.transformer

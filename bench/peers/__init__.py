@@ -65,7 +65,7 @@ from typing import Sequence
 from .cache_dit import CacheDitMethod, CacheDitSession, cache_dit_status
 from .cachec_adaptive import MatchedStaticMethod, SoftCapMethod, SoftCapSession
 from .cachec_plans import PlanMethod, PlanSession, choose_family, ensure_calibration
-from .context import CacheContextWrapper, HookSession, remove_diffusers_hooks
+from .context import CacheContextWrapper, HookSession, hook_target, remove_diffusers_hooks
 from .context import _scheduler_sigma  # noqa: F401  (tests check it)
 from .core import BenchContext, Method, Session, error_location, leftover_state, short_error
 from .faster_cache import FasterCacheMethod
@@ -101,6 +101,7 @@ __all__ = [
     "dit_raw_vision",
     "ensure_calibration",
     "error_location",
+    "hook_target",
     "leftover_state",
     "magcache_calibrate",
     "parse_magcache_ratios",
@@ -110,18 +111,21 @@ __all__ = [
 
 
 def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = None,
-                families: bool = False) -> list[Method]:
+                families: bool = False, budgets: Sequence[float] | None = None) -> list[Method]:
     """Every method of the comparison, in table order.
 
     Args:
         steps: sampling steps (FORA intervals and plan budgets do not depend on it; kept for symmetry).
         quick: fewer operating points (smoke run).
-        only: keep methods whose name contains one of these strings (case-insensitive).
+        only: keep methods whose name contains one of these strings (case-insensitive; ``=name``: exactly that
+            name).
         families: also one line per cachec schedule family (free, step, group) without the closed-loop choice.
+        budgets: the ``cachec`` line's budgets (fractions; default 25/40/60 %, the table budgets).
     """
     intervals = [2, 3, 4, 5]
     methods: list[Method] = [
-        PlanMethod("cachec", "cachec", budgets=[0.25, 0.4, 0.6], quick_points=[0.25, 0.4, 0.6], choose_family=True),
+        PlanMethod("cachec", "cachec", budgets=list(budgets or [0.25, 0.4, 0.6]),
+                   quick_points=list(budgets or [0.25, 0.4, 0.6]), choose_family=True),
         SoftCapMethod(),
     ]
     if families:
@@ -145,6 +149,7 @@ def all_methods(steps: int, quick: bool = False, only: Sequence[str] | None = No
         CacheDitMethod(taylorseer=True),
     ]
     if only:
-        keys = [o.lower() for o in only]
-        methods = [m for m in methods if any(k in m.name.lower() for k in keys)]
+        keys = [o.strip().lower() for o in only]
+        methods = [m for m in methods if any(m.name.lower() == k[1:] if k.startswith("=") else k in m.name.lower()
+                                             for k in keys)]
     return methods

@@ -37,8 +37,20 @@ def _swap_halves(x):
     return x
 
 
+def hook_target(driver) -> torch.nn.Module:
+    """The module diffusers' hooks are applied to: ``driver.transformer``, or for a transformer driven by a
+    ControlNet (the control reference model, :class:`cachec.pipeline_control.ControlledFluxTransformer`) its
+    generator ``.transformer`` — where diffusers' FLUX ControlNet pipeline users apply them
+    (``pipe.transformer``); the ControlNet then runs uncached every step."""
+    tr = driver.transformer
+    inner = getattr(tr, "transformer", None)
+    if getattr(tr, "controlnet", None) is not None and isinstance(inner, torch.nn.Module):
+        return inner
+    return tr
+
+
 class CacheContextWrapper:
-    """Runs every call of ``driver.transformer`` inside ``transformer.cache_context(...)``.
+    """Runs every call of the hooked transformer (:func:`hook_target`) inside ``transformer.cache_context(...)``.
 
     Installed *after* the diffusers hooks (it wraps the outermost ``forward``) and removed before them.
     ``DiTTransformer2DModel`` is not a ``CacheMixin``; the context is set with ``CacheMixin.cache_context``
@@ -59,7 +71,7 @@ class CacheContextWrapper:
 
     def __init__(self, driver, steps: int, cfg: str = "batched", uncond_first: bool = False):
         self.driver = driver
-        self.transformer = driver.transformer
+        self.transformer = hook_target(driver)
         self.steps = int(steps)
         self.cfg = cfg
         self.uncond_first = uncond_first
@@ -170,7 +182,7 @@ class HookSession(Session):
         self._active = False
 
     def begin(self) -> None:
-        tr = self.ctx.driver.transformer
+        tr = hook_target(self.ctx.driver)
         remove_diffusers_hooks(tr)
         self.apply_fn(tr, self.wrapper)
         _invalidate(tr)
@@ -181,7 +193,7 @@ class HookSession(Session):
         if not self._active:
             return
         self._active = False
-        tr = self.ctx.driver.transformer
+        tr = hook_target(self.ctx.driver)
         try:
             self.wrapper.remove()
         finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import HookSession
+from .context import HookSession, hook_target
 from .core import Method
 
 
@@ -48,7 +48,7 @@ class TaylorSeerMethod(Method):
     def session(self, ctx, p):
         from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
-        ids = None if self.default_identifiers else taylor_identifiers(ctx.driver.transformer)
+        ids = None if self.default_identifiers else taylor_identifiers(hook_target(ctx.driver))
         if ids is not None:
             self.settings["cache_identifiers"] = ids
 
