@@ -85,15 +85,28 @@ def adaptive_comparison(cfg_res: dict) -> dict:
         static = next((s for s in pts if s.get("matches") == r["label"] and s["method"] != r["method"]), None)
         row["static_matched"] = _pair(r, static)
         mine, best = pairs.get(f"{c:.2f}", (None, None))
-        row["cachec_at_ceiling"] = _pair(r, confirmed(cfg_res, "cachec", mine["label"])) if mine else None
-        if best:
-            row["best_peer"] = _pair(r, confirmed(cfg_res, best[0], best[1]["label"]))
-            if row["best_peer"]:
-                row["best_peer"]["method"] = best[0]
-        else:
-            row["best_peer"] = None
         sweep = next((p for e in cfg_res["methods"] if e["method"] == r["method"] for p in e["points"]
                       if p.get("label") == r["label"] and "error" not in p and p.get("psnr_db_per_image")), None)
+
+        def against(name: str, point: dict) -> dict | None:
+            """The pair on the confirmation images; on the sweep's images when the re-measured point moved above
+            the ceiling + slack (an adaptive peer on the new images, as the headline's ``confirmation_rejected``)."""
+            again = confirmed(cfg_res, name, point["label"])
+            if again is not None and again["flops_fraction"] <= c + FRONTIER_SLACK:
+                return _pair(r, again)
+            if sweep is None:
+                return None
+            pair = _pair(sweep, point)
+            if pair is not None:
+                pair["images"] = len(sweep["psnr_db_per_image"])
+                if again is not None:
+                    pair["note"] = f"re-measured at {again['flops_fraction']:.1%} FLOPs (over the ceiling): sweep images"
+            return pair
+
+        row["cachec_at_ceiling"] = against("cachec", mine) if mine else None
+        row["best_peer"] = against(best[0], best[1]) if best else None
+        if row["best_peer"]:
+            row["best_peer"]["method"] = best[0]
         if sweep is not None:
             row["sweep"] = {"images": len(sweep["psnr_db_per_image"]), "flops": sweep["flops_fraction"],
                             "psnr": sweep["psnr_db"], "peers": peer_families(cfg_res, sweep)}

@@ -381,7 +381,8 @@ def adaptive_lines(cfg_res: dict) -> list[str]:
             return "–"
         name = f"{who} " if who else ""
         return (f"{name}{fmt(p['psnr'])} dB at {p['flops']:.1%}: **{p['margin_db']:+.2f}** "
-                f"[{p['margin_ci_low']:+.2f}, {p['margin_ci_high']:+.2f}] ({p['verdict']})")
+                f"[{p['margin_ci_low']:+.2f}, {p['margin_ci_high']:+.2f}] ({p['verdict']}"
+                + (f"; {p['note']}, {p['images']}" if p.get("note") else "") + ")")
 
     n = next(iter(rows.values()))["images"]
     L = [f"**Adaptive mode (SoftCap, `adaptive: true`)** on {n} images, one sampling call per image (per-image "
