@@ -28,8 +28,9 @@ Cost: dominated by the ≈ 45 operating points × 3 configurations, each a sampl
 machine shared with other jobs pass ``--threads 1`` (two torch threads competing with other processes
 were several times slower than one). ``--quick`` is a smoke run (10 images, 1–3 points per method).
 
-Code: :mod:`bench.compare_sweeps` runs configurations and sweeps, :mod:`bench.compare_report` turns the
-results into the tables, margins and plot; this file is the command line (and runs the worker processes).
+Code: :mod:`bench.compare_configs` runs configurations (:mod:`bench.compare_sweeps` their sweeps and
+points), :mod:`bench.compare_report` turns the results into margins and :mod:`bench.compare_markdown` into
+the tables and plot; this file is the command line (and runs the worker processes).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ import torch  # noqa: E402
 from bench import peers  # noqa: E402
 from bench.compare_adaptive import adaptive_comparison  # noqa: E402
 from bench.compare_control import control_summary  # noqa: E402
-from bench.compare_report import (TABLE_BUDGETS, at_budget, fmt, headline, iso_quality, write_markdown,  # noqa: E402
-                                  write_plot)
-from bench.compare_sweeps import Config, log, run_config, run_point  # noqa: E402
+from bench.compare_configs import run_config  # noqa: E402
+from bench.compare_markdown import write_markdown, write_plot  # noqa: E402
+from bench.compare_report import TABLE_BUDGETS, at_budget, fmt, headline, iso_quality  # noqa: E402
+from bench.compare_sweeps import Config, log, run_point  # noqa: E402
 from cachec.runtime.io import to_jsonable  # noqa: E402
 
 # the benchmark's API as `from bench import compare` users (tests/test_bench_peers.py) reach it
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
 
 def add_main(args, argv) -> int:
     """``--add FILE``: measure the ``--methods`` lines on every (or every ``--models``) configuration of FILE
-    with FILE's options (:func:`bench.compare_sweeps.add_to_config`), recompute the adaptive rows and rewrite
+    with FILE's options (:func:`bench.compare_configs.add_to_config`), recompute the adaptive rows and rewrite
     FILE, its ``.md`` and ``.png``; returns 0.
 
     Raises:
@@ -269,8 +271,8 @@ def add_main(args, argv) -> int:
 
 
 def add_configs(args, todo: list[dict], opts: dict) -> list[dict]:
-    """:func:`bench.compare_sweeps.add_to_config` for each stored configuration in ``todo``, in this process."""
-    from bench.compare_sweeps import add_to_config
+    """:func:`bench.compare_configs.add_to_config` for each stored configuration in ``todo``, in this process."""
+    from bench.compare_configs import add_to_config
     from cachec.loading import load_model
 
     out = []

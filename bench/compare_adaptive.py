@@ -3,7 +3,7 @@ exactly its realised FLOPs, cachec's shipped procedure at the ceiling and the be
 with paired 95 % bootstrap intervals over the confirmation images (docs/softcap.md, docs/benchmarks.md).
 
 Input: a configuration's result (``bench/compare.py``) with an ``adaptive_confirmation``
-(:func:`bench.compare_sweeps.confirm_adaptive`) and, for the cachec/peer pairs, the headline's
+(:func:`bench.compare_configs.confirm_adaptive`) and, for the cachec/peer pairs, the headline's
 ``confirmation`` on the same images.
 """
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     (:func:`adaptive_comparison`, nothing re-run) and rewrite the JSON, its ``.md`` and ``.png``."""
     import json
 
-    from bench.compare_report import write_markdown, write_plot
+    from bench.compare_markdown import write_markdown, write_plot
 
     args = sys.argv[1:] if argv is None else list(argv)
     path = Path(args[0] if args else "docs/benchmarks.json")

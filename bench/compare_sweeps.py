@@ -1,8 +1,9 @@
 """Running the peer benchmark (``bench/compare.py``): configurations, operating points and threshold sweeps.
 
 A :class:`Config` is one model at one step count with its evaluation set (classes 0-9 × per-class, seeds
-``EVAL_SEED0 + i``) and its calibration set (seeds 0 .. n-1, disjoint). :func:`run_config` measures the
-uncached reference and then every method; :func:`sweep_method` measures a method's operating points,
+``EVAL_SEED0 + i``) and its calibration set (seeds 0 .. n-1, disjoint). :func:`measure_reference` measures
+the uncached reference and :func:`run_methods` every method (a whole configuration, confirmations included,
+is :func:`bench.compare_configs.run_config`); :func:`sweep_method` measures a method's operating points,
 extending and bisecting threshold sweeps until their realised FLOPs bracket the table budgets;
 :func:`run_point` measures one point (FLOPs counted over whole ``generate`` calls, quality from
 :func:`cachec.report.evaluate`, wall time of an uncounted timing batch). Results are plain-JSON dicts
@@ -64,7 +65,7 @@ class Config:
         self.name = f"{model} · {steps} steps"
         self.counter = "fast"
         self.timing_size = max(1, batch_size // 2)
-        #: images of the headline confirmation (:func:`confirm_headline`; 0: none)
+        #: images of the headline confirmation (:func:`bench.compare_configs.confirm_headline`; 0: none)
         self.confirm_images = 0
 
     def set_eval(self, n: int) -> None:
@@ -390,218 +391,6 @@ def run_methods(cfg: Config, methods: list[peers.Method], ref: dict, ref_times: 
         if progress is not None:
             progress({"name": cfg.name, "methods": list(done or []) + results})
     return results
-
-
-def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra: int,
-               progress: Any = None) -> dict:
-    """Measure one configuration: the uncached reference (:func:`measure_reference`), then every method in
-    ``methods`` (:func:`run_methods`), the headline's and the adaptive lines' confirmations;
-    ``progress(partial_result)`` is called after each method.
-
-    Returns:
-        The configuration's result dict (``name, model, steps, ..., reference, methods, seconds``).
-
-    Raises:
-        Whatever the uncached reference run raises; a method's errors are recorded in its entry.
-    """
-    log(f"\n=== {cfg.name}: {len(cfg.eval_conditions)} evaluation images in {len(cfg.batches)} batches, "
-        f"guidance {cfg.guidance}, calibration {len(cfg.ctx.calib_conditions)} samples")
-    t_cfg = time.perf_counter()
-    ref, reference, counter_check, ref_times = measure_reference(cfg)
-    results = run_methods(cfg, methods, ref, ref_times, quick, max_extra, progress)
-    confirmation = confirm_headline(cfg, methods, results)
-    adaptive_confirmation = confirm_adaptive(cfg, methods, results)
-    out = {
-        "name": cfg.name,
-        "model": cfg.model,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "n_images": len(cfg.eval_conditions),
-        "batch_size": cfg.ctx.batch_size,
-        "eval_conditions": cfg.condition_text,
-        "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
-        "calibration_samples": len(cfg.ctx.calib_conditions),
-        "calibration_seeds": [cfg.ctx.calib_seeds[0], cfg.ctx.calib_seeds[-1]],
-        "calibration_sensitivity": cfg.ctx.sensitivity,
-        "calibration_seconds": cfg.ctx.cache.get("calibration_seconds"),
-        "magcache_ratios": cfg.ctx.cache.get("magcache_ratios"),
-        "reference": reference,
-        "flop_counter": cfg.counter,
-        "flop_counter_check_reference": counter_check,
-        "reference_wall_s": ref_times,
-        "methods": results,
-        "confirmation": confirmation,
-        "adaptive_confirmation": adaptive_confirmation,
-        "seconds": time.perf_counter() - t_cfg,
-    }
-    log(f"  {cfg.name}: {out['seconds']:.0f} s")
-    return out
-
-
-#: a stored point re-measured to check that new points pair with a stored result image by image (dB)
-REPRODUCE_TOL = 1e-3
-
-
-def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick: bool, max_extra: int,
-                  progress: Any = None) -> dict:
-    """Add ``methods`` to a stored configuration result (``bench/compare.py --add``): the new lines are
-    measured on the same images as the stored ones, so the report pairs them image by image.
-
-    Checks first that this machine reproduces the stored result: the uncached reference's FLOPs must be equal
-    and a stored planner-baseline point (the first point of EOC as published) re-measured must give the stored per-image
-    PSNRs within :data:`REPRODUCE_TOL` dB (EOC as published: it uses the calibration's priors, so this also checks
-    that the calibration is reproduced). cachec's stored plan choices (``info.plan_options`` of the
-    ``cachec`` line's points) are what :class:`bench.peers.SoftCapMethod` builds on. Entries of the same name are
-    replaced; the adaptive lines are confirmed (:func:`confirm_adaptive`) on the stored confirmation's images.
-
-    Returns:
-        ``stored`` updated (``methods``, ``adaptive_confirmation``, ``additions``).
-
-    Raises:
-        RuntimeError: the stored result is not reproduced here (other model weights, torch or CPU kernels).
-    """
-    log(f"\n=== {cfg.name}: adding {', '.join(m.name for m in methods)} to the stored result")
-    t_cfg = time.perf_counter()
-    ref, reference, _, ref_times = measure_reference(cfg)
-    want = stored["reference"]["flops_per_image"]
-    if abs(reference["flops_per_image"] - want) > 0.5:
-        raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
-                           f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
-    for e in stored["methods"]:
-        if e["method"] == "cachec":
-            for r in e["points"]:
-                if (r.get("info") or {}).get("plan_options"):
-                    cfg.ctx.cache[("chosen options", round(float(r["param"]), 6))] = r["info"]["plan_options"]
-    base = next((e for e in stored["methods"] if e["method"] == "EOC (paper)" and e["points"]), None)
-    check = None
-    if base is not None:
-        point = base["points"][0]
-        method = next(m for m in peers.all_methods(cfg.steps, only=["EOC (paper)"]) if m.name == base["method"])
-        method.prepare(cfg.ctx)
-        rec = run_point(cfg, method, point["param"], ref)
-        diff = max(abs(a - b) for a, b in zip(rec["psnr_db_per_image"], point["psnr_db_per_image"]))
-        check = {"point": f"{base['method']} {point['label']}", "max_abs_psnr_diff_db": diff}
-        log(f"  reproduces the stored {check['point']}: max per-image PSNR difference {diff:.2e} dB")
-        if diff > REPRODUCE_TOL:
-            raise RuntimeError(f"{cfg.name}: {check['point']} differs from the stored result by up to {diff:.3g} dB "
-                               "per image: this machine does not reproduce it; rerun the whole benchmark")
-    names = {m.name for m in methods}
-    kept = [e for e in stored["methods"] if e["method"] not in names]
-    new = run_methods(cfg, methods, ref, ref_times, quick, max_extra, progress, done=kept)
-    stored["methods"] = kept + new
-    conf = stored.get("confirmation")
-    if conf:
-        cfg.confirm_images = int(conf["n_images"])
-    stored["adaptive_confirmation"] = confirm_adaptive(cfg, methods, new)
-    stored.setdefault("additions", []).append({
-        "methods": sorted(names), "reproduction_check": check, "reference_seconds": reference["seconds"],
-        "seconds": time.perf_counter() - t_cfg})
-    log(f"  {cfg.name}: added in {time.perf_counter() - t_cfg:.0f} s")
-    return stored
-
-
-def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dict]) -> dict | None:
-    """Re-measure the headline's points on ``cfg.confirm_images`` images, so that the paired intervals of the
-    margins are narrow enough to call (issue 20: under ±0.5 dB).
-
-    The pairs are chosen on the sweep's images by the frontier rule
-    (:func:`bench.compare_report.headline_pairs`); each chosen (method, operating point) is run once more
-    (:func:`run_point`, cachec's plan reused from its search) on the larger set, beside a new uncached
-    reference of it. :func:`bench.compare_report.headline` then uses these records.
-
-    Returns:
-        ``{"n_images", "eval_seeds", "reference_seconds", "points": [run_point records]}``, or None when
-        ``cfg.confirm_images`` is not above the sweep's image count or there is nothing to confirm.
-    """
-    from bench.compare_report import headline_pairs
-
-    n = int(cfg.confirm_images)
-    if n <= len(cfg.eval_conditions):
-        return None
-    wanted: list[tuple[str, Any, str, str]] = []
-    for mine, best in headline_pairs({"methods": results}).values():
-        if mine and best:
-            for name, rec in (("cachec", mine), (best[0], best[1])):
-                if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
-                    # the counter the method's sweep settled on: ``torch`` where its fast count disagreed
-                    wanted.append((name, rec["param"], rec["label"], rec.get("flop_counter", cfg.counter)))
-    if not wanted:
-        return None
-    by_name = {m.name: m for m in methods}
-    saved = (cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text)
-    t = time.perf_counter()
-    cfg.set_eval(n)
-    try:
-        log(f"  -- confirming the headline on {len(cfg.eval_conditions)} images: "
-            + ", ".join(f"{w[0]} {w[2]}" for w in wanted))
-        per_batch: list[int] = []
-        images, flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)
-        ref = {"images": images, "flops": flops, "flops_batch0": per_batch[0]}
-        ref_seconds = time.perf_counter() - t
-        points = []
-        for name, param, label, counter in wanted:
-            rec = run_point(cfg, by_name[name], param, ref, {"checked": True, "counter": counter})
-            points.append(rec)
-            log(f"      {name} {label:28s} FLOPs {fmt(rec.get('flops_fraction'), '.1%')}  PSNR {fmt(rec.get('psnr_db'))} dB"
-                + (f"  ERROR {rec['error']}" if "error" in rec else ""))
-        cfg.confirm_reference = (len(cfg.eval_conditions), ref, ref_seconds)
-        return {"n_images": len(cfg.eval_conditions), "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
-                "reference_seconds": ref_seconds, "points": points, "seconds": time.perf_counter() - t}
-    finally:
-        cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text = saved
-
-
-def confirm_adaptive(cfg: Config, methods: list[peers.Method], results: list[dict]) -> dict | None:
-    """Every point of the adaptive lines (:class:`bench.peers.SoftCapMethod`) re-measured on
-    ``cfg.confirm_images`` images (one sampling call per image), each followed by the static plan of the same
-    family and predictors solved at exactly the realised fraction it had on those images
-    (:class:`bench.peers.MatchedStaticMethod`), against the same uncached reference as the headline's
-    confirmation (measured here if the headline made none). :func:`bench.compare_adaptive.adaptive_comparison`
-    pairs them with each other and with the headline's confirmed points.
-
-    Returns:
-        ``{"n_images", "eval_seeds", "reference_seconds", "points": [adaptive record, its static record, ...]}``,
-        or None without adaptive lines or with ``cfg.confirm_images`` not above the sweep's image count.
-    """
-    adaptive = [m for m in methods if isinstance(m, peers.SoftCapMethod)]
-    n = int(cfg.confirm_images)
-    if not adaptive or n <= len(cfg.eval_conditions):
-        return None
-    saved = (cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text)
-    t = time.perf_counter()
-    cfg.set_eval(n)
-    try:
-        have = getattr(cfg, "confirm_reference", None)
-        if have is not None and have[0] == len(cfg.eval_conditions):
-            ref, ref_seconds = have[1], have[2]
-        else:
-            per_batch: list[int] = []
-            images, flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)
-            ref, ref_seconds = {"images": images, "flops": flops, "flops_batch0": per_batch[0]}, time.perf_counter() - t
-        static = peers.MatchedStaticMethod()
-        points = []
-        for method in adaptive:
-            entry = next((e for e in results if e["method"] == method.name), None)
-            for r in (entry or {}).get("points", []):
-                if "error" in r:
-                    continue
-                counter = r.get("flop_counter", cfg.counter)
-                rec = run_point(cfg, method, r["param"], ref, {"checked": True, "counter": counter})
-                points.append(rec)
-                log(f"      {method.name} {rec['label']:20s} FLOPs {fmt(rec.get('flops_fraction'), '.2%')}  PSNR "
-                    f"{fmt(rec.get('psnr_db'))} dB" + (f"  ERROR {rec['error']}" if "error" in rec else ""))
-                if "error" in rec:
-                    continue
-                srec = run_point(cfg, static, (float(r["param"]), rec["flops_fraction"]), ref,
-                                 {"checked": True, "counter": counter})
-                srec["matches"] = rec["label"]
-                points.append(srec)
-                log(f"      {static.name} {srec['label']:20s} FLOPs {fmt(srec.get('flops_fraction'), '.2%')}  PSNR "
-                    f"{fmt(srec.get('psnr_db'))} dB" + (f"  ERROR {srec['error']}" if "error" in srec else ""))
-        return {"n_images": len(cfg.eval_conditions), "eval_seeds": [cfg.eval_seeds[0], cfg.eval_seeds[-1]],
-                "reference_seconds": ref_seconds, "points": points, "seconds": time.perf_counter() - t}
-    finally:
-        cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text = saved
 
 
 def peers_settings(method: peers.Method) -> dict:

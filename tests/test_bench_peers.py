@@ -265,7 +265,7 @@ def test_confirmation_counts_each_point_with_the_counter_its_sweep_settled_on(mo
     from then on; re-measuring its headline point on the confirmation images must do the same (the fast
     count is known to be wrong for it), and the confirmation runs on the larger image set and restores the
     sweep's afterwards."""
-    from bench import compare_sweeps as cs
+    from bench import compare_configs as cs
 
     def pt(label, param, flops, psnr, counter):
         return {"label": label, "param": param, "flops_fraction": flops, "psnr_db": psnr, "flop_counter": counter,

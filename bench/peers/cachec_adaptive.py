@@ -9,7 +9,7 @@ seeds (600000+, never evaluation seeds); every image is its own sampling call (`
 decisions). Its realised FLOPs are input-dependent, never above ``c`` (the hard guard).
 
 Line ``cachec static (at SoftCap's FLOPs)``: the same family and predictors solved at a given budget (the
-adaptive point's realised fraction), run statically; :func:`bench.compare_sweeps.confirm_adaptive` pairs the two
+adaptive point's realised fraction), run statically; :func:`bench.compare_configs.confirm_adaptive` pairs the two
 on the same images.
 """
 
