@@ -52,11 +52,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 
 from bench import peers  # noqa: E402
-from bench.compare_adaptive import adaptive_comparison  # noqa: E402
-from bench.compare_control import control_summary  # noqa: E402
 from bench.compare_configs import run_config  # noqa: E402
-from bench.compare_markdown import write_markdown, write_plot  # noqa: E402
-from bench.compare_report import TABLE_BUDGETS, at_budget, fmt, headline, iso_quality  # noqa: E402
+from bench.compare_report import TABLE_BUDGETS, at_budget, headline  # noqa: E402
+from bench.compare_rescore import derive, summary_lines, write_results  # noqa: E402
 from bench.compare_sweeps import Config, log, run_point  # noqa: E402
 from cachec.runtime.io import to_jsonable  # noqa: E402
 
@@ -124,7 +122,8 @@ def parse_args(argv=None):
 
 
 def parse_budgets(text: str | None) -> list[float] | None:
-    """``"15,25,40"`` or ``"0.15,0.25"`` as fractions; None for None.
+    """``"15,25,40"``, ``"15%,25%"`` or ``"0.15,0.25"`` as fractions (a value with ``%`` is always a percent,
+    one without it a percent when above 1); None for None.
 
     Raises:
         SystemExit: a value that is not a number in (0, 100].
@@ -133,11 +132,12 @@ def parse_budgets(text: str | None) -> list[float] | None:
         return None
     out = []
     for part in text.split(","):
+        text_v = part.strip()
         try:
-            v = float(part.strip().rstrip("%"))
+            v = float(text_v.rstrip("%"))
         except ValueError:
             raise SystemExit(f"--budgets: {part!r} is not a number; give fractions or percents, e.g. 15,25,40") from None
-        v = v / 100 if v > 1 else v
+        v = v / 100 if text_v.endswith("%") or v > 1 else v
         if not 0 < v <= 1:
             raise SystemExit(f"--budgets: {part!r} is outside (0, 100] %")
         out.append(v)
@@ -203,22 +203,17 @@ def main(argv=None) -> int:
         "configs": configs,
         "seconds": time.perf_counter() - t_all,
     }
-    json_path, md_path, png_path = (out_dir / f"{args.stem}{ext}" for ext in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    write_plot(results, png_path)
-    write_markdown(results, md_path, json_path.name, png_path.name)
-    log(f"\nwrote {md_path}, {json_path}, {png_path} in {results['seconds'] / 60:.1f} min")
-    for cfg in configs:
-        for b, h in cfg["headline"].items():
-            log(f"  {cfg['name']} @ {float(b):.0%}: cachec {fmt(h['cachec_psnr'])} dB, best peer "
-                f"{h['best_peer'] or '–'} {fmt(h['best_peer_psnr'])} dB")
+    json_path = out_dir / f"{args.stem}.json"
+    write_results(to_jsonable(results), json_path)
+    log(f"\nwrote {json_path} and its .md and .png in {results['seconds'] / 60:.1f} min")
+    log("\n".join("  " + line for line in summary_lines(results)))
     return 0
 
 
 def add_main(args, argv) -> int:
     """``--add FILE``: measure the ``--methods`` lines on every (or every ``--models``) configuration of FILE
-    with FILE's options (:func:`bench.compare_configs.add_to_config`), recompute the adaptive rows and rewrite
-    FILE, its ``.md`` and ``.png``; returns 0.
+    with FILE's options (:func:`bench.compare_configs.add_to_config`), recompute every derived table
+    (:func:`bench.compare_rescore.derive`) and rewrite FILE, its ``.md`` and ``.png``; returns 0.
 
     Raises:
         SystemExit: FILE is not a benchmark result or ``--methods`` is missing. RuntimeError: a worker failed
@@ -251,22 +246,14 @@ def add_main(args, argv) -> int:
     by_name = {c["name"]: c for c in updated}
     results["configs"] = [by_name.get(c["name"], c) for c in stored]
     for cfg in results["configs"]:
-        if cfg.get("adaptive_confirmation"):
-            cfg["adaptive"] = adaptive_comparison(cfg)
+        derive(cfg)
     results.setdefault("added", []).append({
         "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": time.perf_counter() - t_all,
         "worker_processes": args.jobs})
-    path.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    md_path, png_path = path.with_suffix(".md"), path.with_suffix(".png")
-    write_plot(results, png_path)
-    write_markdown(results, md_path, path.name, png_path.name)
-    log(f"\nwrote {path}, {md_path}, {png_path} in {(time.perf_counter() - t_all) / 60:.1f} min")
-    for cfg in results["configs"]:
-        for key, row in (cfg.get("adaptive") or {}).items():
-            st = row.get("static_matched") or {}
-            log(f"  {cfg['name']} SoftCap @ {float(key):.0%}: {row['flops']:.1%} FLOPs, {fmt(row['psnr'])} dB; vs static "
-                f"at its FLOPs {fmt(st.get('margin_db'), '+.2f')} dB ({st.get('verdict', '–')})")
+    write_results(to_jsonable(results), path)
+    log(f"\nwrote {path} and its .md and .png in {(time.perf_counter() - t_all) / 60:.1f} min")
+    log("\n".join("  " + line for line in summary_lines(results)))
     return 0
 
 
@@ -362,15 +349,7 @@ def run_configs(args, plan_list, out_dir, per_class, cal_per_class, sensitivity)
                 methods = peers.all_methods(steps, quick=args.quick, families=args.families,
                                             only=args.methods.split(",") if args.methods else None,
                                             budgets=parse_budgets(args.budgets))
-                res = run_config(cfg, methods, args.quick, args.max_extra, progress)
-                res["headline"] = headline(res)
-                res["iso_quality"] = iso_quality(res)
-                if res.get("adaptive_confirmation"):
-                    res["adaptive"] = adaptive_comparison(res)
-                control = control_summary(res)
-                if control:
-                    res["control"] = control
-                configs.append(res)
+                configs.append(derive(run_config(cfg, methods, args.quick, args.max_extra, progress)))
     partial.unlink(missing_ok=True)
     return configs
 

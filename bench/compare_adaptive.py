@@ -9,22 +9,11 @@ Input: a configuration's result (``bench/compare.py``) with an ``adaptive_confir
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.compare_report import (FRONTIER_SLACK, _num, confirmed, fmt, frontier_point, headline_pairs,  # noqa: E402
-                                  paired_margin)
+from bench.compare_report import FRONTIER_SLACK, _num, confirmed, frontier_point, headline_pairs, paired_margin, verdict
 
 #: the peers the issue names, each the best of its lines (method-name prefixes) by the frontier rule
 PEER_FAMILIES = {"FBCache": ("FirstBlockCache",), "MagCache": ("MagCache",), "SeaCache": ("SeaCache",),
                  "TaylorSeer": ("TaylorSeerCache",), "DBCache": ("cache-dit DBCache",)}
-
-
-def _verdict(lo, hi) -> str:
-    return "tie" if lo is None else "ahead" if lo > 0 else "behind" if hi < 0 else "tie"
 
 
 def _pair(mine: dict, theirs: dict | None) -> dict | None:
@@ -32,7 +21,7 @@ def _pair(mine: dict, theirs: dict | None) -> dict | None:
         return None
     m, lo, hi = paired_margin(mine, theirs)
     return {"psnr": theirs["psnr_db"], "flops": theirs["flops_fraction"], "label": theirs["label"],
-            "margin_db": m, "margin_ci_low": lo, "margin_ci_high": hi, "verdict": _verdict(lo, hi)}
+            "margin_db": m, "margin_ci_low": lo, "margin_ci_high": hi, "verdict": verdict(lo, hi)}
 
 
 def peer_families(cfg_res: dict, point: dict) -> dict:
@@ -59,7 +48,9 @@ def adaptive_comparison(cfg_res: dict) -> dict:
     """``{ceiling key: row}`` for every adaptive point of ``cfg_res["adaptive_confirmation"]``.
 
     A row: ``ceiling``, ``flops`` (realised fraction over the confirmation images, counted), ``run_flops_max``
-    (the largest fraction of any single sampling run), ``over_ceiling_points`` (``100·(run max − ceiling)``,
+    (the largest fraction of any single sampling call: counted, ``call_flops_fraction_max`` of
+    :func:`bench.compare_sweeps.run_point`; results stored before it was recorded give the runtime report's
+    own accounting), ``over_ceiling_points`` (``100·(run max − ceiling)``,
     ≤ 0 means never above), ``full_steps_mean``, ``psnr``, and per comparison (``static_matched``,
     ``cachec_at_ceiling``, ``best_peer``) the other point's PSNR, FLOPs, label and the paired margin
     adaptive − other with its interval and verdict (``ahead``/``behind`` when the interval excludes 0, else
@@ -77,7 +68,9 @@ def adaptive_comparison(cfg_res: dict) -> dict:
         info = r.get("info") or {}
         c = float(info.get("ceiling", r["param"]))
         row = {"method": r["method"], "label": r["label"], "ceiling": c, "images": len(r["psnr_db_per_image"]),
-               "flops": r["flops_fraction"], "run_flops_max": info.get("run_flops_fraction_max"),
+               "flops": r["flops_fraction"],
+               # counted per sampling call where the run recorded it, else the runtime report's accounting
+               "run_flops_max": r.get("call_flops_fraction_max", info.get("run_flops_fraction_max")),
                "full_steps_mean": info.get("full_steps_mean"), "psnr": r["psnr_db"],
                "base_realised": info.get("base_realised")}
         if row["run_flops_max"] is not None:
@@ -112,32 +105,3 @@ def adaptive_comparison(cfg_res: dict) -> dict:
                             "psnr": sweep["psnr_db"], "peers": peer_families(cfg_res, sweep)}
         out[f"{c:.2f}"] = row
     return out
-
-
-
-def main(argv=None) -> int:
-    """``python bench/compare_adaptive.py [docs/benchmarks.json]``: recompute every configuration's adaptive rows
-    (:func:`adaptive_comparison`, nothing re-run) and rewrite the JSON, its ``.md`` and ``.png``."""
-    import json
-
-    from bench.compare_markdown import write_markdown, write_plot
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    path = Path(args[0] if args else "docs/benchmarks.json")
-    results = json.loads(path.read_text(encoding="utf-8"))
-    for cfg in results["configs"]:
-        if cfg.get("adaptive_confirmation"):
-            cfg["adaptive"] = adaptive_comparison(cfg)
-    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    write_plot(results, path.with_suffix(".png"))
-    write_markdown(results, path.with_suffix(".md"), path.name, path.with_suffix(".png").name)
-    for cfg in results["configs"]:
-        for key, row in (cfg.get("adaptive") or {}).items():
-            st = row.get("static_matched") or {}
-            print(f"{cfg['name']} SoftCap @ {float(key):.0%}: {row['flops']:.1%} FLOPs, {fmt(row['psnr'])} dB; vs static at "
-                  f"its FLOPs {fmt(st.get('margin_db'), '+.2f')} dB ({st.get('verdict', '–')})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,7 +15,7 @@ import time
 from typing import Any, Iterator
 
 from bench import peers
-from bench.compare_report import fmt
+from bench.compare_report import _num, fmt
 from bench.compare_sweeps import Config, counted_generate, log, measure_reference, run_methods, run_point
 
 
@@ -69,23 +69,61 @@ def run_config(cfg: Config, methods: list[peers.Method], quick: bool, max_extra:
 REPRODUCE_TOL = 1e-3
 
 
+#: deterministic lines whose first stored point :func:`reproduction_check` re-measures, in order of preference
+#: (EOC as published uses the calibration's priors, so it also checks that the calibration is reproduced)
+REPRODUCE_WITH = ("EOC (paper)", "FORA")
+
+
+def reproduction_check(cfg: Config, stored: dict, ref: dict) -> dict:
+    """Re-measure the first stored point of the first line of :data:`REPRODUCE_WITH` that the stored
+    configuration has, against ``ref`` (this machine's uncached reference of the same images).
+
+    Returns:
+        ``{"point", "max_abs_psnr_diff_db"}``.
+
+    Raises:
+        RuntimeError: no such line is stored, the re-measurement fails, gives another number of images, or
+            differs from the stored per-image PSNRs by more than :data:`REPRODUCE_TOL` dB.
+    """
+    base = next((e for name in REPRODUCE_WITH for e in stored["methods"] if e["method"] == name
+                 and any("error" not in r for r in e["points"])), None)
+    if base is None:
+        raise RuntimeError(f"{cfg.name}: the stored result has no {' or '.join(REPRODUCE_WITH)} point to check that "
+                           "this machine reproduces it; rerun the whole benchmark")
+    point = next(r for r in base["points"] if "error" not in r)
+    method = next(m for m in peers.all_methods(cfg.steps, only=[f"={base['method']}"]))
+    method.prepare(cfg.ctx)
+    rec = run_point(cfg, method, point["param"], ref)
+    what = f"{base['method']} {point['label']}"
+    mine, theirs = rec.get("psnr_db_per_image"), point["psnr_db_per_image"]
+    if "error" in rec or mine is None or len(mine) != len(theirs):
+        raise RuntimeError(f"{cfg.name}: re-measuring the stored {what} failed or gave another image count "
+                           f"({rec.get('error') or len(mine or [])}); rerun the whole benchmark")
+    diff = max(abs(_num(a) - _num(b)) if (a, b) != ("inf", "inf") else 0.0 for a, b in zip(mine, theirs))
+    log(f"  reproduces the stored {what}: max per-image PSNR difference {diff:.2e} dB")
+    if diff > REPRODUCE_TOL:
+        raise RuntimeError(f"{cfg.name}: {what} differs from the stored result by up to {diff:.3g} dB per image: "
+                           "this machine does not reproduce it; rerun the whole benchmark")
+    return {"point": what, "max_abs_psnr_diff_db": diff}
+
+
 def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick: bool, max_extra: int,
                   progress: Any = None) -> dict:
     """Add ``methods`` to a stored configuration result (``bench/compare.py --add``): the new lines are
     measured on the same images as the stored ones, so the report pairs them image by image.
 
     Checks first that this machine reproduces the stored result: the uncached reference's FLOPs must be equal
-    and a stored planner-baseline point (the first point of EOC as published) re-measured must give the stored per-image
-    PSNRs within :data:`REPRODUCE_TOL` dB (EOC as published: it uses the calibration's priors, so this also checks
-    that the calibration is reproduced). cachec's stored plan choices (``info.plan_options`` of the
+    and a stored planner-baseline point must be reproduced (:func:`reproduction_check`). cachec's stored plan choices (``info.plan_options`` of the
     ``cachec`` line's points) are what :class:`bench.peers.SoftCapMethod` builds on. Entries of the same name are
     replaced; the adaptive lines are confirmed (:func:`confirm_adaptive`) on the stored confirmation's images.
 
     Returns:
-        ``stored`` updated (``methods``, ``adaptive_confirmation``, ``additions``).
+        ``stored`` updated (``methods``, ``adaptive_confirmation`` where an added line is adaptive,
+        ``additions``).
 
     Raises:
-        RuntimeError: the stored result is not reproduced here (other model weights, torch or CPU kernels).
+        RuntimeError: the stored result is not reproduced here (other model weights, torch or CPU kernels), or
+        it has no planner-baseline point to check that with.
     """
     log(f"\n=== {cfg.name}: adding {', '.join(m.name for m in methods)} to the stored result")
     t_cfg = time.perf_counter()
@@ -99,19 +137,7 @@ def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick:
             for r in e["points"]:
                 if (r.get("info") or {}).get("plan_options"):
                     cfg.ctx.cache[("chosen options", round(float(r["param"]), 6))] = r["info"]["plan_options"]
-    base = next((e for e in stored["methods"] if e["method"] == "EOC (paper)" and e["points"]), None)
-    check = None
-    if base is not None:
-        point = base["points"][0]
-        method = next(m for m in peers.all_methods(cfg.steps, only=["EOC (paper)"]) if m.name == base["method"])
-        method.prepare(cfg.ctx)
-        rec = run_point(cfg, method, point["param"], ref)
-        diff = max(abs(a - b) for a, b in zip(rec["psnr_db_per_image"], point["psnr_db_per_image"]))
-        check = {"point": f"{base['method']} {point['label']}", "max_abs_psnr_diff_db": diff}
-        log(f"  reproduces the stored {check['point']}: max per-image PSNR difference {diff:.2e} dB")
-        if diff > REPRODUCE_TOL:
-            raise RuntimeError(f"{cfg.name}: {check['point']} differs from the stored result by up to {diff:.3g} dB "
-                               "per image: this machine does not reproduce it; rerun the whole benchmark")
+    check = reproduction_check(cfg, stored, ref)
     names = {m.name for m in methods}
     kept = [e for e in stored["methods"] if e["method"] not in names]
     new = run_methods(cfg, methods, ref, ref_times, quick, max_extra, progress, done=kept)
@@ -119,7 +145,9 @@ def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick:
     conf = stored.get("confirmation")
     if conf:
         cfg.confirm_images = int(conf["n_images"])
-    stored["adaptive_confirmation"] = confirm_adaptive(cfg, methods, new)
+    adaptive = confirm_adaptive(cfg, methods, new)
+    if adaptive is not None:  # a line that is not adaptive keeps the stored adaptive confirmation
+        stored["adaptive_confirmation"] = adaptive
     stored.setdefault("additions", []).append({
         "methods": sorted(names), "reproduction_check": check, "reference_seconds": reference["seconds"],
         "seconds": time.perf_counter() - t_cfg})
@@ -132,7 +160,7 @@ def confirmation_images(cfg: Config) -> Iterator[tuple[dict, float]]:
     """Switch ``cfg`` to its first ``cfg.confirm_images`` evaluation images for the ``with`` block and yield
     ``(ref, ref_seconds)``: the uncached reference of that set for :func:`bench.compare_sweeps.run_point`
     (``{"images", "flops", "flops_batch0"}``) and the seconds it took (0 where an earlier confirmation of the
-    same set measured it; it is kept on ``cfg.confirm_reference``). The sweep's image set is restored on exit,
+    same set measured it: it is kept on ``cfg.confirm_reference`` and counted once). The sweep's image set is restored on exit,
     also when the block raises."""
     saved = (cfg.eval_conditions, cfg.eval_seeds, cfg.batches, cfg.condition_text)
     t = time.perf_counter()
@@ -140,7 +168,7 @@ def confirmation_images(cfg: Config) -> Iterator[tuple[dict, float]]:
     try:
         have = getattr(cfg, "confirm_reference", None)
         if have is not None and have[0] == len(cfg.eval_conditions):
-            ref, ref_seconds = have[1], have[2]
+            ref, ref_seconds = have[1], 0.0
         else:
             per_batch: list[int] = []
             images, flops = counted_generate(cfg, None, cfg.batches, per_batch, counter=cfg.counter)

@@ -4,7 +4,8 @@ Nothing here runs a model: every function reads the plain-JSON results that :mod
 produces (``configs[*].methods[*].points[*]``, see :func:`bench.compare_sweeps.run_point`) and that
 ``benchmarks.json`` stores. A method's value at a FLOPs budget comes only from measured points
 (:func:`at_budget`); :func:`headline` gives cachec's margin over the best peer;
-:mod:`bench.compare_markdown` writes ``benchmarks.md`` and ``benchmarks.png`` from them.
+:mod:`bench.compare_markdown` writes ``benchmarks.md`` and ``benchmarks.png`` from them and
+:mod:`bench.compare_rescore` recomputes every derived table of a stored result.
 
 FLOPs fractions are realised FLOPs ÷ uncached FLOPs of the same call (0..1); PSNR is in dB, where the
 string ``"inf"`` stands for +∞ (identical images), as the results' JSON convention writes it.
@@ -12,13 +13,7 @@ string ``"inf"`` stands for +∞ (identical images), as the results' JSON conven
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (``main``): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: FLOPs budgets (fractions of uncached) of the tables and of the headline margins
 TABLE_BUDGETS = (0.25, 0.40, 0.60)
@@ -110,6 +105,12 @@ def frontier_point(entry: dict | None, b: float) -> dict | None:
     return max(pts, key=lambda r: _num(r["psnr_db"])) if pts else None
 
 
+def verdict(lo: float | None, hi: float | None) -> str:
+    """``ahead`` / ``behind`` when a paired interval ``[lo, hi]`` of a margin excludes 0 on that side, else
+    ``tie`` (also without an interval)."""
+    return "tie" if lo is None else "ahead" if lo > 0 else "behind" if hi < 0 else "tie"
+
+
 def paired_margin(mine: dict, theirs: dict) -> tuple[float, float | None, float | None]:
     """Mean per-image PSNR difference ``mine − theirs`` (dB) over the same images, with its paired 95 %
     bootstrap interval (:func:`cachec.metrics.paired_difference`, 10000 resamples, seed 0); +∞ PSNR counts
@@ -185,7 +186,7 @@ def headline(cfg_res: dict) -> dict:
         if mine and best and mine.get("psnr_db_per_image") and best[1].get("psnr_db_per_image"):
             m, lo, hi = paired_margin(mine, best[1])
             h.update(margin_db=m, margin_ci_low=lo, margin_ci_high=hi, images=len(mine["psnr_db_per_image"]),
-                     verdict="tie" if lo is None else "ahead" if lo > 0 else "behind" if hi < 0 else "tie")
+                     verdict=verdict(lo, hi))
         if rejected:
             h["confirmation_rejected"] = rejected
         out[key] = h
@@ -269,19 +270,6 @@ def iso_quality(cfg_res: dict) -> dict:
     return out
 
 
-def rescore(results: dict) -> dict:
-    """``results`` (a ``benchmarks.json``) with every configuration's ``headline`` recomputed by the current
-    rule from its raw points (nothing re-run)."""
-    from datetime import datetime, timezone
-
-    for cfg in results["configs"]:
-        cfg["headline"] = headline(cfg)
-        cfg["iso_quality"] = iso_quality(cfg)
-    results["rescored"] = {"by": "python bench/compare_report.py",
-                           "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rule": "frontier"}
-    return results
-
-
 # ------------------------------------------------------------------------------------- outputs
 
 
@@ -295,29 +283,3 @@ def fmt(v, spec: str = ".2f") -> str:
     if isinstance(v, float) and math.isinf(v):
         return "∞"
     return format(v, spec)
-
-
-def main(argv=None) -> int:
-    """``python bench/compare_report.py [docs/benchmarks.json]``: recompute the headlines of a benchmark
-    result by the current rule (:func:`rescore`, nothing re-run) and rewrite the JSON, ``benchmarks.md`` and
-    ``benchmarks.png`` beside it."""
-    from bench.compare_markdown import write_markdown, write_plot
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    path = Path(args[0] if args else "docs/benchmarks.json")
-    results = rescore(json.loads(path.read_text(encoding="utf-8")))
-    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    png = path.with_suffix(".png")
-    write_plot(results, png)
-    write_markdown(results, path.with_suffix(".md"), path.name, png.name)
-    for cfg in results["configs"]:
-        for b, h in cfg["headline"].items():
-            m = h.get("margin_db")
-            print(f"{cfg['name']} @ {float(b):.0%}: cachec {fmt(h['cachec_psnr'])} dB vs {h['best_peer']} "
-                  f"{fmt(h['best_peer_psnr'])} dB: " + ("–" if m is None else
-                  f"{m:+.2f} [{h['margin_ci_low']:+.2f}, {h['margin_ci_high']:+.2f}] {h['verdict']}"))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

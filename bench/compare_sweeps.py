@@ -88,10 +88,10 @@ class Config:
                         for i in range(0, len(self.eval_conditions), bs)]
 
 
-def split_calls(session: peers.Session | None, batches) -> list[tuple[list, list]]:
-    """``batches`` cut into the session's ``call_batch`` samples per ``generate`` call (unchanged when it has
-    none)."""
-    k = getattr(session, "call_batch", None)
+def split_calls(session: peers.Session | None, batches, call_batch: int | None = None) -> list[tuple[list, list]]:
+    """``batches`` cut into ``call_batch`` (default: the session's ``call_batch``) samples per ``generate``
+    call (unchanged when neither is set)."""
+    k = call_batch or getattr(session, "call_batch", None)
     if not k:
         return list(batches)
     return [(list(c[i:i + k]), list(s[i:i + k])) for c, s in batches for i in range(0, len(c), k)]
@@ -123,13 +123,15 @@ def counted_generate(cfg: Config, session: peers.Session | None, batches, per_ba
     return torch.cat(images), total
 
 
-def timed_generate(cfg: Config, session: peers.Session | None) -> tuple[float, torch.Tensor]:
-    """Wall seconds and images of one ``generate`` call on the timing batch (the first ``cfg.timing_size``
-    samples of the first evaluation batch; no FLOP counting)."""
+def timed_generate(cfg: Config, session: peers.Session | None, call_batch: int | None = None
+                   ) -> tuple[float, torch.Tensor]:
+    """Wall seconds and images of the ``generate`` calls on the timing batch (the first ``cfg.timing_size``
+    samples of the first evaluation batch, in calls of ``call_batch`` or the session's ``call_batch`` samples;
+    no FLOP counting)."""
     conds, seeds = cfg.batches[0]
     conds, seeds = conds[: cfg.timing_size], seeds[: cfg.timing_size]
     wall, images = 0.0, []
-    for c, s in split_calls(session, [(conds, seeds)]):
+    for c, s in split_calls(session, [(conds, seeds)], call_batch):
         if session is not None:
             session.begin()
         try:
@@ -199,7 +201,8 @@ def run_point(cfg: Config, method: peers.Method, p, ref: dict, check: dict | Non
             rec["flop_counter_check"] = check["checked"]
             if fast_flops != torch_flops:
                 check["counter"] = "torch"
-                images, flops = counted_generate(cfg, session, batches, counter="torch")
+                per_batch = []
+                images, flops = counted_generate(cfg, session, batches, per_batch, counter="torch")
         rec["flop_counter"] = check.get("counter", cfg.counter)
         wall, _ = timed_generate(cfg, session)
         rec["info"] = to_jsonable(dict(session.info))
@@ -220,6 +223,11 @@ def run_point(cfg: Config, method: peers.Method, p, ref: dict, check: dict | Non
     rec["flops_per_image"] = flops / n
     rec["flops_fraction"] = flops / ref_flops
     rec["wall_s_timing_batch"] = wall
+    k = getattr(session, "call_batch", None)
+    if k:  # a method that samples in small calls (per-image decisions): counted per call, timed like for like
+        sizes = [len(c) for c, _ in split_calls(session, batches)]
+        rec["call_flops_fraction_max"] = max(f / (m * ref_flops / n) for f, m in zip(per_batch, sizes))
+        rec["uncached_wall_s_same_calls"] = timed_generate(cfg, None, call_batch=k)[0]
     rec["evaluated_on"] = "first batch only (diagnostic)" if method.diagnostic else "all batches"
     if not torch.isfinite(images).all():
         rec["error"] = "non-finite images"
@@ -364,7 +372,8 @@ def run_methods(cfg: Config, methods: list[peers.Method], ref: dict, ref_times: 
     for method in methods:
         t = time.perf_counter()
         entry: dict[str, Any] = {"method": method.name, "group": method.group, "knob": method.knob,
-                                 "adaptive": method.adaptive, "diagnostic": method.diagnostic}
+                                 "adaptive": method.adaptive, "diagnostic": method.diagnostic,
+                                 "bisect": bool(method.adaptive if method.bisect is None else method.bisect)}
         log(f"  -- {method.name}")
         try:
             method.prepare(cfg.ctx)
@@ -385,7 +394,7 @@ def run_methods(cfg: Config, methods: list[peers.Method], ref: dict, ref_times: 
         denom = (ref_times[-2] + ref_times[-1]) / 2
         for r in entry["points"]:
             if "wall_s_timing_batch" in r:
-                r["wall_ratio"] = r["wall_s_timing_batch"] / denom
+                r["wall_ratio"] = r["wall_s_timing_batch"] / r.get("uncached_wall_s_same_calls", denom)
         entry["seconds"] = time.perf_counter() - t
         results.append(entry)
         if progress is not None:

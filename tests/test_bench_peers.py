@@ -72,6 +72,8 @@ def test_each_adapter_runs_and_is_counted(ctx, reference, method):
         assert torch.equal(images, ref_images)
     elif not isinstance(method, peers.FirstBlockCacheMethod):
         assert frac < 1.0, f"{method.name} skipped nothing at {method.label(p)}"
+    if isinstance(method, peers.SoftCapMethod):  # a soft ceiling, never exceeded (docs/softcap.md)
+        assert frac <= float(p) + 1e-9, f"{method.name}: {frac} over its ceiling {p}"
     assert peers.leftover_state(ctx.driver) == []
     again, flops2, _ = count_flops(ctx.generate, CONDS, SEEDS)
     assert flops2 == ref_flops and torch.equal(again, ref_images)
@@ -384,3 +386,60 @@ def test_hooks_go_on_the_generator_of_a_controlnet_model(tiny_digits):
     assert peers.hook_target(control) is control.transformer.transformer
     assert type(peers.hook_target(control)).__name__ == "FluxTransformer2DModel"
     assert peers.hook_target(tiny_digits) is tiny_digits.transformer
+
+
+def test_adding_a_line_checks_reproduction_and_keeps_the_adaptive_confirmation(monkeypatch):
+    """``bench/compare.py --add``: a stored planner-baseline point must be reproduced per image before anything
+    is added (EOC, else FORA; none stored or a mismatch is refused), and adding a line that is not adaptive
+    keeps the stored adaptive confirmation instead of erasing it."""
+    from bench import compare_configs as cc
+
+    class M:
+        adaptive = False
+
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, ctx):
+            pass
+
+    class Cfg:
+        name, steps, confirm_images = "cfg", 4, 0
+        eval_conditions = [0, 1]
+
+        class ctx:
+            cache: dict = {}
+
+    per_image = {"value": [30.0, "inf"]}
+    monkeypatch.setattr(cc, "measure_reference", lambda cfg: ({"images": None}, {"flops_per_image": 100.0, "seconds": 1.0},
+                                                              None, [1.0]))
+    monkeypatch.setattr(cc.peers, "all_methods", lambda steps, only=None, **kw: [M(only[0].lstrip("="))])
+    monkeypatch.setattr(cc, "run_point", lambda cfg, m, p, ref, *a: {"method": m.name, "label": "x",
+                                                                      "psnr_db_per_image": per_image["value"]})
+    monkeypatch.setattr(cc, "run_methods", lambda cfg, methods, *a, **kw: [{"method": m.name, "points": []} for m in methods])
+
+    def stored(baseline="FORA"):
+        return {"reference": {"flops_per_image": 100.0},
+                "methods": [{"method": baseline, "points": [{"label": "N=2", "param": 2, "psnr_db_per_image": [30.0, "inf"]}]}],
+                "adaptive_confirmation": {"n_images": 100, "points": ["kept"]}}
+
+    out = cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True, max_extra=0)
+    assert out["adaptive_confirmation"] == {"n_images": 100, "points": ["kept"]}
+    assert out["additions"][-1]["reproduction_check"] == {"point": "FORA N=2", "max_abs_psnr_diff_db": 0.0}
+    assert [e["method"] for e in out["methods"]] == ["FORA", "FirstBlockCache"]
+    with pytest.raises(RuntimeError, match="has no EOC \\(paper\\) or FORA point"):
+        cc.add_to_config(Cfg(), stored("MagCache"), [M("FirstBlockCache")], quick=True, max_extra=0)
+    per_image["value"] = [30.5, "inf"]
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True, max_extra=0)
+    per_image["value"] = [30.0]
+    with pytest.raises(RuntimeError, match="another image count"):
+        cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True, max_extra=0)
+
+
+def test_budgets_with_a_percent_sign_are_percents():
+    from bench.compare import parse_budgets
+
+    assert parse_budgets("15,25%,0.4,1%") == pytest.approx([0.15, 0.25, 0.4, 0.01])
+    with pytest.raises(SystemExit):
+        parse_budgets("150")
