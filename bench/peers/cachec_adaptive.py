@@ -15,10 +15,9 @@ on the same images.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from .cachec_plans import PlanSession, _planner
+from .cachec_plans import PlanSession, _planner, plan_path
 from .core import BenchContext, Method, Session
 
 #: the base plan of a SoftCap point lies this far (fraction of uncached FLOPs) under its ceiling
@@ -123,8 +122,7 @@ class SoftCapMethod(Method):
 
     def session(self, ctx: BenchContext, p) -> Session:
         plan, side = self.base_plan(ctx, float(p))
-        tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.name}-{p}").strip("-")
-        return SoftCapSession(ctx, plan, side, Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml", float(p), self.mode)
+        return SoftCapSession(ctx, plan, side, plan_path(ctx, f"{self.name}-{p}"), float(p), self.mode)
 
 
 class MatchedStaticMethod(Method):
@@ -141,5 +139,4 @@ class MatchedStaticMethod(Method):
     def session(self, ctx: BenchContext, p) -> Session:
         ceiling, budget = float(p[0]), float(p[1])
         plan, side = _planner(ctx).plan(budget, "cachec", **chosen_options(ctx, ceiling))
-        tag = re.sub(r"[^A-Za-z0-9]+", "-", f"static-{ceiling}-{budget:.4f}").strip("-")
-        return PlanSession(ctx, plan, side, Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml")
+        return PlanSession(ctx, plan, side, plan_path(ctx, f"static-{ceiling}-{budget:.4f}"))

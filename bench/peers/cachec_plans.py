@@ -78,6 +78,13 @@ def ensure_calibration(ctx: BenchContext) -> Path:
     return Path(path)
 
 
+def plan_path(ctx: BenchContext, label: str) -> Path:
+    """Where a benchmark plan named by ``label`` (a method name and its parameter) is written in the run's
+    work directory."""
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+    return Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml"
+
+
 def _planner(ctx: BenchContext):
     if "planner" not in ctx.cache:
         from cachec.planner import Planner, load_calibration
@@ -157,8 +164,7 @@ class PlanMethod(Method):
 
     def session(self, ctx: BenchContext, p) -> Session:
         planner = _planner(ctx)
-        tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.name}-{p}").strip("-")
-        path = Path(ctx.workdir) / f"plan_{ctx.steps}_{tag}.yaml"
+        path = plan_path(ctx, f"{self.name}-{p}")
         if self.choose_family:
             key = ("chosen plan", float(p))  # the headline confirmation runs the same point again
             if key not in ctx.cache:
