@@ -16,8 +16,10 @@ every (budget, family, predictor set) plan of the plan search is
 
 Prints, for both pricings, Spearman's rank correlation with the realised errors over all plans, the slope of
 log(realised) on log(predicted) (1 = errors scale as predicted) and the median ratio realised ÷ predicted
-(the unit offset: predicted errors are per (sample, branch) output in the model's sample space). All numbers
-come from one process.
+(the unit offset: predicted errors are per (sample, branch) output in the model's sample space), and per
+budget the rank correlation among that budget's plans, the plan each pricing would pick and how much more
+realised error it has than the best one. All numbers come from one process; ``--summary FILE`` prints them
+again from a ``--json`` result.
 
 Usage (digits-flow, 24 plans, ≈ 25 min on one thread with ``--along``)::
 
@@ -61,6 +63,41 @@ def fit_quality(pred, real) -> dict:
     return {"spearman": rho, "loglog_slope": slope, "median_ratio": float(np.median(real[ok] / pred[ok])), "plans": int(ok.sum())}
 
 
+def summarise(rows: list[dict]) -> dict:
+    """Fit quality of each pricing (``before``, and ``after`` where the rows have it) over all plans, and per
+    budget: Spearman's rho among that budget's plans (does the error model rank the candidates the plan
+    search chooses between?) and whether the plan it prices lowest is the one with the least realised error."""
+    real = [r["realised_error"] for r in rows]
+    out: dict = {}
+    for key, col in (("before", "predicted_before"), ("after", "predicted_after")):
+        if not rows or col not in rows[0]:
+            continue
+        out[key] = fit_quality([r[col] for r in rows], real)
+        out[key]["per_budget"] = {}
+        for b in sorted({r["budget"] for r in rows}):
+            at = [r for r in rows if r["budget"] == b]
+            pick = min(at, key=lambda r: r[col])
+            best = min(at, key=lambda r: r["realised_error"])
+            out[key]["per_budget"][f"{b:.2f}"] = {
+                "spearman": float(stats.spearmanr([r[col] for r in at], [r["realised_error"] for r in at]).statistic),
+                "plans": len(at), "priced_best": f"{pick['family']}+{pick['predictors']}",
+                "realised_best": f"{best['family']}+{best['predictors']}",
+                "regret": pick["realised_error"] / best["realised_error"]}
+    return out
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The console lines of :func:`summarise`."""
+    lines = []
+    for k, v in summary.items():
+        lines.append(f"{k:6s}: Spearman {v['spearman']:+.3f}, log-log slope {v['loglog_slope']:.3f}, "
+                     f"median realised/predicted {v['median_ratio']:.3g} over {v['plans']} plans")
+        for b, pb in v["per_budget"].items():
+            lines.append(f"        at {float(b):.0%}: Spearman {pb['spearman']:+.3f} over {pb['plans']} plans; priced best "
+                         f"{pb['priced_best']}, realised best {pb['realised_best']} (its realised error x{pb['regret']:.2f})")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="digits-flow")
@@ -69,7 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--along", action="store_true", help="also price each schedule along its own trajectory")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--summary", type=Path, default=None, metavar="FILE",
+                    help="print the summary of a --json result again (nothing is run)")
     args = ap.parse_args(argv)
+    if args.summary:
+        print("\n".join(summary_lines(summarise(json.loads(args.summary.read_text(encoding="utf-8"))["rows"]))))
+        return 0
     torch.set_num_threads(args.threads)
     driver = load_model(args.model)
     rows = []
@@ -108,13 +150,8 @@ def main(argv=None) -> int:
                     print(f"{args.model} {100 * budget:.0f}% {family:6s} {pset:6s} before {row['predicted_before']:.4g}"
                           + (f" after {row['predicted_after']:.4g}" if "predicted_after" in row else "")
                           + f" realised {real:.4g}", flush=True)
-    real = [r["realised_error"] for r in rows]
-    summary = {"before": fit_quality([r["predicted_before"] for r in rows], real)}
-    if args.along:
-        summary["after"] = fit_quality([r["predicted_after"] for r in rows], real)
-    for k, v in summary.items():
-        print(f"{k:6s}: Spearman {v['spearman']:+.3f}, log-log slope {v['loglog_slope']:.3f}, "
-              f"median realised/predicted {v['median_ratio']:.3g} over {v['plans']} plans")
+    summary = summarise(rows)
+    print("\n".join(summary_lines(summary)))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "images": args.images, "rows": rows, "summary": summary}, indent=1))
     return 0
