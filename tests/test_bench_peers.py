@@ -443,3 +443,29 @@ def test_budgets_with_a_percent_sign_are_percents():
     assert parse_budgets("15,25%,0.4,1%") == pytest.approx([0.15, 0.25, 0.4, 0.01])
     with pytest.raises(SystemExit):
         parse_budgets("150")
+
+
+def test_cache_context_steps_of_a_flux_style_schedule_whose_last_timestep_is_1():
+    """FLUX-style transformers receive the scheduler timestep / 1000; digits-mmdit's last scheduler timestep is
+    1.0, exactly what step 0 receives. The wrapper fixes the scale at a run's first call, so step 0 is step 0
+    (it was read as the last step, which sent SeaCache into its fail-open path at every run)."""
+    from types import SimpleNamespace
+
+    from bench.peers.context import CacheContextWrapper
+
+    class Net(torch.nn.Module):
+        def forward(self, hidden_states, timestep):
+            return hidden_states
+
+    timesteps = torch.tensor([1000.0, 500.0, 1.0])
+    driver = SimpleNamespace(transformer=Net(), scheduler=SimpleNamespace(timesteps=timesteps))
+    for scale in (1000.0, 1.0):  # FLUX-style, and a transformer that receives the scheduler's timesteps
+        w = CacheContextWrapper(driver, steps=3)
+        w.install()
+        try:
+            for t in timesteps:
+                driver.transformer(torch.zeros(1), timestep=t / scale)
+        finally:
+            w.remove()
+        assert w.contexts == [("cond_uncond", 0), ("cond_uncond", 1), ("cond_uncond", 2)], scale
+    assert "forward" not in driver.transformer.__dict__

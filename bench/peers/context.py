@@ -78,6 +78,7 @@ class CacheContextWrapper:
         self.current_timestep: float | None = None
         self.step_index: int | None = None
         self._calls_at_step = 0
+        self._scale: float | None = None  # scheduler timestep / transformer timestep, fixed at a run's first call
         self._orig = None
         self._had_attr = False
         self.contexts: list[tuple[str, int]] = []
@@ -95,6 +96,7 @@ class CacheContextWrapper:
 
         tr.forward = forward
         self.step_index = None
+        self._scale = None
         self.contexts = []
 
     def remove(self) -> None:
@@ -114,9 +116,12 @@ class CacheContextWrapper:
         tval = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
         sched = self.driver.scheduler
         raw = torch.as_tensor(sched.timesteps).float()
-        ts = raw
-        if ts.numel() and float((ts / 1000.0 - tval).abs().min()) < float((ts - tval).abs().min()):
-            ts = raw / 1000.0  # FLUX-style transformers receive the scheduler timestep / 1000
+        if self._scale is None and raw.numel():
+            # fixed at a run's first call (step 0): FLUX-style transformers receive the scheduler timestep / 1000.
+            # Deciding per call by the nearer match fails where a late scheduler timestep equals an early
+            # divided one (digits-mmdit: the last timestep is 1.0, step 0 receives 1000 / 1000 = 1.0)
+            self._scale = 1000.0 if abs(float(raw[0]) / 1000.0 - tval) < abs(float(raw[0]) - tval) else 1.0
+        ts = raw / (self._scale or 1.0)
         idx = int(torch.argmin((ts - tval).abs())) if ts.numel() else 0
         if idx == self.step_index:
             self._calls_at_step += 1
