@@ -1,4 +1,4 @@
-"""Attention-map reuse vs attention-output reuse on the joint attention of a FLUX-layout model (issue 16, HGC).
+"""Attention-map reuse vs attention-output reuse on the joint or self-attention of a model (issue 16, HGC).
 
 HGC's fine grain reuses attention probability maps across adjacent steps: at step s the map
 ``P_r = softmax(Q_r K_rᵀ / √d)`` of an earlier step r is applied to the step's fresh values, ``P_r V_s``, which
@@ -7,9 +7,9 @@ attention units reuse (or predict) the whole output instead, ``O_r = P_r V_r``. 
 uncached sampling of a model, how far each reuse is from the real output ``O_s = P_s V_s`` at a staleness of
 k = s − r steps, to decide whether map units would buy quality per FLOP that output units do not.
 
-Per attention call (every ``dispatch_attention_fn`` call of diffusers' ``FluxAttnProcessor``: the dual and
-single blocks of the generator and, on ``digits-mmdit-control``, of the ControlNet), per step s ≥ k and per
-image row, with O the attention core's output before the output projection (float32, shape (B, N, H, d)):
+Per attention call (FLUX layout: every ``dispatch_attention_fn`` call of diffusers' ``FluxAttnProcessor``, the
+dual and single blocks of the generator and, on ``digits-mmdit-control``, of the ControlNet; DiT: every
+self-attention), per step s ≥ k and per image row, with O the attention core's output before the output projection (float32, shape (B, N, H, d)):
 
     e_out(k) = ‖O_{s−k} − O_s‖² / ‖O_s‖²          e_map(k) = ‖P_{s−k} V_s − O_s‖² / ‖O_s‖²
     e_taylor(k) = ‖2·O_{s−k} − O_{s−2k} − O_s‖² / ‖O_s‖²   (s ≥ 2k: a first-order forecast of the output, the
@@ -25,7 +25,7 @@ FLUX.1 and DiT-XL/2 shapes (bf16).
 
 Usage (≈ 1 min on one thread)::
 
-    python bench/bench_attention_maps.py [--model digits-mmdit-control] [--images 8] [--json out.json]
+    python bench/bench_attention_maps.py [--model digits-mmdit-control | digits-flow] [--images 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,22 +50,41 @@ def attention_flops(n: int, d: int) -> tuple[int, int]:
 
 
 def record(driver, conds, seeds, steps, guidance) -> list[list[tuple[torch.Tensor, ...]]]:
-    """Uncached sampling; per transformer call the (q, k, v) of every attention call, float32 (B, N, H, d)."""
+    """Uncached sampling; per transformer call the (q, k, v) of every attention call, float32 (B, N, H, d).
+
+    FLUX-layout models attend through diffusers' ``dispatch_attention_fn`` (tensors (B, N, H, d)); the
+    others (DiT, PixArt: ``AttnProcessor2_0``) call ``torch.nn.functional.scaled_dot_product_attention``
+    ((B, H, N, d)). Both are wrapped for the call and restored after it."""
     import diffusers.models.transformers.transformer_flux as tf
+    import torch.nn.functional as F
 
     calls: list[list[tuple[torch.Tensor, ...]]] = []
-    original = tf.dispatch_attention_fn
+    dispatch, sdpa = tf.dispatch_attention_fn, F.scaled_dot_product_attention
 
-    def capture(query, key, value, *args, **kwargs):
-        calls[-1].append((query.detach().float().clone(), key.detach().float().clone(), value.detach().float().clone()))
-        return original(query, key, value, *args, **kwargs)
+    def keep(*t):
+        calls[-1].append(tuple(x.detach().float().clone() for x in t))
+
+    inside = [False]  # dispatch_attention_fn's native backend calls SDPA itself: record that call once
+
+    def capture_dispatch(query, key, value, *args, **kwargs):
+        keep(query, key, value)
+        inside[0] = True
+        try:
+            return dispatch(query, key, value, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def capture_sdpa(query, key, value, *args, **kwargs):
+        if calls and query.ndim == 4 and not inside[0]:
+            keep(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        return sdpa(query, key, value, *args, **kwargs)
 
     hook = driver.transformer.register_forward_pre_hook(lambda m, a: calls.append([]))
-    tf.dispatch_attention_fn = capture
+    tf.dispatch_attention_fn, F.scaled_dot_product_attention = capture_dispatch, capture_sdpa
     try:
         driver.generate(conds, seeds, steps=steps, guidance=guidance)
     finally:
-        tf.dispatch_attention_fn = original
+        tf.dispatch_attention_fn, F.scaled_dot_product_attention = dispatch, sdpa
         hook.remove()
     return calls
 
@@ -105,8 +124,11 @@ def main(argv=None) -> int:
         n_dual_c = len(cn.transformer_blocks)
     gen = getattr(driver.transformer, "transformer", driver.transformer)
     n_dual_g = len(gen.transformer_blocks)
+    flux = hasattr(gen, "single_transformer_blocks")
 
     def group(i: int) -> str:
+        if not flux:
+            return "self-attention"
         if i < n_ctrl:
             return "ControlNet dual" if i < n_dual_c else "ControlNet single"
         return "generator dual" if i - n_ctrl < n_dual_g else "generator single"
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
     total, saved = attention_flops(n, heads * dh)
     print(f"{args.model}: {steps} steps, guidance {guidance}, {len(conds)} images (rows incl. CFG: {q0.shape[0]}), "
           f"{n_attn} attention calls per step, N = {n} tokens, {heads} heads × {dh}")
-    print(f"map reuse skips {saved / total:.1%} of a joint attention's FLOPs (output reuse: 100 %)\n")
+    print(f"map reuse skips {saved / total:.1%} of an attention's FLOPs (output reuse: 100 %)\n")
     print("| group | k | e_out (output reuse) | e_taylor (output forecast) | e_map (map reuse) | e_map / e_out |")
     print("|---|---:|---:|---:|---:|---:|")
     summary: dict = {"model": args.model, "steps": steps, "images": len(conds), "tokens": n, "heads": heads,
