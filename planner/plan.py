@@ -18,7 +18,7 @@ from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
 from .error_model import PREDICTORS, ErrorModel, SegmentTable, resolve_predictors, schedule_error, segment_table
 from .schedule import Schedule, realised_fraction, round_sig
-from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, frontier, group_costs, solve
+from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, edge_blocks, frontier, group_costs, solve
 
 #: families whose computed steps follow a peer's schedule shape instead of the DP: ``warmup`` = TaylorSeer's
 #: and SeaCache's realised shape (the first W steps computed, then every ``interval``-th; W as large as the
@@ -70,7 +70,8 @@ METHODS = ("cachec", "fora", "eoc-paper", "goc-paper", "uniform")
 DEFAULT_MAX_STALENESS = 8
 
 _METHOD_OPTIONS = {
-    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask", "interval"},
+    "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask", "interval",
+               "fn_bn"},
     "fora": {"interval"},
     "eoc-paper": {"interval", "alpha"},
     "goc-paper": {"interval", "lam"},
@@ -186,6 +187,14 @@ class Planner:
             if "interval" in options and family != "warmup":
                 raise ValueError(f"option interval is only used by family 'warmup', not {family!r}")
             mask, extra = options.get("mask"), {}
+            fn_bn = options.get("fn_bn")
+            always = None
+            if fn_bn is not None:
+                if family != "step":
+                    raise ValueError(f"option fn_bn is only used by family 'step', not {family!r}")
+                if not isinstance(fn_bn, (list, tuple)) or len(fn_bn) != 2:
+                    raise ValueError(f"fn_bn must be [first, last] block counts, got {fn_bn!r}")
+                always = edge_blocks(cal.unit_names, fn_bn[0], fn_bn[1])
             if family == "warmup":
                 if mask is not None:
                     raise ValueError("family 'warmup' makes its own mask; use family 'step' for a given mask")
@@ -194,9 +203,11 @@ class Planner:
             sched = solve(
                 self.table(K, model), cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops, float(budget),
                 family="step" if family == "warmup" else family, keep_last=keep_last,
-                front=None if mask is not None else self.frontier(K, keep_last, family, n_groups, model),
-                groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask,
+                front=None if mask is not None or always is not None else self.frontier(K, keep_last, family, n_groups, model),
+                groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask, always=always,
             )
+            if fn_bn is not None:
+                sched.options["fn_bn"] = [int(fn_bn[0]), int(fn_bn[1])]
             if family == "warmup":
                 sched.options.pop("mask")
                 sched.options.update(family="warmup", **extra)
@@ -342,7 +353,9 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
             ``fill`` (default True: the step/group families add single unit computes into the FLOPs their
             shared masks leave unspent; plans made before it record no ``fill`` and mean False),
             ``mask`` (step family: the computed step indices, e.g. a peer's pattern, instead of the DP's),
-            ``interval`` (warmup family: N, default the smallest that fits; :func:`warmup_mask`);
+            ``interval`` (warmup family: N, default the smallest that fits; :func:`warmup_mask`),
+            ``fn_bn`` (step family: ``[F, B]``, the first F and last B blocks computed at every step, the
+            FBCache/DBCache shape, the shared mask solved for the other blocks; :func:`edge_blocks`);
             fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper: ``lam`` (1.2).
     Returns:
         ``(plan, sidecar)``: the typed :class:`cachec.runtime.plan.Plan` (no ``sidecar`` entry until

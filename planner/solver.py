@@ -323,6 +323,30 @@ def block_groups(unit_names, groups: int) -> np.ndarray:
     return group_of_block[np.asarray(of_unit, dtype=np.int64)].astype(np.int64)
 
 
+def edge_blocks(unit_names, first: int, last: int) -> np.ndarray:
+    """(U,) bool: the units of the first ``first`` and the last ``last`` blocks (:func:`unit_block`, in order of
+    first appearance) — the blocks that FBCache (``first=1``) and cache-dit's DBCache (``Fn``/``Bn``) compute
+    at every step.
+
+    Raises:
+        ValueError: ``first``/``last`` not ints >= 0, or together all blocks (nothing left to cache).
+    """
+    for name, v in (("first", first), ("last", last)):
+        if isinstance(v, bool) or int(v) != v or v < 0:
+            raise ValueError(f"fn_bn: {name} must be an int >= 0, got {v!r}")
+    blocks: list[str] = []
+    of_unit = []
+    for name in unit_names:
+        b = unit_block(name)
+        if b not in blocks:
+            blocks.append(b)
+        of_unit.append(blocks.index(b))
+    if int(first) + int(last) >= len(blocks):
+        raise ValueError(f"fn_bn: {first} first + {last} last blocks leave none of the {len(blocks)} blocks to cache")
+    edge = set(range(int(first))) | set(range(len(blocks) - int(last), len(blocks)))
+    return np.array([b in edge for b in of_unit], dtype=bool)
+
+
 def group_costs(cost: np.ndarray, unit_flops: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Segment costs and FLOPs summed over the units of each group: ((G, ...), (G,))."""
     G = int(groups.max()) + 1
@@ -466,6 +490,7 @@ def solve(
     groups: np.ndarray | None = None,
     fill: bool = True,
     mask=None,
+    always: np.ndarray | None = None,
 ) -> Schedule:
     """Least-error schedule spending at most ``budget`` of a full run's FLOPs.
 
@@ -484,6 +509,8 @@ def solve(
             by the free family, whose allocation already fills the budget per unit.
         mask: for the step family only: the computed steps (indices) instead of the DP's choice
             (:func:`mask_segments`; recorded as ``options.mask``); the budget must cover them.
+        always: for the step family only: (U,) bool, units computed at every step (the Fn/Bn blocks of
+            FBCache/DBCache, :func:`edge_blocks`); the shared mask and its DP cover the other units.
     Returns:
         A :class:`Schedule` (history ``computed``) whose realised fraction is <= budget, and within one
         unit call below it when ``fill`` (or the family) allows.
@@ -506,29 +533,39 @@ def solve(
         )
     cap = budget * S * full_step * (1 + 1e-12) - S * fixed_step
     options = {"family": family, "max_staleness": int(K), "keep_last": int(keep_last)}
+    if (mask is not None or always is not None) and family != "step":
+        what = "a computed-step mask" if mask is not None else "always-computed units (fn_bn)"
+        raise ValueError(f"{what} is only used by family 'step', not {family!r}")
+    on = np.zeros(U, dtype=bool) if always is None else np.asarray(always, dtype=bool)
+    if on.shape != (U,) or on.all():
+        raise ValueError(f"always must be (U,) = ({U},) bools with at least one unit left to cache")
+    full = mask_segments(range(S), S, K, keep_last)  # the always-computed units' segments
+    cap_rest = cap - S * float(unit_flops[on].sum())  # what the shared mask of the other units may spend
+    total = float(unit_flops[~on].sum())
     if mask is not None:
-        if family != "step":
-            raise ValueError(f"a computed-step mask is only used by family 'step', not {family!r}")
         segs = mask_segments(mask, S, K, keep_last)
-        need = len(segs) * float(unit_flops.sum())
-        if need > cap:
+        if len(segs) * total > cap_rest:
+            need = len(segs) * total + S * float(unit_flops[on].sum())
             raise ValueError(f"the mask computes {len(segs)} of {S} steps: "
                              f"{(need + S * fixed_step) / (S * full_step):.6g} of a full run, over the budget {budget:.6g}")
         options["mask"] = [p for p, _, _ in segs]
-        return _finish(table, [segs] * U, unit_flops, cap, S, options, fill)
+        return _finish(table, [full if on[u] else segs for u in range(U)], unit_flops, cap, S, options, fill)
     if family == "step":
-        if front is None:
-            front = frontier(table.cost.sum(axis=0, keepdims=True), keep_last)
-        total = float(unit_flops.sum())
-        nmax = S if total <= 0 else int(min(S, np.floor(cap / total + 1e-9)))
-        while nmax > 0 and nmax * total > cap:
+        if front is None or on.any():
+            front = frontier(table.cost[~on].sum(axis=0, keepdims=True), keep_last)
+        nmax = S if total <= 0 else int(min(S, np.floor(max(cap_rest, 0.0) / total + 1e-9)))
+        while nmax > 0 and nmax * total > cap_rest:
             nmax -= 1
         e = front.err[0, : nmax + 1]
         if not np.isfinite(e).any():
-            raise ValueError(f"budget {budget:.6g} is below the minimum {minb:.6g}")
+            least = minb if not on.any() else (
+                (S * fixed_step + S * float(unit_flops[on].sum())
+                 + minimum_computes(S, K, keep_last) * total) / (S * full_step))
+            raise ValueError(f"budget {budget:.6g} is below the minimum {least:.6g}"
+                             + (" with the always-computed (fn_bn) blocks" if on.any() else ""))
         best = np.flatnonzero(e == np.min(e))[-1]  # least error, most computes on ties
-        segs = [trace(front, 0, int(best))] * U
-        return _finish(table, segs, unit_flops, cap, S, options, fill)
+        seg = trace(front, 0, int(best))
+        return _finish(table, [full if on[u] else seg for u in range(U)], unit_flops, cap, S, options, fill)
     if family == "group":
         if groups is None or len(groups) != U:
             raise ValueError("family 'group' needs groups: one group id per unit")

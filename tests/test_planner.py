@@ -359,6 +359,34 @@ def test_step_mask_option_runs_the_given_steps():
         planner.schedule(1.0, "cachec", family="free", mask=[0, 2])
 
 
+def test_fn_bn_blocks_computed_at_every_step(synth_planner, synth):
+    """The FBCache/DBCache shape (option fn_bn = [F, B]): the units of the first F and last B blocks compute at
+    every step, the other units share one DP mask that fits what is left of the budget, and the fill tops it
+    up; [0, 0] is the plain step family; other families, too many blocks and too small a budget are refused."""
+    from cachec.planner.solver import edge_blocks, unit_block
+
+    names = synth.unit_names
+    blocks = list(dict.fromkeys(unit_block(n) for n in names))
+    for fb in ([1, 0], [1, 1], [2, 1]):
+        on = edge_blocks(names, *fb)
+        assert sorted({unit_block(n) for n, o in zip(names, on) if o}) == sorted(blocks[:fb[0]] + blocks[len(blocks) - fb[1]:])
+        plain = synth_planner.schedule(0.6, "cachec", family="step", fn_bn=fb, fill=False)
+        assert plain.compute[on].all()
+        rest = plain.compute[~on]
+        assert (rest == rest[0]).all() and not rest[0].all()
+        assert plain.options["fn_bn"] == fb
+        filled, _ = synth_planner.plan(0.6, "cachec", family="step", fn_bn=fb)
+        assert 0.59 <= filled.budget.realised <= 0.6 and filled.budget.options["fn_bn"] == fb
+    same = synth_planner.schedule(0.4, "cachec", family="step", fn_bn=[0, 0])
+    assert (same.compute == synth_planner.schedule(0.4, "cachec", family="step").compute).all()
+    with pytest.raises(ValueError, match="only used by family 'step'"):
+        synth_planner.schedule(0.6, "cachec", family="group", fn_bn=[1, 0])
+    with pytest.raises(ValueError, match="leave none"):
+        synth_planner.schedule(0.6, "cachec", family="step", fn_bn=[4, 4])
+    with pytest.raises(ValueError, match=r"below the minimum .* \(fn_bn\) blocks"):
+        synth_planner.schedule(0.2, "cachec", family="step", fn_bn=[3, 3])
+
+
 def test_warmup_family_and_predictor_sets(synth_planner, synth):
     """The warm-up + interval family (TaylorSeer's shape): the first W steps, then every N-th, W as large as the
     budget allows before the fill; the Taylor predictor set only ever uses reuse or the Taylor forecast."""
