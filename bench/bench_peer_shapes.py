@@ -17,9 +17,14 @@ Every plan prints its predicted error and its PSNR vs uncached (mean over images
 the paired difference to SeaCache with a 95 % bootstrap interval (:func:`cachec.metrics.paired_difference`).
 The calibration is the benchmark's (20 samples, seeds 0-19, factored sensitivity with 4 samples).
 
+On a prompt model the calibration uses 20 of its calibration prompts and the evaluation the benchmark's 20
+held-out prompts (:func:`cachec.evaluation.held_out_set`); SeaCache's run is recorded at the last block of
+the whole stack (FLUX: the last single block).
+
 Usage (≈ 10 min on one thread)::
 
     python bench/bench_peer_shapes.py [--model digits-ddim --steps 50 --threshold 0.05]
+    python bench/bench_peer_shapes.py --model digits-mmdit --steps 25 --threshold 1.2
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.peers.core import BenchContext  # noqa: E402
 from bench.peers.sea_cache import SeaCacheMethod  # noqa: E402
 from cachec.calibrate.run import calibrate  # noqa: E402
+from cachec.evaluation import held_out_set  # noqa: E402
 from cachec.loading import load_model  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, realised_fraction  # noqa: E402
@@ -56,8 +62,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     driver = load_model(args.model)
     steps, g = args.steps, float(driver.default_guidance)
-    cal_conds = [c for _ in range(2) for c in range(10)]
-    ev_conds = [c for _ in range(2) for c in range(10)]
+    if driver.condition_kind == "class":
+        cal_conds = [c for _ in range(2) for c in range(10)]
+        ev_conds = [c for _ in range(2) for c in range(10)]
+    else:  # prompt models: 20 of the calibration prompts, and the benchmark's 20 held-out prompts
+        cal_conds = list(driver.prompt_sets["calibration"][:20])
+        ev_conds = held_out_set(driver, 20)[0]
     ev_seeds = [EVAL_SEED0 + i for i in range(20)]
 
     def generate(conds, seeds):
@@ -73,7 +83,8 @@ def main(argv=None) -> int:
         ctx = BenchContext(driver=driver, steps=steps, guidance=g, calib_conditions=cal_conds,
                            calib_seeds=list(range(20)), workdir=str(work), batch_size=10, sensitivity="factored",
                            sensitivity_samples=4, log=print)
-        last = [m for m in driver.transformer.transformer_blocks[-1].modules() if isinstance(m, torch.nn.Linear)][-1]
+        stack = getattr(driver.transformer, "single_transformer_blocks", None) or driver.transformer.transformer_blocks
+        last = [m for m in stack[-1].modules() if isinstance(m, torch.nn.Linear)][-1]
         ran: list[int] = []
         flags: list[bool] = []
         hooks = [last.register_forward_pre_hook(lambda m, a: ran.append(1)),
