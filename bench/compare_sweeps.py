@@ -245,7 +245,7 @@ def check_clean(cfg: Config, ref: dict) -> tuple[list[str], float]:
     """Leftovers after a method (hooks, patched forwards; cleaned where possible), then the interleaved
     uncached timing of the first batch, whose images must still match the reference (up to the difference
     between the fused and the math attention kernel). Returns (problems, wall seconds)."""
-    problems = peers.leftover_state(cfg.driver)
+    problems = peers.leftover_state(cfg.driver, cfg.ctx.module_order)
     if problems:
         peers.remove_diffusers_hooks(cfg.driver.transformer)
     wall, images = timed_generate(cfg, None)

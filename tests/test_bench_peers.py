@@ -74,7 +74,7 @@ def test_each_adapter_runs_and_is_counted(ctx, reference, method):
         assert frac < 1.0, f"{method.name} skipped nothing at {method.label(p)}"
     if isinstance(method, peers.SoftCapMethod):  # a soft ceiling, never exceeded (docs/softcap.md)
         assert frac <= float(p) + 1e-9, f"{method.name}: {frac} over its ceiling {p}"
-    assert peers.leftover_state(ctx.driver) == []
+    assert peers.leftover_state(ctx.driver, ctx.module_order) == []
     again, flops2, _ = count_flops(ctx.generate, CONDS, SEEDS)
     assert flops2 == ref_flops and torch.equal(again, ref_images)
 
@@ -469,3 +469,39 @@ def test_cache_context_steps_of_a_flux_style_schedule_whose_last_timestep_is_1()
             w.remove()
         assert w.contexts == [("cond_uncond", 0), ("cond_uncond", 1), ("cond_uncond", 2)], scale
     assert "forward" not in driver.transformer.__dict__
+
+
+@pytest.mark.skipif(not peers.cache_dit_status()[0], reason="cache-dit is not installed (pip install -e '.[bench]')")
+def test_cache_dit_leaves_the_flux_module_order_and_seacache_after_it_still_skips(tmp_path):
+    """cache-dit re-inserts the block lists it caches at the end of the transformer's children; on a FLUX-layout
+    model the single blocks then came before the dual blocks, and diffusers' SeaCache, which takes its leader
+    and tail blocks from that order, ran every later step in full. The session restores the order."""
+    from cachec.loading import load_model
+    from cachec.runtime.flops import count_total_flops
+
+    driver = load_model("digits-mmdit")
+    c = peers.BenchContext(driver=driver, steps=8, guidance=3.0, calib_conditions=[], calib_seeds=[],
+                           workdir=str(tmp_path), batch_size=2, sensitivity="none", log=lambda m: None)
+    conds, seeds = ["a thin upright seven", "a thick two"], [1000000, 1000001]
+    _, full = count_total_flops(c.generate, conds, seeds)
+
+    def sea_fraction():
+        s = peers.SeaCacheMethod().session(c, 1.2)
+        s.begin()
+        try:
+            return count_total_flops(c.generate, conds, seeds)[1] / full
+        finally:
+            s.end()
+            s.close()
+
+    before = sea_fraction()
+    assert before < 1.0
+    session = peers.CacheDitMethod(taylorseer=False).session(c, 0.4)
+    session.begin()
+    try:
+        c.generate(conds, seeds)
+    finally:
+        session.end()
+        session.close()
+    assert peers.leftover_state(driver, c.module_order) == []
+    assert sea_fraction() == before

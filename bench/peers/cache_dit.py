@@ -39,9 +39,13 @@ class CacheDitSession(Session):
         self.cache_dit = cache_dit
         tr = ctx.driver.transformer
         # cache-dit's DiTPatchFunctor replaces the transformer's forward and registers an alias submodule
-        # (``_norm1_emb``) that ``disable_cache`` leaves behind: remember the state to restore it exactly.
+        # (``_norm1_emb``) that ``disable_cache`` leaves behind, and enable/disable re-insert the block lists at
+        # the end of the children (FLUX: single blocks before dual blocks, after norm_out), which changes what
+        # ``named_children()`` order-dependent code sees (diffusers' SeaCache takes its leader and tail blocks
+        # from it and ran every step in full after a cache-dit line): remember the state to restore it exactly.
         self._dict_keys = set(tr.__dict__)
         self._module_keys = set(tr._modules)
+        self._module_order = list(tr._modules)
         if hasattr(tr, "single_transformer_blocks"):  # FLUX layout: cache-dit's own Flux adapter (pattern 1 twice)
             self.adapter = BlockAdapter(
                 pipe=ctx.driver.pipe, transformer=tr, blocks=[tr.transformer_blocks, tr.single_transformer_blocks],
@@ -74,6 +78,10 @@ class CacheDitSession(Session):
                 del tr._modules[key]
             for key in set(tr.__dict__) - self._dict_keys:
                 del tr.__dict__[key]
+            children = dict(tr._modules)  # the original order first, anything else after it
+            tr._modules.clear()
+            tr._modules.update({k: children[k] for k in self._module_order if k in children})
+            tr._modules.update({k: v for k, v in children.items() if k not in tr._modules})
 
 
 class CacheDitMethod(Method):

@@ -45,6 +45,8 @@ class BenchContext:
         refine: trajectory refinements per family of cachec's plan search.
         log: progress printer.
         cache: per-configuration results shared between methods (the calibration file, MagCache ratios).
+        module_order: the transformer's module paths in ``named_modules()`` order when the context was made
+            (:func:`leftover_state` reports a method that changed it).
     """
 
     driver: Any
@@ -60,6 +62,10 @@ class BenchContext:
     refine: int = 1
     log: Callable[[str], None] = print
     cache: dict = field(default_factory=dict)
+    module_order: list = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.module_order = module_order(self.driver)
 
     def generate(self, conditions: Sequence, seeds: Sequence[int]) -> torch.Tensor:
         return self.driver.generate(conditions, seeds, steps=self.steps, guidance=self.guidance)
@@ -70,9 +76,18 @@ class BenchContext:
         return [(c[i : i + bs], s[i : i + bs]) for i in range(0, len(c), bs)]
 
 
-def leftover_state(driver) -> list[str]:
-    """Anything a method left installed on the model or pipeline class (empty list: clean)."""
+def module_order(driver) -> list[str]:
+    """The transformer's module paths in ``named_modules()`` order (code that walks the model, e.g. diffusers'
+    SeaCache choosing its leader and tail blocks, depends on it)."""
+    return [name for name, _ in driver.transformer.named_modules()]
+
+
+def leftover_state(driver, order: list[str] | None = None) -> list[str]:
+    """Anything a method left installed on the model or pipeline class, and, given ``order``
+    (:func:`module_order` before the method), a changed module order (empty list: clean)."""
     problems = []
+    if order is not None and module_order(driver) != list(order):
+        problems.append("the transformer's module order changed")
     for name, m in driver.transformer.named_modules():
         where = name or "<transformer>"
         reg = m.__dict__.get("_diffusers_hook")
