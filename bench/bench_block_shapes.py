@@ -3,7 +3,7 @@
 
 FBCache computes the first block at every step and caches the rest; cache-dit's DBCache computes the first
 Fn and the last Bn blocks at every step. As a static cachec plan that is the step family with planner option
-``fn_bn = [F, B]`` (:func:`cachec.planner.solver.edge_blocks`): those blocks compute at every step, the
+``fn_bn = [F, B]`` (:func:`cachec.planner.blocks.edge_blocks`): those blocks compute at every step, the
 others share one DP mask fitted to what is left of the budget, and the budget fill tops it up. This script
 runs, at each budget, the shapes (1, 0), (1, 1) and (2, 0) with both predictor sets beside the step and warmup
 families of the plan search (both predictor sets, unrefined), all from one calibration with the shipped plans'

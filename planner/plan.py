@@ -18,7 +18,8 @@ from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
 from .error_model import PREDICTORS, ErrorModel, SegmentTable, resolve_predictors, schedule_error, segment_table
 from .schedule import Schedule, realised_fraction, round_sig
-from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, block_groups, edge_blocks, frontier, group_costs, solve
+from .blocks import block_groups, edge_blocks
+from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, frontier, group_costs, solve
 
 #: families whose computed steps follow a peer's schedule shape instead of the DP: ``warmup`` = TaylorSeer's
 #: and SeaCache's realised shape (the first W steps computed, then every ``interval``-th; W as large as the

@@ -284,69 +284,6 @@ def allocate(err: np.ndarray, cost: np.ndarray, cap: float, exact_limit: int = E
     return n
 
 
-def unit_block(name: str) -> str:
-    """The block a unit belongs to: the unit itself when its name ends in a block index (a whole-block
-    residual unit such as ``single_transformer_blocks.3``), else its name without the last component
-    (``transformer_blocks.3.attn1`` -> ``transformer_blocks.3``)."""
-    if "." not in name:
-        return name
-    head, last = name.rsplit(".", 1)
-    return name if last.isdigit() else head
-
-
-def block_groups(unit_names, groups: int) -> np.ndarray:
-    """Group ids of units for the ``group`` family: contiguous groups of whole blocks.
-
-    A unit's block is :func:`unit_block`; blocks keep their order of first appearance and are split into
-    ``groups`` contiguous groups of (nearly) equal block counts, the earlier groups taking the remainder.
-
-    Args:
-        unit_names: U unit names in plan order.
-        groups: number of groups, >= 1 (more than the number of blocks gives one group per block).
-    Returns:
-        (U,) int64 group ids in 0..G-1.
-    Raises:
-        ValueError: ``groups`` < 1 or not an int.
-    """
-    if int(groups) != groups or groups < 1:
-        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
-    blocks: list[str] = []
-    of_unit = []
-    for name in unit_names:
-        b = unit_block(name)
-        if b not in blocks:
-            blocks.append(b)
-        of_unit.append(blocks.index(b))
-    G = min(int(groups), len(blocks))
-    size, extra = divmod(len(blocks), G)
-    group_of_block = np.repeat(np.arange(G), [size + (g < extra) for g in range(G)])
-    return group_of_block[np.asarray(of_unit, dtype=np.int64)].astype(np.int64)
-
-
-def edge_blocks(unit_names, first: int, last: int) -> np.ndarray:
-    """(U,) bool: the units of the first ``first`` and the last ``last`` blocks (:func:`unit_block`, in order of
-    first appearance) — the blocks that FBCache (``first=1``) and cache-dit's DBCache (``Fn``/``Bn``) compute
-    at every step.
-
-    Raises:
-        ValueError: ``first``/``last`` not ints >= 0, or together all blocks (nothing left to cache).
-    """
-    for name, v in (("first", first), ("last", last)):
-        if isinstance(v, bool) or int(v) != v or v < 0:
-            raise ValueError(f"fn_bn: {name} must be an int >= 0, got {v!r}")
-    blocks: list[str] = []
-    of_unit = []
-    for name in unit_names:
-        b = unit_block(name)
-        if b not in blocks:
-            blocks.append(b)
-        of_unit.append(blocks.index(b))
-    if int(first) + int(last) >= len(blocks):
-        raise ValueError(f"fn_bn: {first} first + {last} last blocks leave none of the {len(blocks)} blocks to cache")
-    edge = set(range(int(first))) | set(range(len(blocks) - int(last), len(blocks)))
-    return np.array([b in edge for b in of_unit], dtype=bool)
-
-
 def group_costs(cost: np.ndarray, unit_flops: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Segment costs and FLOPs summed over the units of each group: ((G, ...), (G,))."""
     G = int(groups.max()) + 1
@@ -500,7 +437,7 @@ def solve(
         full_step, fixed_step: FLOPs of one full forward and of its never-cached part.
         budget: fraction (0, 1] of a full run's FLOPs (fixed FLOPs included).
         family: ``"free"`` (per-unit masks), ``"step"`` (one mask shared by all units of a step) or
-            ``"group"`` (one mask per group of units, see :func:`block_groups`).
+            ``"group"`` (one mask per group of units, see :func:`cachec.planner.blocks.block_groups`).
         keep_last: number of final steps always computed.
         front: a precomputed :func:`frontier` of this table and family (reused across budgets).
         groups: (U,) int group ids, required for ``family="group"``.
@@ -536,36 +473,9 @@ def solve(
     if (mask is not None or always is not None) and family != "step":
         what = "a computed-step mask" if mask is not None else "always-computed units (fn_bn)"
         raise ValueError(f"{what} is only used by family 'step', not {family!r}")
-    on = np.zeros(U, dtype=bool) if always is None else np.asarray(always, dtype=bool)
-    if on.shape != (U,) or on.all():
-        raise ValueError(f"always must be (U,) = ({U},) bools with at least one unit left to cache")
-    full = mask_segments(range(S), S, K, keep_last)  # the always-computed units' segments
-    cap_rest = cap - S * float(unit_flops[on].sum())  # what the shared mask of the other units may spend
-    total = float(unit_flops[~on].sum())
-    if mask is not None:
-        segs = mask_segments(mask, S, K, keep_last)
-        if len(segs) * total > cap_rest:
-            need = len(segs) * total + S * float(unit_flops[on].sum())
-            raise ValueError(f"the mask computes {len(segs)} of {S} steps: "
-                             f"{(need + S * fixed_step) / (S * full_step):.6g} of a full run, over the budget {budget:.6g}")
-        options["mask"] = [p for p, _, _ in segs]
-        return _finish(table, [full if on[u] else segs for u in range(U)], unit_flops, cap, S, options, fill)
     if family == "step":
-        if front is None or on.any():
-            front = frontier(table.cost[~on].sum(axis=0, keepdims=True), keep_last)
-        nmax = S if total <= 0 else int(min(S, np.floor(max(cap_rest, 0.0) / total + 1e-9)))
-        while nmax > 0 and nmax * total > cap_rest:
-            nmax -= 1
-        e = front.err[0, : nmax + 1]
-        if not np.isfinite(e).any():
-            least = minb if not on.any() else (
-                (S * fixed_step + S * float(unit_flops[on].sum())
-                 + minimum_computes(S, K, keep_last) * total) / (S * full_step))
-            raise ValueError(f"budget {budget:.6g} is below the minimum {least:.6g}"
-                             + (" with the always-computed (fn_bn) blocks" if on.any() else ""))
-        best = np.flatnonzero(e == np.min(e))[-1]  # least error, most computes on ties
-        seg = trace(front, 0, int(best))
-        return _finish(table, [full if on[u] else seg for u in range(U)], unit_flops, cap, S, options, fill)
+        return _solve_step(table, unit_flops, full_step, fixed_step, budget, cap, minb, options, keep_last, front,
+                           fill, mask, always)
     if family == "group":
         if groups is None or len(groups) != U:
             raise ValueError("family 'group' needs groups: one group id per unit")
@@ -585,6 +495,43 @@ def solve(
         segs = [segs[g] for g in groups]
         return _finish(table, segs, unit_flops, cap, S, options, fill)
     return _schedule_from_segments(table, segs, S, options)
+
+
+def _solve_step(table, unit_flops, full_step, fixed_step, budget, cap, minb, options, keep_last, front, fill, mask,
+                always) -> Schedule:
+    """The step family of :func:`solve`: one shared mask (the DP's, or ``mask``) for every unit not in
+    ``always``; the ``always`` units compute at every step; then the budget fill."""
+    U, S = table.cost.shape[:2]
+    K = table.max_staleness
+    on = np.zeros(U, dtype=bool) if always is None else np.asarray(always, dtype=bool)
+    if on.shape != (U,) or on.all():
+        raise ValueError(f"always must be (U,) = ({U},) bools with at least one unit left to cache")
+    full = mask_segments(range(S), S, K, keep_last)  # the always-computed units' segments
+    cap_rest = cap - S * float(unit_flops[on].sum())  # what the shared mask of the other units may spend
+    total = float(unit_flops[~on].sum())
+    if mask is not None:
+        segs = mask_segments(mask, S, K, keep_last)
+        if len(segs) * total > cap_rest:
+            need = len(segs) * total + S * float(unit_flops[on].sum())
+            raise ValueError(f"the mask computes {len(segs)} of {S} steps: "
+                             f"{(need + S * fixed_step) / (S * full_step):.6g} of a full run, over the budget {budget:.6g}")
+        options["mask"] = [p for p, _, _ in segs]
+        return _finish(table, [full if on[u] else segs for u in range(U)], unit_flops, cap, S, options, fill)
+    if front is None or on.any():
+        front = frontier(table.cost[~on].sum(axis=0, keepdims=True), keep_last)
+    nmax = S if total <= 0 else int(min(S, np.floor(max(cap_rest, 0.0) / total + 1e-9)))
+    while nmax > 0 and nmax * total > cap_rest:
+        nmax -= 1
+    e = front.err[0, : nmax + 1]
+    if not np.isfinite(e).any():
+        least = minb if not on.any() else (
+            (S * fixed_step + S * float(unit_flops[on].sum())
+             + minimum_computes(S, K, keep_last) * total) / (S * full_step))
+        raise ValueError(f"budget {budget:.6g} is below the minimum {least:.6g}"
+                         + (" with the always-computed (fn_bn) blocks" if on.any() else ""))
+    best = np.flatnonzero(e == np.min(e))[-1]  # least error, most computes on ties
+    seg = trace(front, 0, int(best))
+    return _finish(table, [full if on[u] else seg for u in range(U)], unit_flops, cap, S, options, fill)
 
 
 def _finish(table, segs, unit_flops, cap, S, options, fill):

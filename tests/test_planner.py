@@ -19,7 +19,8 @@ from cachec.planner import (
 from cachec.planner.calibration import calibration_from_tensors
 from cachec.runtime.plan import Plan, load_plan, write_plan
 from cachec.planner.error_model import EOC, LS2, PREDICTORS, eoc_error, predictor_error
-from cachec.planner.solver import allocate, block_groups
+from cachec.planner.blocks import block_groups
+from cachec.planner.solver import allocate
 from cachec.planner.synthetic import (
     calibration_from_features, calibration_tensors, save_calibration, synthetic_calibration, synthetic_features,
 )
@@ -363,7 +364,7 @@ def test_fn_bn_blocks_computed_at_every_step(synth_planner, synth):
     """The FBCache/DBCache shape (option fn_bn = [F, B]): the units of the first F and last B blocks compute at
     every step, the other units share one DP mask that fits what is left of the budget, and the fill tops it
     up; [0, 0] is the plain step family; other families, too many blocks and too small a budget are refused."""
-    from cachec.planner.solver import edge_blocks, unit_block
+    from cachec.planner.blocks import edge_blocks, unit_block
 
     names = synth.unit_names
     blocks = list(dict.fromkeys(unit_block(n) for n in names))
