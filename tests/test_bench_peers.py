@@ -432,6 +432,12 @@ def test_adding_a_line_checks_reproduction_and_keeps_the_adaptive_confirmation(m
     per_image["value"] = [30.5, "inf"]
     with pytest.raises(RuntimeError, match="does not reproduce"):
         cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True, max_extra=0)
+    per_image["value"] = [30.0, 40.0]  # a finite image where the stored one was identical (+inf)
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True, max_extra=0)
+    per_image["value"] = [30.0, float("inf")]  # +inf as a float (fresh run) against "inf" (stored JSON)
+    assert cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True,
+                            max_extra=0)["additions"][-1]["reproduction_check"]["max_abs_psnr_diff_db"] == 0.0
     per_image["value"] = [30.0]
     with pytest.raises(RuntimeError, match="another image count"):
         cc.add_to_config(Cfg(), stored(), [M("FirstBlockCache")], quick=True, max_extra=0)
