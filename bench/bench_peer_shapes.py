@@ -10,7 +10,9 @@ planner v2). This script separates schedule from predictor (docs/planner.md, "Pr
    transformer call, whether the block stack ran (SeaCache skips the whole stack and extrapolates its
    residual to first order);
 2. the steps it computed on the calibration batch become a step-synchronous cachec plan
-   (``family="step", mask=...``, no fill) with the fitted predictor set and with the Taylor set;
+   (``family="step", mask=...``, no fill) with the fitted predictor set, the Taylor set (reuse or the
+   forecast, chosen per unit and step by the judged error) and the forecast set (the forecast wherever two
+   computed outputs exist: SeaCache's own predictor, summed over the units);
 3. at the same FLOPs: the step family's DP mask (both predictor sets) and the ``warmup`` family (Taylor set).
 
 Every plan prints its predicted error and its PSNR vs uncached (mean over images, capped at 80 dB), and
@@ -21,7 +23,7 @@ On a prompt model the calibration uses 20 of its calibration prompts and the eva
 held-out prompts (:func:`cachec.evaluation.held_out_set`); SeaCache's run is recorded at the last block of
 the whole stack (FLUX: the last single block).
 
-Usage (≈ 10 min on one thread)::
+Usage (≈ 11 min on one thread)::
 
     python bench/bench_peer_shapes.py [--model digits-ddim --steps 50 --threshold 0.05]
     python bench/bench_peer_shapes.py --model digits-mmdit --steps 25 --threshold 1.2
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
         rows = [
             ("SeaCache's steps, fitted predictors", dict(family="step", mask=computed, fill=False)),
             ("SeaCache's steps, Taylor set", dict(family="step", mask=computed, fill=False, predictors="taylor")),
+            ("SeaCache's steps, forecast set", dict(family="step", mask=computed, fill=False, predictors="forecast")),
             ("step DP, fitted predictors", dict(family="step", fill=False)),
             ("step DP, Taylor set", dict(family="step", fill=False, predictors="taylor")),
             ("warmup family, Taylor set", dict(family="warmup", predictors="taylor")),

@@ -160,8 +160,9 @@ def calibrate_merge(files, output):
 @click.option("--family", type=click.Choice(["free", "step", "group", "warmup"]), default="free", show_default=True,
               help="cachec: free per-unit schedules, one shared mask per step, one mask per group of blocks, or "
                    "warm-up + interval steps (TaylorSeer's shape).")
-@click.option("--predictors", type=click.Choice(["fitted", "taylor"]), default="fitted", show_default=True,
-              help="cachec: predictor set (fitted = every candidate by judged error; taylor = reuse or first-order Taylor).")
+@click.option("--predictors", type=click.Choice(["fitted", "taylor", "forecast"]), default="fitted", show_default=True,
+              help="cachec: predictor set (fitted = every candidate by judged error; taylor = reuse or first-order Taylor by "
+                   "judged error; forecast = first-order Taylor wherever two computed outputs exist).")
 @click.option("--no-fill", is_flag=True, help="cachec step/group/warmup: leave the slack of the shared masks unspent.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
               help="cachec --family group: number of contiguous block groups (default 4).")

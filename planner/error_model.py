@@ -37,8 +37,12 @@ REUSE, SCALE, EOC, GOC, TAYLOR, LS2 = range(len(PREDICTORS))
 #: named predictor sets of the plan search (docs/planner.md, "Predictor sets"): ``fitted`` = every candidate,
 #: chosen per (unit, step) by the judged error; ``taylor`` = plain reuse or the first-order Taylor forecast
 #: only (TaylorSeer's / SeaCache's predictor), which the closed loop often prefers: the fitted coefficients
-#: are fitted on uncached trajectories and extrapolate worse from perturbed anchors
-PREDICTOR_SETS = {"fitted": PREDICTORS, "taylor": ("reuse", "taylor")}
+#: are fitted on uncached trajectories and extrapolate worse from perturbed anchors; ``forecast`` = the
+#: first-order forecast wherever two computed outputs exist, plain reuse only before that (a set without
+#: ``reuse`` uses it only as that fallback): exactly TaylorSeer's and SeaCache's predictor, which the judged
+#: error cannot choose per unit because it prices the forecast worse than reuse where sampling finds it
+#: better (docs/planner.md, "Predictor sets")
+PREDICTOR_SETS = {"fitted": PREDICTORS, "taylor": ("reuse", "taylor"), "forecast": ("taylor",)}
 
 
 def resolve_predictors(predictors) -> tuple[str, ...]:
@@ -122,7 +126,9 @@ class ErrorModel:
         cal: the calibration.
         ridge: relative ridge of fitted coefficients (dimensionless; the penalty is
             ``ridge * mean(diag of the anchors' Gram)``, pulling towards plain reuse).
-        predictors: names from :data:`PREDICTORS` the cachec solver may use (``reuse`` is always on).
+        predictors: names from :data:`PREDICTORS` the cachec solver may use. Plain reuse is always
+            available: chosen by the judged error when ``reuse`` is named, else only where no named predictor
+            applies (the fallback, e.g. the steps before a unit's second computed output).
     Raises:
         ValueError: an unknown predictor name.
 
@@ -142,7 +148,9 @@ class ErrorModel:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         self.cal = cal
         self.ridge = float(ridge)
-        self.predictors = tuple(p for p in PREDICTORS if p in predictors or p == "reuse")
+        #: reuse only where no named predictor applies (``reuse`` not named)
+        self.reuse_fallback = "reuse" not in predictors and len(predictors) > 0
+        self.predictors = tuple(p for p in PREDICTORS if p in predictors or (p == "reuse" and not self.reuse_fallback))
         G = cal.gram.sum(axis=1)  # (U, 2, S, S)
         n0, n1 = cal.samples
         judge = 1 if n1 > 0 else 0
@@ -220,6 +228,8 @@ class ErrorModel:
         a1[LS2] = (m22 * b1 - m12 * b2) / sdet
         a2[LS2] = (m11 * b2 - m12 * b1) / sdet
         valid[LS2] = on["ls2"] & has_q & ok
+        if self.reuse_fallback:
+            valid[REUSE] = ~valid[1:].any(axis=0)
         return a1, a2, alpha, valid
 
     # ---- exact single-step errors (judging split) ------------------------------------------------
@@ -315,7 +325,8 @@ def segment_table(model: ErrorModel, max_staleness: int) -> SegmentTable:
     For each anchor pair the skipped steps are visited in order; at each one every valid candidate's
     increment of the coherent run error ``||sum_s sqrt(w_s) delta_s||^2`` (judging split) is computed
     and the smallest is kept (greedy coherent choice; plain reuse wins ties). The all-reuse run is priced
-    alongside and used where cheaper. Cost O(U * S * K^3); G v is kept only on the window of rows
+    alongside and used where cheaper (never where reuse is only the fallback, :class:`ErrorModel`).
+    Cost O(U * S * K^3); G v is kept only on the window of rows
     q, p, p+1..p+K that later increments read.
 
     Args:
@@ -391,8 +402,8 @@ def segment_table(model: ErrorModel, max_staleness: int) -> SegmentTable:
         Gv_r += sw[..., None] * (cols - colp)
         kind[..., i - 1] = k
         A1[..., i - 1], A2[..., i - 1], AL[..., i - 1] = c1, c2, np.where(k == EOC, ca, 0.0)
-        use_reuse[..., i] = E_r <= E_g
-        cost[..., i] = np.where(valid_s, np.minimum(E_g, E_r) / model.norm, np.inf)
+        use_reuse[..., i] = (E_r <= E_g) & (not model.reuse_fallback)
+        cost[..., i] = np.where(valid_s, np.where(use_reuse[..., i], E_r, E_g) / model.norm, np.inf)
     return SegmentTable(cost=cost, kind=kind, a1=A1, a2=A2, alpha=AL, use_reuse=use_reuse, max_staleness=K)
 
 

@@ -431,6 +431,40 @@ def test_warmup_family_and_predictor_sets(synth_planner, synth):
         synth_planner.plan(0.4, "cachec", predictors="bogus")
 
 
+def test_forecast_set_always_forecasts_where_it_can(synth_planner, synth):
+    """The ``forecast`` set (TaylorSeer's and SeaCache's predictor): every skipped step of a unit after its
+    second computed output uses the first-order forecast on the time grid, the steps before it plain reuse;
+    the ``taylor`` set chooses between the two by the judged error and picks reuse somewhere on this
+    calibration, so the sets differ."""
+    t = np.asarray(synth.header.get("sigmas") or synth.header["timesteps"], dtype=np.float64)
+
+    def check(plan, forced):
+        reuse_after_two = 0
+        for u in plan.units:
+            computed = [s for s, a in enumerate(u.actions) if a == "C"]
+            for s, c in u.compensation.items():
+                before = [k for k in computed if k < s]
+                if len(before) < 2:
+                    assert c.coeffs == [1.0]
+                    continue
+                p, q = before[-1], before[-2]
+                h = (t[s] - t[p]) / (t[p] - t[q])
+                if len(c.coeffs) == 1:
+                    reuse_after_two += 1
+                    assert not forced, f"{u.name} step {s}: reuse where the forecast applies"
+                else:
+                    assert c.coeffs == pytest.approx([1 + h, -h], rel=1e-6, abs=1e-7)  # stored as float32
+        return reuse_after_two
+
+    forecast, _ = synth_planner.plan(0.4, "cachec", family="step", predictors="forecast")
+    assert forecast.budget.options["predictors"] == ["taylor"]
+    check(forecast, forced=True)
+    taylor, _ = synth_planner.plan(0.4, "cachec", family="step", predictors="taylor")
+    assert check(taylor, forced=False) > 0
+    warm, _ = synth_planner.plan(0.4, "cachec", family="warmup", predictors="forecast")
+    check(warm, forced=True)
+
+
 def test_block_groups_hand_cases():
     names = [f"transformer_blocks.{i}.{b}" for i in range(5) for b in ("attn1", "ff")]
     assert block_groups(names, 2).tolist() == [0] * 6 + [1] * 4  # 5 blocks -> 3 + 2

@@ -1,0 +1,107 @@
+"""Every (schedule family, predictor set) plan against SeaCache at the same budgets, on held-out images.
+
+Why a ``forecast`` predictor set (docs/planner.md, "Predictor sets"): SeaCache forecasts the block stack's
+residual to first order on every cached step, and the sum of per-unit first-order forecasts is that forecast,
+but cachec's ``taylor`` set chooses reuse or the forecast per (unit, step) by the judged error. This script
+plans each family (free, step, group, warmup) with each set (fitted, taylor, forecast) from one uncached
+calibration and measures PSNR vs uncached on the benchmark's 20 held-out images (classes 0-9 × 2, or the
+prompt model's held-out prompts; seeds 1000000+), paired with SeaCache (diffusers ``apply_sea_cache``) at
+``--threshold`` by a 95 % bootstrap interval (:func:`cachec.metrics.paired_difference`).
+
+The calibration: ``--cal`` conditions (the first calibration prompts, or classes cycled), seed 0, factored
+sensitivity with 4 samples (the benchmark's 20 for class models; ``cachec compile``'s 30 for prompt models).
+
+Usage (≈ 12 min per budget on one thread)::
+
+    python bench/bench_predictor_sets.py --model digits-mmdit --cal 30 --budgets 0.4
+    python bench/bench_predictor_sets.py --model digits-flow --cal 20 --budgets 0.4,0.25,0.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.peers.core import BenchContext  # noqa: E402
+from bench.peers.sea_cache import SeaCacheMethod  # noqa: E402
+from cachec.calibrate.run import calibrate  # noqa: E402
+from cachec.evaluation import held_out_set  # noqa: E402
+from cachec.loading import load_model  # noqa: E402
+from cachec.metrics import paired_difference, psnr  # noqa: E402
+from cachec.planner import Planner, load_calibration  # noqa: E402
+from cachec.runtime import apply, write_plan  # noqa: E402
+
+EVAL_SEED0 = 1_000_000
+PSNR_CAP = 80.0
+FAMILIES = ("step", "warmup", "free", "group")
+SETS = ("fitted", "taylor", "forecast")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="digits-mmdit")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--threshold", type=float, default=1.2, help="SeaCache's threshold (1.2: its 40 %% point)")
+    ap.add_argument("--cal", type=int, default=30, help="calibration conditions")
+    ap.add_argument("--budgets", default="0.4", help="comma-separated FLOPs fractions")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    driver = load_model(args.model)
+    steps, g = args.steps, float(driver.default_guidance)
+    if driver.condition_kind == "class":
+        cal_conds = [i % 10 for i in range(args.cal)]
+        ev_conds = [c for _ in range(2) for c in range(10)]
+    else:
+        cal_conds = list(driver.prompt_sets["calibration"][:args.cal])
+        ev_conds = held_out_set(driver, 20)[0]
+    ev_seeds = [EVAL_SEED0 + i for i in range(20)]
+
+    def generate(conds, seeds):
+        return torch.cat([driver.generate(conds[i:i + 10], seeds[i:i + 10], steps=steps, guidance=g)
+                          for i in range(0, len(conds), 10)])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cal_path = calibrate(driver, cal_conds, output=work / "calib.safetensors", samples_per_condition=1, steps=steps,
+                             guidance=g, seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4,
+                             progress=False, restart=True)
+        reference = generate(ev_conds, ev_seeds)
+        ctx = BenchContext(driver=driver, steps=steps, guidance=g, calib_conditions=cal_conds[:20],
+                           calib_seeds=list(range(20)), workdir=str(work), batch_size=10, sensitivity="factored",
+                           sensitivity_samples=4, log=print)
+        outs = []
+        for i in range(0, 20, 10):
+            session = SeaCacheMethod().session(ctx, args.threshold)
+            session.begin()
+            try:
+                outs.append(driver.generate(ev_conds[i:i + 10], ev_seeds[i:i + 10], steps=steps, guidance=g))
+            finally:
+                session.end()
+                session.close()
+        p_sea = psnr(torch.cat(outs), reference).clamp(max=PSNR_CAP)
+        print(f"SeaCache threshold {args.threshold}: PSNR {float(p_sea.mean()):.2f} dB on 20 images", flush=True)
+        planner = Planner(load_calibration(str(cal_path)))
+        for budget in [float(b) for b in args.budgets.split(",")]:
+            for fam in FAMILIES:
+                for pset in SETS:
+                    plan, side = planner.plan(budget, "cachec", family=fam, predictors=pset)
+                    written = write_plan(plan, work / "plan.yaml", side or None)
+                    with apply(driver, written):
+                        out = generate(ev_conds, ev_seeds)
+                    p = psnr(out, reference).clamp(max=PSNR_CAP)
+                    d, lo, hi = paired_difference(p, p_sea)
+                    print(f"{budget:.2f} {fam:6s} {pset:8s} realised {plan.budget.realised:.4f} predicted "
+                          f"{plan.predicted_error:.4g} PSNR {float(p.mean()):.2f} dB  vs SeaCache {d:+.2f} "
+                          f"[{lo:+.2f}, {hi:+.2f}]", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
