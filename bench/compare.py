@@ -117,6 +117,12 @@ def parse_args(argv=None):
                     help="add the --methods lines (e.g. SoftCap) to an existing benchmarks JSON on its own images and "
                          "options (after checking this machine reproduces a stored point) and rewrite FILE and its "
                          ".md/.png; --models narrows its configurations")
+    ap.add_argument("--widen", default=None, metavar="FILE",
+                    help="re-measure the headline pairs of an existing benchmarks JSON whose paired interval is wider "
+                         "than --half-width on as many images as that needs (cachec's stored plan choices rebuilt, not "
+                         "searched again) and rewrite FILE and its .md/.png; --models narrows its configurations")
+    ap.add_argument("--half-width", type=float, default=0.5, help="--widen: target half-width of the intervals, dB (default 0.5)")
+    ap.add_argument("--max-images", type=int, default=400, help="--widen: most images per configuration (default 400)")
     ap.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -154,7 +160,9 @@ def main(argv=None) -> int:
         RuntimeError: a worker process failed. Errors of single methods are recorded, not raised.
     """
     args = parse_args(argv)
-    if args.add:
+    if args.add and args.widen:
+        raise SystemExit("--add and --widen are separate runs: give one of them")
+    if args.add or args.widen:
         return add_main(args, argv)
     t_all = time.perf_counter()
     warnings.filterwarnings("ignore")
@@ -219,14 +227,15 @@ def add_main(args, argv) -> int:
         SystemExit: FILE is not a benchmark result or ``--methods`` is missing. RuntimeError: a worker failed
         or this machine does not reproduce FILE.
     """
-    path = Path(args.add)
+    path = Path(args.add or args.widen)
+    flag = "--add" if args.add else "--widen"
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
         stored = results["configs"]
         opts = results["options"]
     except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"--add {path}: not a bench/compare.py result ({exc}); give a benchmarks JSON it wrote")
-    if not args.methods:
+        raise SystemExit(f"{flag} {path}: not a bench/compare.py result ({exc}); give a benchmarks JSON it wrote")
+    if args.add and not args.methods:
         raise SystemExit("--add needs --methods (the lines to add, e.g. --methods SoftCap)")
     t_all = time.perf_counter()
     warnings.filterwarnings("ignore")
@@ -247,7 +256,7 @@ def add_main(args, argv) -> int:
     results["configs"] = [by_name.get(c["name"], c) for c in stored]
     for cfg in results["configs"]:
         derive(cfg)
-    results.setdefault("added", []).append({
+    results.setdefault("added" if args.add else "widened", []).append({
         "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": time.perf_counter() - t_all,
         "worker_processes": args.jobs})
@@ -259,7 +268,7 @@ def add_main(args, argv) -> int:
 
 def add_configs(args, todo: list[dict], opts: dict) -> list[dict]:
     """:func:`bench.compare_configs.add_to_config` for each stored configuration in ``todo``, in this process."""
-    from bench.compare_configs import add_to_config
+    from bench.compare_configs import add_to_config, widen_config
     from cachec.loading import load_model
 
     out = []
@@ -272,6 +281,10 @@ def add_configs(args, todo: list[dict], opts: dict) -> list[dict]:
                          int(opts["batch_size"]), wd, opts["sensitivity"], args.sensitivity_samples)
             cfg.counter = stored.get("flop_counter", opts.get("flop_counter", "fast"))
             cfg.ctx.refine = int(opts.get("refine", 1))
+            if args.widen:
+                methods = peers.all_methods(cfg.steps, quick=bool(opts.get("quick")))
+                out.append(widen_config(cfg, stored, methods, args.half_width, args.max_images))
+                continue
             methods = peers.all_methods(cfg.steps, quick=bool(opts.get("quick")), only=args.methods.split(","))
             out.append(add_to_config(cfg, stored, methods, bool(opts.get("quick")), args.max_extra))
     return out

@@ -133,11 +133,7 @@ def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick:
     if abs(reference["flops_per_image"] - want) > 0.5:
         raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
                            f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
-    for e in stored["methods"]:
-        if e["method"] == "cachec":
-            for r in e["points"]:
-                if (r.get("info") or {}).get("plan_options"):
-                    cfg.ctx.cache[("chosen options", round(float(r["param"]), 6))] = r["info"]["plan_options"]
+    use_stored_choices(cfg, stored)
     check = reproduction_check(cfg, stored, ref)
     names = {m.name for m in methods}
     kept = [e for e in stored["methods"] if e["method"] not in names]
@@ -154,6 +150,16 @@ def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick:
         "seconds": time.perf_counter() - t_cfg})
     log(f"  {cfg.name}: added in {time.perf_counter() - t_cfg:.0f} s")
     return stored
+
+
+def use_stored_choices(cfg: Config, stored: dict) -> None:
+    """Make cachec's stored plan choices (``info.plan_options`` of the ``cachec`` line's points) the ones its
+    plans are rebuilt from, instead of searching again."""
+    for e in stored["methods"]:
+        if e["method"] == "cachec":
+            for r in e["points"]:
+                if (r.get("info") or {}).get("plan_options"):
+                    cfg.ctx.cache[("chosen options", round(float(r["param"]), 6))] = r["info"]["plan_options"]
 
 
 @contextlib.contextmanager
@@ -262,3 +268,127 @@ def confirm_adaptive(cfg: Config, methods: list[peers.Method], results: list[dic
                 srec["matches"] = rec["label"]
                 points.append(srec)
         return _summary(cfg, ref_seconds, points, t)
+
+
+#: the paired-interval half-width (dB) the headline's margins aim under (issue 20: "under ±0.5 dB")
+TARGET_HALF_WIDTH = 0.5
+#: the most images a widened confirmation uses (its cost grows linearly)
+WIDEN_CAP = 400
+
+
+def widen_images(headline: dict, n_images: int, batch: int, target: float = TARGET_HALF_WIDTH,
+                 cap: int = WIDEN_CAP) -> tuple[int, list[str]]:
+    """How many images bring every headline margin's paired 95 % interval under ``target`` dB, from the stored
+    intervals: a half-width h over n images shrinks as 1/√n, so n·(h / (0.9·target))² images (0.9: room for
+    the noise of h itself), rounded up to whole batches and capped at ``cap``.
+
+    Args:
+        headline: a configuration's ``headline`` (:func:`bench.compare_report.headline`).
+        n_images: the images its margins are over now.
+        batch: images per generate call.
+    Returns:
+        ``(images, budget keys whose half-width is over target)``; ``(n_images, [])`` when all are under it.
+    """
+    need, keys = n_images, []
+    for key, h in sorted(headline.items()):
+        if h.get("margin_ci_low") is None or int(h.get("images") or 0) != n_images:
+            continue
+        half = (h["margin_ci_high"] - h["margin_ci_low"]) / 2
+        if half <= target:
+            continue
+        keys.append(key)
+        want = n_images * (half / (0.9 * target)) ** 2
+        need = max(need, min(cap, int(-(-want // batch) * batch)))
+    return need, keys
+
+
+def widen_confirmation(cfg: Config, stored: dict, methods: list[peers.Method], target: float = TARGET_HALF_WIDTH,
+                       cap: int = WIDEN_CAP) -> dict | None:
+    """Re-measure the headline pairs whose paired interval is wider than ``target`` dB on as many images as
+    :func:`widen_images` asks (``bench/compare.py --widen``), beside a new uncached reference of that set.
+    The pairs stay those the frontier rule chose on the sweep's images; cachec's plans are rebuilt from
+    their stored choices (``info.plan_options``), not searched again.
+
+    Returns:
+        ``{"n_images", "eval_seeds", "reference_seconds", "points", "seconds", "budgets", "target_half_width"}``
+        (:func:`bench.compare_report.headline` prefers it for the pairs it holds), or None when every interval
+        is already under ``target`` or the configuration has no confirmation to widen.
+    """
+    from bench.compare_report import headline_pairs
+
+    conf = stored.get("confirmation")
+    if not conf or not stored.get("headline"):
+        return None
+    for e in stored["methods"]:
+        if e["method"] == "cachec":
+            for r in e["points"]:
+                if (r.get("info") or {}).get("plan_options"):
+                    cfg.ctx.cache[("stored choice", round(float(r["param"]), 6))] = r["info"]["plan_options"]
+    n, keys = widen_images(stored["headline"], int(conf["n_images"]), cfg.batch_size, target, cap)
+    if not keys or n <= int(conf["n_images"]):
+        return None
+    pairs = headline_pairs(stored)
+    wanted: list[tuple[str, Any, str, str]] = []
+    for key in keys:
+        mine, best = pairs[key]
+        for name, rec in (("cachec", mine), (best[0], best[1])):
+            if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
+                wanted.append((name, rec["param"], rec["label"], rec.get("flop_counter", cfg.counter)))
+    by_name = {m.name: m for m in methods}
+    missing = sorted({w[0] for w in wanted} - set(by_name))
+    if missing:
+        raise RuntimeError(f"{cfg.name}: methods {missing} of the headline are not in this version's peer list")
+    cfg.confirm_images = n
+    t = time.perf_counter()
+    with confirmation_images(cfg) as (ref, ref_seconds):
+        log(f"  -- widening the headline at {', '.join(keys)} to {len(cfg.eval_conditions)} images: "
+            + ", ".join(f"{w[0]} {w[2]}" for w in wanted))
+        points = [_confirmed(cfg, by_name[name], param, ref, counter) for name, param, _, counter in wanted]
+        out = _summary(cfg, ref_seconds, points, t)
+    out.update(budgets=keys, target_half_width=target, prefix_check=prefix_check(cfg, conf, points))
+    return out
+
+
+def prefix_check(cfg: Config, conf: dict, points: list[dict]) -> dict | None:
+    """On class models a larger evaluation set begins with the smaller one (:meth:`Config.set_eval`), so each
+    widened point's first ``conf["n_images"]`` per-image PSNRs must equal its stored confirmation's: the
+    largest absolute difference (dB) over the points, and the points compared. None on prompt models (their
+    larger sets are not extensions)."""
+    if cfg.driver.prompt_sets:
+        return None
+    from bench.compare_report import confirmed
+
+    n, worst, compared = int(conf["n_images"]), 0.0, []
+    for r in points:
+        old = confirmed({"confirmation": conf}, r["method"], r["label"])
+        if old is None or "error" in r:
+            continue
+        a = [min(_num(v), 100.0) for v in r["psnr_db_per_image"][:n]]
+        b = [min(_num(v), 100.0) for v in old["psnr_db_per_image"]]
+        worst = max([worst] + [abs(x - y) for x, y in zip(a, b)])
+        compared.append(f"{r['method']} {r['label']}")
+    return {"images": n, "max_abs_diff_db": worst, "points": compared}
+
+
+def widen_config(cfg: Config, stored: dict, methods: list[peers.Method], target: float = TARGET_HALF_WIDTH,
+                 cap: int = WIDEN_CAP) -> dict:
+    """``bench/compare.py --widen``: check that this machine reproduces ``stored`` (as :func:`add_to_config`),
+    then :func:`widen_confirmation`; returns ``stored`` with ``wide_confirmation`` set (unchanged when every
+    interval is already narrow enough).
+
+    Raises:
+        RuntimeError: as :func:`add_to_config`, or a headline method is missing from ``methods``.
+    """
+    log(f"\n=== {cfg.name}: widening the headline's confirmation to ±{target:g} dB")
+    t = time.perf_counter()
+    ref, reference, _, _ = measure_reference(cfg)
+    want = stored["reference"]["flops_per_image"]
+    if abs(reference["flops_per_image"] - want) > 0.5:
+        raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
+                           f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
+    reproduction_check(cfg, stored, ref)
+    wide = widen_confirmation(cfg, stored, methods, target, cap)
+    if wide is not None:
+        stored["wide_confirmation"] = wide
+    log(f"  {cfg.name}: widened in {time.perf_counter() - t:.0f} s")
+    return stored

@@ -283,6 +283,7 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                  "contains 0"
                  + (f"; both points re-measured on {conf['n_images']} images, seeds {conf['eval_seeds'][0]}–"
                     f"{conf['eval_seeds'][1]}, for the margin" if conf else "")
+                 + _widened_text(cfg.get("wide_confirmation"))
                  + "): " + "; ".join(parts) + ".")
         L.append("")
         cov = coverage(cfg)
@@ -364,3 +365,16 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                  + (f"{slow['method']} ({slow.get('seconds', 0):.0f} s)" if slow else "–") + " |")
     L.append("")
     path.write_text("\n".join(L) + "\n", encoding="utf-8")
+
+
+def _widened_text(wide: dict | None) -> str:
+    """The protocol clause of a widened confirmation (``bench/compare.py --widen``), or ''."""
+    if not wide:
+        return ""
+    check = wide.get("prefix_check")
+    keys = ", ".join(f"{float(k):.0%}" for k in wide["budgets"])
+    return (f"; the pairs at {keys}, whose intervals were wider than ±{wide['target_half_width']:g} dB, re-measured "
+            f"again on {wide['n_images']} images, seeds {wide['eval_seeds'][0]}–{wide['eval_seeds'][1]} "
+            f"(`--widen`, {wide['seconds'] / 60:.0f} min"
+            + (f"; their first {check['images']} per-image PSNRs reproduce the confirmation's within "
+               f"{check['max_abs_diff_db']:.2g} dB" if check and check.get("points") else "") + ")")

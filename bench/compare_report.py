@@ -144,12 +144,23 @@ def headline_pairs(cfg_res: dict) -> dict:
     return out
 
 
-def confirmed(cfg_res: dict, method: str, label: str) -> dict | None:
+def confirmed(cfg_res: dict, method: str, label: str, key: str = "confirmation") -> dict | None:
     """The re-measurement of ``method``'s point ``label`` on the confirmation images, if the run made one
-    (``cfg_res["confirmation"]["points"]``, see :func:`bench.compare_configs.confirm_headline`)."""
-    conf = cfg_res.get("confirmation") or {}
+    (``cfg_res[key]["points"]``: ``confirmation``, :func:`bench.compare_configs.confirm_headline`, or
+    ``wide_confirmation``, :func:`bench.compare_configs.widen_confirmation`)."""
+    conf = cfg_res.get(key) or {}
     return next((r for r in conf.get("points", []) if r["method"] == method and r["label"] == label
                  and "error" not in r and r.get("psnr_db_per_image")), None)
+
+
+def confirmed_pair(cfg_res: dict, peer: str, mine: dict, theirs: dict) -> tuple[dict | None, dict | None]:
+    """cachec's point ``mine`` and ``peer``'s point ``theirs`` re-measured on the same images: from the widened
+    confirmation when it holds both, else from the confirmation; ``(None, None)`` when neither holds both."""
+    for key in ("wide_confirmation", "confirmation"):
+        cm, cp = confirmed(cfg_res, "cachec", mine["label"], key), confirmed(cfg_res, peer, theirs["label"], key)
+        if cm and cp:
+            return cm, cp
+    return None, None
 
 
 def headline(cfg_res: dict) -> dict:
@@ -157,7 +168,7 @@ def headline(cfg_res: dict) -> dict:
     ``margin_db`` is the mean per-image PSNR difference with its paired 95 % bootstrap interval
     ``margin_ci_low``/``margin_ci_high``; ``verdict`` is ``ahead`` / ``behind`` when the interval excludes 0,
     else ``tie``. The points are chosen on the sweep's images; when the run re-measured both on more images
-    (``confirmation``), the margin, interval and PSNRs are those of the re-measurement, and ``images`` says
+    (``wide_confirmation``, else ``confirmation``: :func:`confirmed_pair`), the margin, interval and PSNRs are those of the re-measurement, and ``images`` says
     how many images the margin is over; a re-measured point whose realised FLOPs moved above the budget +
     slack (an adaptive method on the new images) voids the pair's re-measurement
     (``confirmation_rejected`` says why) and the sweep's margin stands."""
@@ -166,7 +177,7 @@ def headline(cfg_res: dict) -> dict:
         b = float(key)
         rejected = None
         if mine and best:
-            cm, cp = confirmed(cfg_res, "cachec", mine["label"]), confirmed(cfg_res, best[0], best[1]["label"])
+            cm, cp = confirmed_pair(cfg_res, best[0], mine, best[1])
             if cm and cp:
                 over = [f"{n} realised {r['flops_fraction']:.1%}" for n, r in (("cachec", cm), (best[0], cp))
                         if r["flops_fraction"] > b + FRONTIER_SLACK]

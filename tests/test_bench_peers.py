@@ -229,6 +229,39 @@ def test_headline_uses_the_frontier_rule_with_paired_intervals():
     assert h["0.40"]["images"] == 20  # p1/b40 were not re-measured
 
 
+def test_widening_asks_for_enough_images_and_the_headline_prefers_the_wider_pair():
+    """``--widen``: a half-width h over n images needs n·(h/(0.9·0.5))² images for ±0.5 dB (whole batches,
+    capped); margins already narrow enough ask for nothing; the headline takes a pair from the widened
+    confirmation only when it holds both points, else from the confirmation."""
+    from bench.compare_configs import widen_images
+    from bench.compare_report import headline
+
+    hl = {"0.25": {"margin_ci_low": 1.0, "margin_ci_high": 1.8, "images": 100},   # ±0.40: narrow enough
+          "0.40": {"margin_ci_low": 1.0, "margin_ci_high": 2.8, "images": 100},   # ±0.90: 100·4 = 400
+          "0.60": {"margin_ci_low": 1.0, "margin_ci_high": 2.2, "images": 100}}   # ±0.60: 177.8 -> 180
+    assert widen_images(hl, 100, 10) == (400, ["0.40", "0.60"])
+    assert widen_images(hl, 100, 10, cap=300) == (300, ["0.40", "0.60"])
+    assert widen_images({"0.40": hl["0.60"]}, 100, 10) == (180, ["0.40"])
+    assert widen_images({"0.25": hl["0.25"]}, 100, 10) == (100, [])
+    assert widen_images({"0.40": dict(hl["0.40"], images=20)}, 100, 10) == (100, [])  # not over the confirmation
+
+    def pt(method, label, flops, per):
+        return {"method": method, "label": label, "flops_fraction": flops, "psnr_db": sum(per) / len(per),
+                "psnr_db_per_image": per}
+
+    sweep = [30.0 + 0.1 * i for i in range(20)]
+    cfg = {"methods": [{"method": "cachec", "group": "cachec", "points": [pt("cachec", "b40", 0.40, sweep)]},
+                       {"method": "peer", "group": "diffusers", "points": [pt("peer", "p", 0.39, [v - 1 for v in sweep])]}],
+           "confirmation": {"n_images": 4, "points": [pt("cachec", "b40", 0.40, [31.0] * 4),
+                                                      pt("peer", "p", 0.39, [30.0, 30.2, 30.1, 29.9])]}}
+    assert headline(cfg)["0.40"]["images"] == 4
+    cfg["wide_confirmation"] = {"n_images": 6, "points": [pt("cachec", "b40", 0.40, [31.0] * 6)]}
+    assert headline(cfg)["0.40"]["images"] == 4  # the peer's point is not in it: the confirmation's pair stands
+    cfg["wide_confirmation"]["points"].append(pt("peer", "p", 0.39, [30.5, 30.4, 30.6, 30.5, 30.5, 30.5]))
+    h = headline(cfg)["0.40"]
+    assert h["images"] == 6 and h["margin_db"] == pytest.approx(0.5) and h["verdict"] == "ahead"
+
+
 def test_iso_quality_interpolates_cachec_between_its_points():
     from bench.compare_report import iso_quality
 

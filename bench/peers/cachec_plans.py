@@ -125,6 +125,23 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
     }
 
 
+def rebuild_choice(ctx: BenchContext, planner, budget: float, path: Path, options: dict) -> tuple[object, dict, dict]:
+    """A stored plan-search choice rebuilt without searching again (``bench/compare.py --widen``): the plan
+    of ``options`` (a stored point's ``info.plan_options``: ``family``, ``refine`` and the solver options) from
+    this run's calibration, refinements included (:func:`cachec.refine.replan`).
+
+    Returns:
+        ``(plan, sidecar, {"rebuilt_from": options})`` as :func:`choose_family`.
+    """
+    from cachec.refine import replan
+
+    calib = ensure_calibration(ctx)
+    opts = dict(conditions=list(ctx.calib_conditions), samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
+                seed=int(ctx.calib_seeds[0]), batch_size=ctx.batch_size)
+    plan, side = replan(ctx.driver, calib, budget, options, path.parent / f"{path.stem}-rebuilt", opts, planner=planner)
+    return plan, side, {"rebuilt_from": dict(options)}
+
+
 class PlanMethod(Method):
     """A plan built by :mod:`cachec.planner` (``method``) and executed by :mod:`cachec.runtime`."""
 
@@ -168,7 +185,9 @@ class PlanMethod(Method):
         if self.choose_family:
             key = ("chosen plan", float(p))  # the headline confirmation runs the same point again
             if key not in ctx.cache:
-                ctx.cache[key] = choose_family(ctx, planner, float(p), path)
+                stored = ctx.cache.get(("stored choice", round(float(p), 6)))
+                ctx.cache[key] = (rebuild_choice(ctx, planner, float(p), path, stored) if stored is not None
+                                  else choose_family(ctx, planner, float(p), path))
             plan, side, choice = ctx.cache[key]
             session = PlanSession(ctx, plan, side, path)
             session.info["family_choice"] = choice
