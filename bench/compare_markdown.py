@@ -195,6 +195,10 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
              f"({env['cpu_threads']} CPU threads, torch {env['torch']}, diffusers {env['diffusers']}, "
              f"cache-dit {env['cache_dit']}); total {results['seconds'] / 60:.1f} min. Raw results: "
              f"[`{json_name}`]({json_name}); plot: [`{png_name}`]({png_name}). This file is generated: do not edit."
+             + "".join(f" Lines added by `{a['command']}` on {a['finished']} ({a['seconds'] / 60:.0f} min)."
+                       for a in results.get("added", []))
+             + "".join(f" Intervals widened by `{a['command']}` on {a['finished']} ({a['seconds'] / 60:.0f} min)."
+                       for a in results.get("widened", []))
              + (f" Headlines recomputed from the raw points by `{results['rescored']['by']}` on "
                 f"{results['rescored']['at']} (nothing re-run)." if results.get("rescored") else ""))
     L.append("")
