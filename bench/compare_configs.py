@@ -309,22 +309,33 @@ def widen_confirmation(cfg: Config, stored: dict, methods: list[peers.Method], t
     The pairs stay those the frontier rule chose on the sweep's images; cachec's plans are rebuilt from
     their stored choices (``info.plan_options``), not searched again.
 
+    The pairs to widen and their image count come from the confirmation's intervals, so a second ``--widen``
+    measures every such pair again and replaces the first one's record.
+
     Returns:
-        ``{"n_images", "eval_seeds", "reference_seconds", "points", "seconds", "budgets", "target_half_width"}``
-        (:func:`bench.compare_report.headline` prefers it for the pairs it holds), or None when every interval
-        is already under ``target`` or the configuration has no confirmation to widen.
+        ``{"n_images", "eval_seeds", "reference_seconds", "points", "seconds", "budgets", "target_half_width",
+        "prefix_check"}`` (:func:`bench.compare_report.headline` prefers it for the pairs it holds), or None when
+        every interval is already under ``target`` or the configuration has no confirmation to widen.
+    Raises:
+        RuntimeError: a headline method is missing from ``methods``; on class models, a widened point's first
+        images do not reproduce its confirmation within :data:`REPRODUCE_TOL` dB (:func:`prefix_check`);
+        cachec's rebuilt plan is not the stored one (:func:`bench.peers.cachec_plans.rebuild_choice`).
     """
     from bench.compare_report import headline_pairs
 
     conf = stored.get("confirmation")
-    if not conf or not stored.get("headline"):
+    if not conf:
         return None
     for e in stored["methods"]:
         if e["method"] == "cachec":
             for r in e["points"]:
                 if (r.get("info") or {}).get("plan_options"):
-                    cfg.ctx.cache[("stored choice", round(float(r["param"]), 6))] = r["info"]["plan_options"]
-    n, keys = widen_images(stored["headline"], int(conf["n_images"]), cfg.batch_size, target, cap)
+                    cfg.ctx.cache[("stored choice", round(float(r["param"]), 6))] = r["info"]
+    # from the confirmation's intervals, also when an earlier --widen ran (its pairs are measured again)
+    from bench.compare_report import headline
+
+    base = headline({k: v for k, v in stored.items() if k != "wide_confirmation"})
+    n, keys = widen_images(base, int(conf["n_images"]), cfg.batch_size, target, cap)
     if not keys or n <= int(conf["n_images"]):
         return None
     pairs = headline_pairs(stored)
@@ -345,7 +356,12 @@ def widen_confirmation(cfg: Config, stored: dict, methods: list[peers.Method], t
             + ", ".join(f"{w[0]} {w[2]}" for w in wanted))
         points = [_confirmed(cfg, by_name[name], param, ref, counter) for name, param, _, counter in wanted]
         out = _summary(cfg, ref_seconds, points, t)
-    out.update(budgets=keys, target_half_width=target, prefix_check=prefix_check(cfg, conf, points))
+    check = prefix_check(cfg, conf, points)
+    if check is not None and check["max_abs_diff_db"] > REPRODUCE_TOL:
+        raise RuntimeError(f"{cfg.name}: the widened points' first {check['images']} per-image PSNRs differ from the "
+                           f"confirmation's by up to {check['max_abs_diff_db']:.3g} dB (> {REPRODUCE_TOL} dB): this run "
+                           "does not reproduce the stored result; rerun the whole benchmark")
+    out.update(budgets=keys, target_half_width=target, prefix_check=check)
     return out
 
 

@@ -278,7 +278,7 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                              f"{h['best_peer']} ({h['best_peer_point']}) {fmt(h['best_peer_psnr'])} dB at "
                              f"{h['best_peer_flops']:.1%}: **{h['margin_db']:+.2f} dB** [{h['margin_ci_low']:+.2f}, "
                              f"{h['margin_ci_high']:+.2f}] ({h['verdict']}, {h.get('images', cfg['n_images'])} images"
-                             + (f"; {h['confirmation_rejected']}, so the sweep's images" if h.get("confirmation_rejected") else "")
+                             + (f"; not the {h['confirmation_rejected']}" if h.get("confirmation_rejected") else "")
                              + ")")
         conf = cfg.get("confirmation")
         L.append("**cachec vs the best peer** by the frontier rule (each side's best real point at ≤ the budget "

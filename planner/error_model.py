@@ -39,9 +39,9 @@ REUSE, SCALE, EOC, GOC, TAYLOR, LS2 = range(len(PREDICTORS))
 #: only (TaylorSeer's / SeaCache's predictor), which the closed loop often prefers: the fitted coefficients
 #: are fitted on uncached trajectories and extrapolate worse from perturbed anchors; ``forecast`` = the
 #: first-order forecast wherever two computed outputs exist, plain reuse only before that (a set without
-#: ``reuse`` uses it only as that fallback): exactly TaylorSeer's and SeaCache's predictor, which the judged
-#: error cannot choose per unit because it prices the forecast worse than reuse where sampling finds it
-#: better (docs/planner.md, "Predictor sets")
+#: ``reuse`` uses it only as that fallback): TaylorSeer's and SeaCache's predictor (on the time grid, theirs
+#: on the step index), which the ``taylor`` set's per-unit choice rarely makes because the judged error
+#: prices the forecast worse than reuse where sampling finds it better (docs/planner.md, "Predictor sets")
 PREDICTOR_SETS = {"fitted": PREDICTORS, "taylor": ("reuse", "taylor"), "forecast": ("taylor",)}
 
 

@@ -97,6 +97,8 @@ class Planner:
         ridge: default relative ridge of the fitted predictors (see :class:`ErrorModel`).
         predictors: default candidate predictors of the cachec solver (names from ``PREDICTORS``); a plan
             may ask for another set with the ``predictors`` option (e.g. :data:`PREDICTOR_SETS` ``taylor``).
+            Without ``reuse`` among them plain reuse is only the fallback where none of them applies
+            (:class:`ErrorModel`; the ``forecast`` set).
     """
 
     def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
@@ -348,7 +350,8 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
             for FORA-based methods with an explicit ``interval``.
         method: ``cachec`` | ``fora`` | ``eoc-paper`` | ``goc-paper`` | ``uniform``.
         ridge, predictors: error-model options (cachec's candidate predictors: names of ``PREDICTORS`` or a
-            set name of ``PREDICTOR_SETS``; also accepted per plan as options).
+            set name of ``PREDICTOR_SETS``; also accepted per plan as options; without ``reuse`` among the
+            names plain reuse is only the fallback where none of them applies).
         **options: cachec: ``family`` ("free" | "step" | "group" | "warmup"), ``groups`` (block groups of the
             ``group`` family, default 4), ``max_staleness`` (default 8), ``keep_last`` (default 0),
             ``fill`` (default True: the step/group families add single unit computes into the FLOPs their

@@ -260,6 +260,48 @@ def test_widening_asks_for_enough_images_and_the_headline_prefers_the_wider_pair
     cfg["wide_confirmation"]["points"].append(pt("peer", "p", 0.39, [30.5, 30.4, 30.6, 30.5, 30.5, 30.5]))
     h = headline(cfg)["0.40"]
     assert h["images"] == 6 and h["margin_db"] == pytest.approx(0.5) and h["verdict"] == "ahead"
+    # a widened peer point over the budget + slack (an adaptive peer on the new images) falls back to the
+    # confirmation's valid pair, not to the sweep
+    cfg["wide_confirmation"]["points"][1]["flops_fraction"] = 0.43
+    h = headline(cfg)["0.40"]
+    assert h["images"] == 4 and "on 6 images over the budget + slack: peer realised 43.0%" in h["confirmation_rejected"]
+
+
+def test_widening_refuses_points_that_do_not_reproduce_the_confirmation(monkeypatch):
+    """``--widen`` on a class model: the widened points' first images are the confirmation's images, so their
+    per-image PSNRs must match it; a difference over the reproduction tolerance refuses the run."""
+    import contextlib
+
+    from bench import compare_configs as cc
+
+    def pt(method, label, flops, per):
+        return {"method": method, "label": label, "flops_fraction": flops, "psnr_db": sum(per) / len(per),
+                "psnr_db_per_image": per, "param": 0.4 if method == "cachec" else 1.2}
+
+    conf_c, conf_p = [31.0, 32.0, 33.0, 34.0], [30.0, 30.5, 29.0, 31.0]
+    stored = {"methods": [{"method": "cachec", "group": "cachec", "points": [pt("cachec", "b40", 0.40, [30.0] * 2)]},
+                          {"method": "peer", "group": "diffusers", "points": [pt("peer", "p", 0.39, [29.0] * 2)]}],
+              "confirmation": {"n_images": 4, "points": [pt("cachec", "b40", 0.40, conf_c), pt("peer", "p", 0.39, conf_p)]}}
+    stored["headline"] = {}  # widening reads the confirmation's intervals, not a stored (maybe widened) headline
+    shift = {"v": 0.0}
+
+    class Cfg:
+        name, batch_size, counter, confirm_images = "cfg", 2, "fast", 0
+        eval_conditions = list(range(8))
+        eval_seeds = list(range(8))
+        driver = type("D", (), {"prompt_sets": None})()
+        ctx = type("C", (), {"cache": {}})()
+
+    monkeypatch.setattr(cc, "confirmation_images", lambda cfg: contextlib.nullcontext(({}, 1.0)))
+    monkeypatch.setattr(cc, "_confirmed", lambda cfg, m, param, ref, counter: pt(
+        m.name, "b40" if m.name == "cachec" else "p", 0.4,
+        [v + shift["v"] for v in (conf_c if m.name == "cachec" else conf_p)] + [35.0] * 4))
+    methods = [type("M", (), {"name": "cachec"})(), type("M", (), {"name": "peer"})()]
+    wide = cc.widen_confirmation(Cfg(), stored, methods, target=0.5, cap=400)
+    assert "0.40" in wide["budgets"] and wide["prefix_check"]["max_abs_diff_db"] == 0.0
+    shift["v"] = 0.01
+    with pytest.raises(RuntimeError, match="does not reproduce the stored result"):
+        cc.widen_confirmation(Cfg(), stored, methods, target=0.5, cap=400)
 
 
 def test_iso_quality_interpolates_cachec_between_its_points():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -125,21 +126,34 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
     }
 
 
-def rebuild_choice(ctx: BenchContext, planner, budget: float, path: Path, options: dict) -> tuple[object, dict, dict]:
+def rebuild_choice(ctx: BenchContext, planner, budget: float, path: Path, stored: dict) -> tuple[object, dict, dict]:
     """A stored plan-search choice rebuilt without searching again (``bench/compare.py --widen``): the plan
-    of ``options`` (a stored point's ``info.plan_options``: ``family``, ``refine`` and the solver options) from
-    this run's calibration, refinements included (:func:`cachec.refine.replan`).
+    of ``stored["plan_options"]`` (``family``, ``refine`` and the solver options) from this run's
+    calibration, refinements included (:func:`cachec.refine.replan`), checked against the stored point.
 
+    Args:
+        stored: the stored point's ``info`` (``plan_options``, ``predicted_error``, ``plan_realised_claim``).
     Returns:
         ``(plan, sidecar, {"rebuilt_from": options})`` as :func:`choose_family`.
+    Raises:
+        RuntimeError: the rebuilt plan's predicted error or realised fraction differs from the stored one
+        (another calibration, planner version or CPU kernels: widen a result of this version only).
     """
     from cachec.refine import replan
 
+    options = dict(stored["plan_options"])
     calib = ensure_calibration(ctx)
     opts = dict(conditions=list(ctx.calib_conditions), samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
                 seed=int(ctx.calib_seeds[0]), batch_size=ctx.batch_size)
     plan, side = replan(ctx.driver, calib, budget, options, path.parent / f"{path.stem}-rebuilt", opts, planner=planner)
-    return plan, side, {"rebuilt_from": dict(options)}
+    want_err, want_real = stored.get("predicted_error"), stored.get("plan_realised_claim")
+    if want_err is not None and not math.isclose(plan.predicted_error, want_err, rel_tol=1e-4, abs_tol=1e-12):
+        raise RuntimeError(f"cachec at {budget:.0%}: the rebuilt plan predicts {plan.predicted_error:.6g}, the stored one "
+                           f"{want_err:.6g}: this run does not rebuild the stored choice; rerun the whole benchmark")
+    if want_real is not None and abs(plan.budget.realised - want_real) > 1e-6:
+        raise RuntimeError(f"cachec at {budget:.0%}: the rebuilt plan realises {plan.budget.realised:.6f}, the stored one "
+                           f"{want_real:.6f}; rerun the whole benchmark")
+    return plan, side, {"rebuilt_from": options}
 
 
 class PlanMethod(Method):
