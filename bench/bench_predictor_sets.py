@@ -17,6 +17,12 @@ Usage (≈ 12 min per budget on one thread)::
 
     python bench/bench_predictor_sets.py --model digits-mmdit --cal 30 --budgets 0.4
     python bench/bench_predictor_sets.py --model digits-flow --cal 20 --budgets 0.4,0.25,0.6
+    python bench/bench_predictor_sets.py --model digits-flow --cal 20 --budgets 0.4,0.25,0.6 --families step,warmup \
+        --shrink-ridges 10,100
+
+``--shrink-ridges`` adds the fitted set with its ridge pulled towards the forecast instead of reuse
+(planner options ``shrink: taylor``, ``ridge``; :class:`cachec.planner.error_model.ErrorModel`), each also
+paired with the taylor set of the same family and budget.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=1.2, help="SeaCache's threshold (1.2: its 40 %% point)")
     ap.add_argument("--cal", type=int, default=30, help="calibration conditions")
     ap.add_argument("--budgets", default="0.4", help="comma-separated FLOPs fractions")
+    ap.add_argument("--shrink-ridges", default="",
+                    help="also the fitted set with its ridge pulled towards the forecast (shrink: taylor) at these ridges")
+    ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,18 +99,25 @@ def main(argv=None) -> int:
         p_sea = psnr(torch.cat(outs), reference).clamp(max=PSNR_CAP)
         print(f"SeaCache threshold {args.threshold}: PSNR {float(p_sea.mean()):.2f} dB on 20 images", flush=True)
         planner = Planner(load_calibration(str(cal_path)))
+        variants = [(pset, {"predictors": pset}) for pset in SETS] + [
+            (f"fitted, shrink taylor, ridge {r}", {"shrink": "taylor", "ridge": float(r)})
+            for r in args.shrink_ridges.split(",") if r]
         for budget in [float(b) for b in args.budgets.split(",")]:
-            for fam in FAMILIES:
-                for pset in SETS:
-                    plan, side = planner.plan(budget, "cachec", family=fam, predictors=pset)
+            for fam in args.families.split(","):
+                for pset, options in variants:
+                    plan, side = planner.plan(budget, "cachec", family=fam, **options)
                     written = write_plan(plan, work / "plan.yaml", side or None)
                     with apply(driver, written):
                         out = generate(ev_conds, ev_seeds)
                     p = psnr(out, reference).clamp(max=PSNR_CAP)
                     d, lo, hi = paired_difference(p, p_sea)
+                    if pset == "taylor":
+                        p_taylor = p
+                    vs_taylor = "" if pset in SETS else "  vs taylor set {:+.2f} [{:+.2f}, {:+.2f}]".format(
+                        *paired_difference(p, p_taylor))
                     print(f"{budget:.2f} {fam:6s} {pset:8s} realised {plan.budget.realised:.4f} predicted "
                           f"{plan.predicted_error:.4g} PSNR {float(p.mean()):.2f} dB  vs SeaCache {d:+.2f} "
-                          f"[{lo:+.2f}, {hi:+.2f}]", flush=True)
+                          f"[{lo:+.2f}, {hi:+.2f}]" + vs_taylor, flush=True)
     return 0
 
 

@@ -163,6 +163,11 @@ def calibrate_merge(files, output):
 @click.option("--predictors", type=click.Choice(["fitted", "taylor", "forecast"]), default="fitted", show_default=True,
               help="cachec: predictor set (fitted = every candidate by judged error; taylor = reuse or first-order Taylor by "
                    "judged error; forecast = first-order Taylor wherever two computed outputs exist).")
+@click.option("--ridge", type=click.FloatRange(min=0), default=None,
+              help="cachec: relative ridge of the fitted predictors (default 0.001).")
+@click.option("--shrink", type=click.Choice(["reuse", "taylor"]), default="reuse", show_default=True,
+              help="cachec: what the ridge pulls the two-anchor fits (goc, ls2) towards: plain reuse or the first-order "
+                   "forecast (with a large --ridge, e.g. 10).")
 @click.option("--no-fill", is_flag=True, help="cachec step/group/warmup: leave the slack of the shared masks unspent.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
               help="cachec --family group: number of contiguous block groups (default 4).")
@@ -172,8 +177,8 @@ def calibrate_merge(files, output):
               help="Plan YAML (with --sweep: NAME-<percent>.yaml per budget).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and its sidecar name) even if they are not plan files.")
 @friendly
-def plan(calibration, budget, sweep_range, method, interval, family, predictors, no_fill, groups, max_staleness,
-         keep_last, output, overwrite):
+def plan(calibration, budget, sweep_range, method, interval, family, predictors, ridge, shrink, no_fill, groups,
+         max_staleness, keep_last, output, overwrite):
     """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
     from .planner import load_calibration, sweep
     from .planner.budget import parse_budget, parse_sweep
@@ -187,12 +192,18 @@ def plan(calibration, budget, sweep_range, method, interval, family, predictors,
     options = {}
     if groups is not None and (method != "cachec" or family != "group"):
         raise click.ClickException("--groups is only used with --family group")
+    if (ridge is not None or shrink != "reuse") and method != "cachec":
+        raise click.ClickException("--ridge and --shrink are only used by --method cachec")
     if interval is not None and method == "cachec" and family != "warmup":
         raise click.ClickException("--interval is only used by the baselines and by --family warmup")
     if method == "cachec":
         options["family"] = family
         if predictors != "fitted":
             options["predictors"] = predictors
+        if ridge is not None:
+            options["ridge"] = ridge
+        if shrink != "reuse":
+            options["shrink"] = shrink
         if no_fill:
             options["fill"] = False
         if interval is not None:

@@ -246,9 +246,9 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
 def replan_options(options: dict) -> dict:
     """The planner options to pass again when rebuilding a plan from its ``budget.options``: every recorded
     solver option (``groups``, ``max_staleness``, ``keep_last``, ``ridge``, ``predictors``, ``mask``,
-    ``interval``, ``fn_bn``) and ``fill`` (absent means False: plans made before the budget fill record nothing)."""
+    ``interval``, ``fn_bn``, ``shrink``) and ``fill`` (absent means False: plans made before the budget fill record nothing)."""
     out = {"fill": bool(options.get("fill", False))}
-    for key in ("groups", "max_staleness", "keep_last", "ridge", "predictors", "mask", "interval", "fn_bn"):
+    for key in ("groups", "max_staleness", "keep_last", "ridge", "predictors", "mask", "interval", "fn_bn", "shrink"):
         if options.get(key) is not None:
             out[key] = options[key]
     return out

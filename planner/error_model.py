@@ -59,6 +59,9 @@ def resolve_predictors(predictors) -> tuple[str, ...]:
     return tuple(predictors)
 
 
+#: targets of the fitted coefficients' ridge (:class:`ErrorModel` ``shrink``)
+SHRINK_TARGETS = ("reuse", "taylor")
+
 #: predictors that need the second anchor q
 NEEDS_Q = (GOC, TAYLOR, LS2)
 
@@ -125,12 +128,16 @@ class ErrorModel:
     Args:
         cal: the calibration.
         ridge: relative ridge of fitted coefficients (dimensionless; the penalty is
-            ``ridge * mean(diag of the anchors' Gram)``, pulling towards plain reuse).
+            ``ridge * mean(diag of the anchors' Gram)``, pulling towards ``shrink``'s coefficients).
+        shrink: what the ridge pulls the two-anchor fits (``goc``, ``ls2``) towards: ``reuse`` (``[1, 0]``,
+            λ = 0) or ``taylor`` (the first-order forecast ``[1 + h, -h]``, λ = h; issue 20: fitted
+            coefficients that fall back on the forecast, not on reuse, where the calibration says little).
+            ``scale`` and ``eoc`` shrink towards reuse either way.
         predictors: names from :data:`PREDICTORS` the cachec solver may use. Plain reuse is always
             available: chosen by the judged error when ``reuse`` is named, else only where no named predictor
             applies (the fallback, e.g. the steps before a unit's second computed output).
     Raises:
-        ValueError: an unknown predictor name.
+        ValueError: an unknown predictor name or ``shrink``, a negative ridge.
 
     Attributes:
         G_fit, G_judge: (U, S, S) float64 Grams summed over branches (split 0 and split 1).
@@ -140,14 +147,17 @@ class ErrorModel:
         tgrid: (S,) the time grid for Taylor spacing (sigmas when present, else timesteps).
     """
 
-    def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
+    def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS, shrink: str = "reuse"):
         unknown = [p for p in predictors if p not in PREDICTORS]
         if unknown:
             raise ValueError(f"unknown predictors {unknown}; known: {list(PREDICTORS)}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if shrink not in SHRINK_TARGETS:
+            raise ValueError(f"shrink must be one of {list(SHRINK_TARGETS)}, got {shrink!r}")
         self.cal = cal
         self.ridge = float(ridge)
+        self.shrink = shrink
         #: reuse only where no named predictor applies (``reuse`` not named)
         self.reuse_fallback = "reuse" not in predictors and len(predictors) > 0
         self.predictors = tuple(p for p in PREDICTORS if p in predictors or (p == "reuse" and not self.reuse_fallback))
@@ -166,6 +176,8 @@ class ErrorModel:
         sig = cal.header.get("sigmas")
         self.tgrid = np.asarray(sig if sig is not None else cal.header["timesteps"], dtype=np.float64)
         self.U, self.S = cal.n_units, cal.steps
+        #: what identifies this model's prices (the planner's caches are keyed by it)
+        self.key = (self.ridge, self.predictors, self.shrink)
 
     # ---- fitted candidates -----------------------------------------------------------------------
     def fit_candidates(self, u, s, p, q, has_q):
@@ -206,22 +218,24 @@ class ErrorModel:
             a1[EOC] = 1.0
             alpha[EOC] = fit_eoc_alpha(lin, quad)
             valid[EOC] = (j >= 1) & (j <= K) & (quad > _TINY)
-        # GOC gradient step with fitted lambda: F_p + lam (F_p - F_q)
-        dd = Gpp - 2 * Gpq + Gqq  # ||F_p - F_q||^2
-        num = Gsp - Gsq - Gpp + Gpq  # <F_s - F_p, F_p - F_q>
-        lam = num / np.maximum(dd + self.ridge * 0.5 * (Gpp + Gqq), _TINY)
-        a1[GOC], a2[GOC] = 1.0 + lam, -lam
-        valid[GOC] = on["goc"] & has_q & (dd > _TINY)
         # first-order Taylor / finite difference on the time grid
         t = self.tgrid
         den = t[p] - t[q]
         h = np.where(np.abs(den) > 0, (t[s] - t[p]) / np.where(np.abs(den) > 0, den, 1.0), (s - p) / np.maximum(p - q, 1))
         a1[TAYLOR], a2[TAYLOR] = 1.0 + h, -h
         valid[TAYLOR] = on["taylor"] & has_q
-        # least squares over (p, q), ridge towards plain reuse [1, 0]
+        # the ridge's target: lambda0 = 0 ([1, 0], reuse) or h ([1 + h, -h], the forecast)
+        lam0 = h if self.shrink == "taylor" else 0.0
         rho = self.ridge * 0.5 * (Gpp + Gqq)
+        # GOC gradient step with fitted lambda: F_p + lam (F_p - F_q)
+        dd = Gpp - 2 * Gpq + Gqq  # ||F_p - F_q||^2
+        num = Gsp - Gsq - Gpp + Gpq  # <F_s - F_p, F_p - F_q>
+        lam = (num + rho * lam0) / np.maximum(dd + rho, _TINY)
+        a1[GOC], a2[GOC] = 1.0 + lam, -lam
+        valid[GOC] = on["goc"] & has_q & (dd > _TINY)
+        # least squares over (p, q), ridge towards [1 + lam0, -lam0]
         m11, m12, m22 = Gpp + rho, Gpq, Gqq + rho
-        b1, b2 = Gsp + rho, Gsq
+        b1, b2 = Gsp + rho * (1.0 + lam0), Gsq - rho * lam0
         det = m11 * m22 - m12 * m12
         ok = det > 1e-12 * np.maximum(m11 * m22, _TINY)
         sdet = np.where(ok, det, 1.0)

@@ -72,7 +72,7 @@ DEFAULT_MAX_STALENESS = 8
 
 _METHOD_OPTIONS = {
     "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask", "interval",
-               "fn_bn"},
+               "fn_bn", "shrink"},
     "fora": {"interval"},
     "eoc-paper": {"interval", "alpha"},
     "goc-paper": {"interval", "lam"},
@@ -104,28 +104,30 @@ class Planner:
     def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
         self.cal = cal
         self.model = ErrorModel(cal, ridge=ridge, predictors=resolve_predictors(predictors))
-        self._models: dict[tuple, ErrorModel] = {(self.model.ridge, tuple(self.model.predictors)): self.model}
+        self._models: dict[tuple, ErrorModel] = {self.model.key: self.model}
         self._tables: dict[tuple, SegmentTable] = {}
         self._fronts: dict[tuple, Frontier] = {}
 
-    def error_model(self, predictors=None, ridge: float | None = None) -> ErrorModel:
-        """The error model with these predictors and ridge (the defaults when None; built once).
+    def error_model(self, predictors=None, ridge: float | None = None, shrink: str | None = None) -> ErrorModel:
+        """The error model with these predictors, ridge and ridge target (the defaults when None; built once).
 
         Raises:
-            ValueError: an unknown predictor name or a negative ridge.
+            ValueError: an unknown predictor name or ``shrink``, a negative ridge.
         """
         preds = tuple(self.model.predictors) if predictors is None else resolve_predictors(predictors)
         r = self.model.ridge if ridge is None else float(ridge)
-        key = (r, preds)
+        target = self.model.shrink if shrink is None else shrink
+        key = ("request", r, preds, target)
         if key not in self._models:
-            self._models[key] = ErrorModel(self.cal, ridge=r, predictors=preds)
+            model = ErrorModel(self.cal, ridge=r, predictors=preds, shrink=target)
+            self._models[key] = self._models.setdefault(model.key, model)
         return self._models[key]
 
     def table(self, max_staleness: int, model: ErrorModel | None = None) -> SegmentTable:
         """Segment costs for ``max_staleness`` under ``model`` (default :attr:`model`; computed once)."""
         model = model or self.model
         K = int(min(max_staleness, self.cal.steps - 1))
-        key = (K, model.ridge, tuple(model.predictors))
+        key = (K,) + model.key
         if key not in self._tables:
             self._tables[key] = segment_table(model, K)
         return self._tables[key]
@@ -139,8 +141,7 @@ class Planner:
         """Frontier of the DP for the table, ``keep_last`` and family (computed once)."""
         model = model or self.model
         tab = self.table(max_staleness, model)
-        key = (tab.max_staleness, int(keep_last), family, int(n_groups) if family == "group" else 0,
-               model.ridge, tuple(model.predictors))
+        key = (tab.max_staleness, int(keep_last), family, int(n_groups) if family == "group" else 0) + model.key
         if key not in self._fronts:
             if family == "step":
                 cost = tab.cost.sum(axis=0, keepdims=True)
@@ -154,7 +155,7 @@ class Planner:
     def _model_for(self, method: str, options: dict) -> ErrorModel:
         if method != "cachec":
             return self.model
-        return self.error_model(options.get("predictors"), options.get("ridge"))
+        return self.error_model(options.get("predictors"), options.get("ridge"), options.get("shrink"))
 
     def schedule(self, budget: float | None, method: str = "cachec", **options) -> Schedule:
         """The schedule of ``method`` at ``budget`` (see :func:`make_plan` for the options).
@@ -215,6 +216,8 @@ class Planner:
                 sched.options.pop("mask")
                 sched.options.update(family="warmup", **extra)
             sched.options.update(ridge=model.ridge, predictors=list(model.predictors))
+            if model.shrink != "reuse":  # recorded only where it differs from the default (older plans lack it)
+                sched.options["shrink"] = model.shrink
             return sched
         if method == "uniform":
             if budget is None:
@@ -359,7 +362,8 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
             ``mask`` (step family: the computed step indices, e.g. a peer's pattern, instead of the DP's),
             ``interval`` (warmup family: N, default the smallest that fits; :func:`warmup_mask`),
             ``fn_bn`` (step family: ``[F, B]``, the first F and last B blocks computed at every step, the
-            FBCache/DBCache shape, the shared mask solved for the other blocks; :func:`edge_blocks`);
+            FBCache/DBCache shape, the shared mask solved for the other blocks; :func:`edge_blocks`),
+            ``shrink`` (``reuse`` | ``taylor``: the target of the fitted coefficients' ridge, :class:`ErrorModel`);
             fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper: ``lam`` (1.2).
     Returns:
         ``(plan, sidecar)``: the typed :class:`cachec.runtime.plan.Plan` (no ``sidecar`` entry until

@@ -771,3 +771,32 @@ def test_explicit_interval_over_budget_is_an_error(synth):
         make_plan(synth, 0.3, "fora", interval=2)
     plan, _ = make_plan(synth, 0.6, "goc-paper", interval=2)
     assert plan.budget.target == 0.6 and plan.budget.options["interval"] == 2
+
+
+def test_shrink_towards_the_forecast(synth):
+    """``shrink: taylor``: with a huge ridge the two-anchor fits (GOC, LS2) become the first-order forecast,
+    with ``shrink: reuse`` plain reuse; the default model is unchanged by the option's existence, and a plan
+    records ``shrink`` only where it is not the default (and rebuilds from its recorded options)."""
+    from cachec.planner.error_model import GOC, LS2, TAYLOR, ErrorModel
+    from cachec.refine import replan_options
+
+    s, p, q = np.array([5]), np.array([4]), np.array([2])
+    u, has_q = np.array([0]), np.array([True])
+    for target, want in (("taylor", None), ("reuse", (1.0, 0.0))):
+        m = ErrorModel(synth, ridge=1e9, shrink=target)
+        a1, a2, _, valid = m.fit_candidates(u, s, p, q, has_q)
+        goal = (a1[TAYLOR][0], a2[TAYLOR][0]) if want is None else want
+        for k in (GOC, LS2):
+            assert valid[k][0] and (a1[k][0], a2[k][0]) == pytest.approx(goal, abs=1e-6)
+    plain, tuned = ErrorModel(synth), ErrorModel(synth, shrink="reuse")
+    assert all(np.array_equal(x, y) for x, y in zip(plain.fit_candidates(u, s, p, q, has_q), tuned.fit_candidates(u, s, p, q, has_q)))
+    with pytest.raises(ValueError, match="shrink must be one of"):
+        ErrorModel(synth, shrink="goc")
+    planner = Planner(synth)
+    default, _ = planner.plan(0.4, "cachec", family="step")
+    assert "shrink" not in default.budget.options
+    shrunk, _ = planner.plan(0.4, "cachec", family="step", ridge=10.0, shrink="taylor")
+    assert shrunk.budget.options["shrink"] == "taylor" and shrunk.budget.options["ridge"] == 10.0
+    again, _ = planner.plan(0.4, "cachec", family="step", **replan_options(shrunk.budget.options))
+    assert again.predicted_error == shrunk.predicted_error
+    assert [u.compensation for u in again.units] == [u.compensation for u in shrunk.units]
