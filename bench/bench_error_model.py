@@ -18,8 +18,11 @@ Prints, for both pricings, Spearman's rank correlation with the realised errors 
 log(realised) on log(predicted) (1 = errors scale as predicted) and the median ratio realised ÷ predicted
 (the unit offset: predicted errors are per (sample, branch) output in the model's sample space), and per
 budget the rank correlation among that budget's plans, the plan each pricing would pick and how much more
-realised error it has than the best one. All numbers come from one process; ``--summary FILE`` prints them
-again from a ``--json`` result.
+realised error it has than the best one. A third pricing, ``trajectory``, sums each unit's errors over all its
+skipped steps coherently (not per run of skipped steps; :func:`cachec.planner.schedule_error`,
+``coherence="trajectory"``) on the uncached statistics. All numbers come from one process; ``--summary FILE``
+prints them again from a ``--json`` result, and ``--reprice FILE`` adds the trajectory pricing to an older
+result without sampling again.
 
 Usage (digits-flow, 24 plans, ≈ 25 min on one thread with ``--along``)::
 
@@ -69,7 +72,8 @@ def summarise(rows: list[dict]) -> dict:
     search chooses between?) and whether the plan it prices lowest is the one with the least realised error."""
     real = [r["realised_error"] for r in rows]
     out: dict = {}
-    for key, col in (("before", "predicted_before"), ("after", "predicted_after")):
+    for key, col in (("before", "predicted_before"), ("after", "predicted_after"),
+                     ("trajectory", "predicted_trajectory")):
         if not rows or col not in rows[0]:
             continue
         out[key] = fit_quality([r[col] for r in rows], real)
@@ -108,10 +112,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--summary", type=Path, default=None, metavar="FILE",
                     help="print the summary of a --json result again (nothing is run)")
+    ap.add_argument("--reprice", type=Path, default=None, metavar="FILE",
+                    help="add the trajectory-coherent pricing to a --json result's plans (rebuilt from the same "
+                         "reference calibration; nothing is sampled but the calibration) and rewrite FILE")
     args = ap.parse_args(argv)
     if args.summary:
         print("\n".join(summary_lines(summarise(json.loads(args.summary.read_text(encoding="utf-8"))["rows"]))))
         return 0
+    if args.reprice:
+        return reprice(args.reprice, args.threads)
     torch.set_num_threads(args.threads)
     driver = load_model(args.model)
     rows = []
@@ -139,7 +148,9 @@ def main(argv=None) -> int:
                         out = _images(driver, conds, seeds, steps, guidance).double()
                     real = float(((out - reference) ** 2).flatten(1).sum(1).mean())
                     row = {"budget": budget, "family": family, "predictors": pset, "realised_flops": plan.budget.realised,
-                           "predicted_before": plan.predicted_error, "realised_error": real}
+                           "predicted_before": plan.predicted_error, "realised_error": real,
+                           "predicted_trajectory": float(schedule_error(planner.error_model(pset), sched,
+                                                                        coherence="trajectory"))}
                     if args.along:
                         along = calibrate(driver, cal_conds, output=work / f"{tag}-along.safetensors", along=written,
                                           sensitivity_from=cal_path, sensitivity="none", progress=False, restart=True,
@@ -154,6 +165,36 @@ def main(argv=None) -> int:
     print("\n".join(summary_lines(summary)))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "images": args.images, "rows": rows, "summary": summary}, indent=1))
+    return 0
+
+
+def reprice(path: Path, threads: int = 1) -> int:
+    """``--reprice FILE``: the trajectory-coherent price (:func:`cachec.planner.schedule_error`,
+    ``coherence="trajectory"``) of every plan of a stored result, rebuilt from the same reference calibration
+    and checked against its stored ``predicted_before`` and realised FLOPs; FILE is rewritten with the new
+    column and summary.
+
+    Raises:
+        RuntimeError: a rebuilt plan is not the stored one (another calibration or planner version).
+    """
+    torch.set_num_threads(threads)
+    res = json.loads(path.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        cal_path = calibrate_reference(res["model"], Path(tmp) / "calib.safetensors")
+        planner = Planner(load_calibration(str(cal_path)))
+        for row in res["rows"]:
+            opts = dict(family=row["family"], predictors=row["predictors"])
+            sched = planner.schedule(row["budget"], "cachec", **opts)
+            plan, _ = planner.plan(row["budget"], "cachec", **opts)
+            if not np.isclose(plan.predicted_error, row["predicted_before"], rtol=1e-4) or \
+                    abs(plan.budget.realised - row["realised_flops"]) > 1e-6:
+                raise RuntimeError(f"{row['family']}+{row['predictors']} at {row['budget']:.0%}: the rebuilt plan is not "
+                                   "the stored one; run the whole script again")
+            row["predicted_trajectory"] = float(schedule_error(planner.error_model(row["predictors"]), sched,
+                                                               coherence="trajectory"))
+    res["summary"] = summarise(res["rows"])
+    path.write_text(json.dumps(res, indent=1))
+    print("\n".join(summary_lines(res["summary"])))
     return 0
 
 

@@ -452,10 +452,13 @@ def _history_vectors(schedule: Schedule, u: int, S: int):
     return pred
 
 
-def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False):
+def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False, coherence: str = "run"):
     """Predicted error of any schedule: sensitivity-weighted coherent squared error on the judging split.
 
     For every maximal run R of skipped steps of a unit: ``||sum_{s in R} sqrt(w_s) (F_s - F_hat_s)||^2``
+    (``coherence="run"``, the solver's segment prices), or one sum over all the unit's skipped steps
+    (``coherence="trajectory"``: the errors of different runs add coherently too, as a lagging reuse's do
+    along the sampled trajectory; docs/planner.md, "How well the error model ranks the candidates")
     with F_hat's linear part expressed over computed outputs (``history: used`` predictions are unrolled
     into combinations of computed ones), plus each EOC correction's diagonal change
     ``w_s (-2 alpha lin + alpha^2 quad)`` (exact lag ``s - p``, p the last computed step; for
@@ -466,11 +469,14 @@ def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False
         model: the error model.
         schedule: a schedule over the model's units and steps.
         per_unit: return the (U,) array instead of the total.
+        coherence: ``run`` or ``trajectory`` (above).
     Returns:
         float (or (U,) float64): squared final-sample error per (sample, branch) output, additive model.
     Raises:
-        ValueError: an inconsistent schedule (see :meth:`Schedule.validate`).
+        ValueError: an inconsistent schedule (see :meth:`Schedule.validate`), an unknown ``coherence``.
     """
+    if coherence not in ("run", "trajectory"):
+        raise ValueError(f"coherence must be 'run' or 'trajectory', got {coherence!r}")
     schedule.validate()
     U, S = model.U, model.S
     if schedule.compute.shape != (U, S):
@@ -501,7 +507,7 @@ def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False
         if cur is not None:
             rows.append(cur)
         if rows:
-            C = np.array(rows)
+            C = np.array(rows) if coherence == "run" else np.sum(rows, axis=0)[None]
             out[u] = float(np.einsum("rs,st,rt->", C, model.G_judge[u], C)) + diag
         else:
             out[u] = diag

@@ -54,8 +54,9 @@ def split(F, k):
     return F[k::2]
 
 
-def brute_schedule_error(feats, cal, sched: Schedule, prior=None):
-    """sum over held-out outputs of ||sum_run sqrt(w_s)(F_s - F_hat_s)||^2 / (n1 * B), simulated per sample."""
+def brute_schedule_error(feats, cal, sched: Schedule, prior=None, coherence="run"):
+    """sum over held-out outputs of ||sum_run sqrt(w_s)(F_s - F_hat_s)||^2 / (n1 * B), simulated per sample
+    (``coherence="trajectory"``: one sum over all of a unit's skipped steps)."""
     names = list(feats)
     total = 0.0
     for u, n in enumerate(names):
@@ -68,7 +69,7 @@ def brute_schedule_error(feats, cal, sched: Schedule, prior=None):
             if sched.compute[u, s]:
                 used[:, :, s] = F[:, :, s]
                 computed.insert(0, s)
-                if run is not None:
+                if run is not None and coherence == "run":
                     total += float((run**2).sum())
                     run = None
                 continue
@@ -209,6 +210,12 @@ def test_coherent_schedule_error_matches_simulation():
         sched = Schedule(compute=compute, coeffs=coeffs, eoc_alpha=alphas, eoc_ref=refs, history=history)
         got = schedule_error(model, sched)
         assert got == pytest.approx(brute_schedule_error(feats, cal, sched, prior), rel=RTOL)
+        if history == "used":  # no EOC correction here: the trajectory price is exact too
+            traj = schedule_error(model, sched, coherence="trajectory")
+            assert traj == pytest.approx(brute_schedule_error(feats, cal, sched, prior, "trajectory"), rel=RTOL)
+            assert not np.isclose(traj, got)  # the cross-run terms are there
+    with pytest.raises(ValueError, match="coherence must be"):
+        schedule_error(model, sched, coherence="global")
 
 
 def test_segment_table_prices_solved_schedules_consistently():
