@@ -25,14 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cachec.calibrate.run import calibrate  # noqa: E402
-from cachec.evaluation import held_out_set  # noqa: E402
-from cachec.loading import load_model  # noqa: E402
+from bench.study import PSNR_CAP, add_study_args, open_study, study_calibration  # noqa: E402
 from cachec.metrics import psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E402
 from cachec.runtime import apply, write_plan  # noqa: E402
@@ -47,32 +44,18 @@ RULES = (("reuse", ("reuse",)), ("forecast", "forecast"))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="digits-mmdit")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cal", type=int, default=30, help="calibration conditions")
+    add_study_args(ap)
     ap.add_argument("--masks", default=MASKS, help="';'-separated masks, each ','-separated computed steps")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    driver = load_model(args.model)
-    steps, g = args.steps, float(driver.default_guidance)
-    if driver.condition_kind == "class":
-        cal_conds = [i % 10 for i in range(args.cal)]
-    else:
-        cal_conds = list(driver.prompt_sets["calibration"][:args.cal])
-    ev_conds, ev_seeds = held_out_set(driver, 20)[0], [1_000_000 + i for i in range(20)]
+    st = open_study(args)
+    driver, steps, g, generate = st.driver, st.steps, st.guidance, st.generate
+    cal_conds, ev_conds, ev_seeds = st.cal_conds, st.ev_conds, st.ev_seeds
     masks = [[int(x) for x in m.split(",")] for m in args.masks.split(";") if m]
-
-    def generate(conds, seeds):
-        return torch.cat([driver.generate(conds[i:i + 10], seeds[i:i + 10], steps=steps, guidance=g)
-                          for i in range(0, len(conds), 10)])
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cal_path = calibrate(driver, cal_conds, output=work / "calib.safetensors", samples_per_condition=1, steps=steps,
-                             guidance=g, seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4,
-                             progress=False, restart=True)
+        cal_path = study_calibration(driver, cal_conds, steps, g, work / "calib.safetensors")
         reference = generate(ev_conds, ev_seeds)
         planner = Planner(load_calibration(str(cal_path)))
         budget = 1.0
@@ -87,7 +70,7 @@ def main(argv=None) -> int:
                 row = {"mask": mask, "rule": rule, "run": schedule_error(model, sched),
                        "trajectory": schedule_error(model, sched, coherence="trajectory"),
                        "realised": float(((out - reference) ** 2).mean()),
-                       "psnr": float(psnr(out, reference).clamp(max=80).mean()), "flops": plan.budget.realised}
+                       "psnr": float(psnr(out, reference).clamp(max=PSNR_CAP).mean()), "flops": plan.budget.realised}
                 rows.append(row)
                 print(f"{','.join(map(str, mask)):32s} {rule:8s} {row['flops']:.2%}  run {row['run']:.4g}  trajectory "
                       f"{row['trajectory']:.4g}  realised {row['realised']:.4g}  PSNR {row['psnr']:.2f} dB", flush=True)

@@ -24,13 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cachec.calibrate.run import calibrate  # noqa: E402
-from cachec.evaluation import held_out_set  # noqa: E402
-from cachec.loading import load_model  # noqa: E402
+from bench.study import PSNR_CAP, add_study_args, open_study, study_calibration  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E402
 from cachec.runtime import apply, write_plan  # noqa: E402
@@ -71,30 +68,16 @@ def local_search(planner, mask: list[int], pset: str, budget: float) -> tuple[li
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="digits-mmdit")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cal", type=int, default=30, help="calibration conditions")
+    add_study_args(ap)
     ap.add_argument("--budgets", default="0.4,0.25,0.6")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    driver = load_model(args.model)
-    steps, g = args.steps, float(driver.default_guidance)
-    if driver.condition_kind == "class":
-        cal_conds = [i % 10 for i in range(args.cal)]
-    else:
-        cal_conds = list(driver.prompt_sets["calibration"][:args.cal])
-    ev_conds, ev_seeds = held_out_set(driver, 20)[0], [1_000_000 + i for i in range(20)]
-
-    def generate(conds, seeds):
-        return torch.cat([driver.generate(conds[i:i + 10], seeds[i:i + 10], steps=steps, guidance=g)
-                          for i in range(0, len(conds), 10)])
+    st = open_study(args)
+    driver, steps, g, generate = st.driver, st.steps, st.guidance, st.generate
+    cal_conds, ev_conds, ev_seeds = st.cal_conds, st.ev_conds, st.ev_seeds
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cal_path = calibrate(driver, cal_conds, output=work / "calib.safetensors", samples_per_condition=1, steps=steps,
-                             guidance=g, seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4,
-                             progress=False, restart=True)
+        cal_path = study_calibration(driver, cal_conds, steps, g, work / "calib.safetensors")
         reference = generate(ev_conds, ev_seeds)
         planner = Planner(load_calibration(str(cal_path)))
 
@@ -102,7 +85,7 @@ def main(argv=None) -> int:
             plan, side = planner.plan(budget, "cachec", family="step", mask=sorted(mask), predictors=pset)
             written = write_plan(plan, work / "plan.yaml", side or None)
             with apply(driver, written):
-                return psnr(generate(ev_conds, ev_seeds), reference).clamp(max=80)
+                return psnr(generate(ev_conds, ev_seeds), reference).clamp(max=PSNR_CAP)
 
         for budget in (float(b) for b in args.budgets.split(",")):
             for pset in SETS:

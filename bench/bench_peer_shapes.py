@@ -43,15 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.peers.core import BenchContext  # noqa: E402
 from bench.peers.sea_cache import SeaCacheMethod  # noqa: E402
-from cachec.calibrate.run import calibrate  # noqa: E402
-from cachec.evaluation import held_out_set  # noqa: E402
+from bench.study import PSNR_CAP, sampler, study_calibration, study_conditions  # noqa: E402
 from cachec.loading import load_model  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, realised_fraction  # noqa: E402
 from cachec.runtime import apply, write_plan  # noqa: E402
 
-EVAL_SEED0 = 1_000_000
-PSNR_CAP = 80.0
 
 
 def main(argv=None) -> int:
@@ -64,23 +61,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     driver = load_model(args.model)
     steps, g = args.steps, float(driver.default_guidance)
-    if driver.condition_kind == "class":
-        cal_conds = [c for _ in range(2) for c in range(10)]
-        ev_conds = [c for _ in range(2) for c in range(10)]
-    else:  # prompt models: 20 of the calibration prompts, and the benchmark's 20 held-out prompts
-        cal_conds = list(driver.prompt_sets["calibration"][:20])
-        ev_conds = held_out_set(driver, 20)[0]
-    ev_seeds = [EVAL_SEED0 + i for i in range(20)]
-
-    def generate(conds, seeds):
-        return torch.cat([driver.generate(conds[i:i + 10], seeds[i:i + 10], steps=steps, guidance=g)
-                          for i in range(0, len(conds), 10)])
+    cal_conds, ev_conds, ev_seeds = study_conditions(driver, 20)
+    generate = sampler(driver, steps, g)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cal_path = calibrate(driver, cal_conds, output=work / "calib.safetensors", samples_per_condition=1, steps=steps,
-                             guidance=g, seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4,
-                             progress=False, restart=True)
+        cal_path = study_calibration(driver, cal_conds, steps, g, work / "calib.safetensors")
         reference = generate(ev_conds, ev_seeds)
         ctx = BenchContext(driver=driver, steps=steps, guidance=g, calib_conditions=cal_conds,
                            calib_seeds=list(range(20)), workdir=str(work), batch_size=10, sensitivity="factored",

@@ -38,51 +38,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.peers.core import BenchContext  # noqa: E402
 from bench.peers.sea_cache import SeaCacheMethod  # noqa: E402
-from cachec.calibrate.run import calibrate  # noqa: E402
-from cachec.evaluation import held_out_set  # noqa: E402
-from cachec.loading import load_model  # noqa: E402
+from bench.study import PSNR_CAP, add_study_args, open_study, study_calibration  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration  # noqa: E402
 from cachec.runtime import apply, write_plan  # noqa: E402
 
-EVAL_SEED0 = 1_000_000
-PSNR_CAP = 80.0
 FAMILIES = ("step", "warmup", "free", "group")
 SETS = ("fitted", "taylor", "forecast")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="digits-mmdit")
-    ap.add_argument("--steps", type=int, default=25)
+    add_study_args(ap)
     ap.add_argument("--threshold", type=float, default=1.2, help="SeaCache's threshold (1.2: its 40 %% point)")
-    ap.add_argument("--cal", type=int, default=30, help="calibration conditions")
     ap.add_argument("--budgets", default="0.4", help="comma-separated FLOPs fractions")
     ap.add_argument("--shrink-ridges", default="",
                     help="also the fitted set with its ridge pulled towards the forecast (shrink: taylor) at these ridges")
     ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    driver = load_model(args.model)
-    steps, g = args.steps, float(driver.default_guidance)
-    if driver.condition_kind == "class":
-        cal_conds = [i % 10 for i in range(args.cal)]
-        ev_conds = [c for _ in range(2) for c in range(10)]
-    else:
-        cal_conds = list(driver.prompt_sets["calibration"][:args.cal])
-        ev_conds = held_out_set(driver, 20)[0]
-    ev_seeds = [EVAL_SEED0 + i for i in range(20)]
-
-    def generate(conds, seeds):
-        return torch.cat([driver.generate(conds[i:i + 10], seeds[i:i + 10], steps=steps, guidance=g)
-                          for i in range(0, len(conds), 10)])
+    st = open_study(args)
+    driver, steps, g, generate = st.driver, st.steps, st.guidance, st.generate
+    cal_conds, ev_conds, ev_seeds = st.cal_conds, st.ev_conds, st.ev_seeds
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cal_path = calibrate(driver, cal_conds, output=work / "calib.safetensors", samples_per_condition=1, steps=steps,
-                             guidance=g, seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4,
-                             progress=False, restart=True)
+        cal_path = study_calibration(driver, cal_conds, steps, g, work / "calib.safetensors")
         reference = generate(ev_conds, ev_seeds)
         ctx = BenchContext(driver=driver, steps=steps, guidance=g, calib_conditions=cal_conds[:20],
                            calib_seeds=list(range(20)), workdir=str(work), batch_size=10, sensitivity="factored",

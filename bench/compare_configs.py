@@ -74,6 +74,18 @@ REPRODUCE_TOL = 1e-3
 REPRODUCE_WITH = ("EOC (paper)", "FORA")
 
 
+def same_reference_flops(cfg: Config, stored: dict, reference: dict) -> None:
+    """Refuse a stored result whose uncached FLOPs per image differ from this run's (another model).
+
+    Raises:
+        RuntimeError: they differ by more than half a FLOP.
+    """
+    want = stored["reference"]["flops_per_image"]
+    if abs(reference["flops_per_image"] - want) > 0.5:
+        raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
+                           f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
+
+
 def reproduction_check(cfg: Config, stored: dict, ref: dict) -> dict:
     """Re-measure the first stored point of the first line of :data:`REPRODUCE_WITH` that the stored
     configuration has, against ``ref`` (this machine's uncached reference of the same images).
@@ -129,10 +141,7 @@ def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick:
     log(f"\n=== {cfg.name}: adding {', '.join(m.name for m in methods)} to the stored result")
     t_cfg = time.perf_counter()
     ref, reference, _, ref_times = measure_reference(cfg)
-    want = stored["reference"]["flops_per_image"]
-    if abs(reference["flops_per_image"] - want) > 0.5:
-        raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
-                           f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
+    same_reference_flops(cfg, stored, reference)
     use_stored_choices(cfg, stored)
     check = reproduction_check(cfg, stored, ref)
     names = {m.name for m in methods}
@@ -398,10 +407,7 @@ def widen_config(cfg: Config, stored: dict, methods: list[peers.Method], target:
     log(f"\n=== {cfg.name}: widening the headline's confirmation to ±{target:g} dB")
     t = time.perf_counter()
     ref, reference, _, _ = measure_reference(cfg)
-    want = stored["reference"]["flops_per_image"]
-    if abs(reference["flops_per_image"] - want) > 0.5:
-        raise RuntimeError(f"{cfg.name}: uncached FLOPs per image {reference['flops_per_image']:.0f} differ from the "
-                           f"stored {want:.0f}: the stored result is of another model; rerun the whole benchmark")
+    same_reference_flops(cfg, stored, reference)
     reproduction_check(cfg, stored, ref)
     wide = widen_confirmation(cfg, stored, methods, target, cap)
     if wide is not None:
