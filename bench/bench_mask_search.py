@@ -46,7 +46,9 @@ def local_search(planner, mask: list[int], pset: str, budget: float) -> tuple[li
     def price(m):
         try:
             sched = planner.schedule(budget, "cachec", family="step", mask=sorted(m), predictors=pset)
-        except ValueError:  # over the budget
+        except ValueError as exc:  # a mask over the budget is not a candidate; anything else is a bug
+            if "over the budget" not in str(exc):
+                raise
             return np.inf
         return schedule_error(planner.error_model(pset), sched, coherence="trajectory")
 

@@ -50,7 +50,6 @@ from cachec.planner import Planner, load_calibration, realised_fraction  # noqa:
 from cachec.runtime import apply, write_plan  # noqa: E402
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="digits-ddim")

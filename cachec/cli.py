@@ -163,11 +163,11 @@ def calibrate_merge(files, output):
 @click.option("--predictors", type=click.Choice(["fitted", "taylor", "forecast"]), default="fitted", show_default=True,
               help="cachec: predictor set (fitted = every candidate by judged error; taylor = reuse or first-order Taylor by "
                    "judged error; forecast = first-order Taylor wherever two computed outputs exist).")
-@click.option("--ridge", type=click.FloatRange(min=0), default=None,
-              help="cachec: relative ridge of the fitted predictors (default 0.001).")
+@click.option("--ridge", type=click.FloatRange(min=0, max=1e6), default=None,
+              help="cachec --predictors fitted: relative ridge of the fitted coefficients (default 0.001).")
 @click.option("--shrink", type=click.Choice(["reuse", "taylor"]), default="reuse", show_default=True,
-              help="cachec: what the ridge pulls the two-anchor fits (goc, ls2) towards: plain reuse or the first-order "
-                   "forecast (with a large --ridge, e.g. 10).")
+              help="cachec --predictors fitted: what the ridge pulls the two-anchor fits (goc, ls2) towards: plain reuse "
+                   "or the first-order forecast (with a large --ridge, e.g. 10).")
 @click.option("--no-fill", is_flag=True, help="cachec step/group/warmup: leave the slack of the shared masks unspent.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
               help="cachec --family group: number of contiguous block groups (default 4).")
@@ -192,8 +192,9 @@ def plan(calibration, budget, sweep_range, method, interval, family, predictors,
     options = {}
     if groups is not None and (method != "cachec" or family != "group"):
         raise click.ClickException("--groups is only used with --family group")
-    if (ridge is not None or shrink != "reuse") and method != "cachec":
-        raise click.ClickException("--ridge and --shrink are only used by --method cachec")
+    if (ridge is not None or shrink != "reuse") and (method != "cachec" or predictors != "fitted"):
+        raise click.ClickException("--ridge and --shrink only change the fitted coefficients: use them with --method "
+                                   "cachec --predictors fitted")
     if interval is not None and method == "cachec" and family != "warmup":
         raise click.ClickException("--interval is only used by the baselines and by --family warmup")
     if method == "cachec":

@@ -132,7 +132,7 @@ class ErrorModel:
         shrink: what the ridge pulls the two-anchor fits (``goc``, ``ls2``) towards: ``reuse`` (``[1, 0]``,
             λ = 0) or ``taylor`` (the first-order forecast ``[1 + h, -h]``, λ = h; issue 20: fitted
             coefficients that fall back on the forecast, not on reuse, where the calibration says little).
-            ``scale`` and ``eoc`` shrink towards reuse either way.
+            ``scale`` shrinks towards reuse either way; ``eoc`` has no ridge.
         predictors: names from :data:`PREDICTORS` the cachec solver may use. Plain reuse is always
             available: chosen by the judged error when ``reuse`` is named, else only where no named predictor
             applies (the fallback, e.g. the steps before a unit's second computed output).
@@ -151,8 +151,8 @@ class ErrorModel:
         unknown = [p for p in predictors if p not in PREDICTORS]
         if unknown:
             raise ValueError(f"unknown predictors {unknown}; known: {list(PREDICTORS)}")
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not np.isfinite(ridge) or ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
         if shrink not in SHRINK_TARGETS:
             raise ValueError(f"shrink must be one of {list(SHRINK_TARGETS)}, got {shrink!r}")
         self.cal = cal

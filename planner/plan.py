@@ -104,7 +104,8 @@ class Planner:
     def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
         self.cal = cal
         self.model = ErrorModel(cal, ridge=ridge, predictors=resolve_predictors(predictors))
-        self._models: dict[tuple, ErrorModel] = {self.model.key: self.model}
+        m = self.model
+        self._models: dict[tuple, ErrorModel] = {m.key: m, ("request", m.ridge, tuple(m.predictors), m.shrink): m}
         self._tables: dict[tuple, SegmentTable] = {}
         self._fronts: dict[tuple, Frontier] = {}
 

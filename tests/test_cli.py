@@ -85,8 +85,9 @@ def test_plan_rejects_bad_budget(tmp_path, budget):
 
 
 def test_plan_warmup_interval_predictors_and_no_fill_are_wired(tmp_path):
-    """cachec plan --family warmup [--interval N] --predictors taylor --no-fill on a synthetic calibration: the
-    options reach the planner and are recorded; --interval is refused for the DP families."""
+    """cachec plan --family warmup [--interval N] --predictors taylor --no-fill, --ridge/--shrink on a synthetic
+    calibration: the options reach the planner and are recorded; --interval is refused for the DP families and
+    --shrink outside the fitted set."""
     import numpy as np
 
     from cachec.planner.synthetic import calibration_tensors, save_calibration, synthetic_features
@@ -110,6 +111,13 @@ def test_plan_warmup_interval_predictors_and_no_fill_are_wired(tmp_path):
     assert o["interval"] == 3 and o["fill"] is True and len(o["predictors"]) == 6
     code, text = run("plan", cal, "--budget", "50%", "--family", "step", "--interval", "2", "-o", out, "--overwrite")
     _assert_one_line_error(code, text, "--interval")
+    code, text = run("plan", cal, "--budget", "50%", "--family", "step", "--ridge", "10", "--shrink", "taylor", "-o", out,
+                     "--overwrite")
+    assert code == 0, text
+    o = load_plan(out).budget.options
+    assert (o["ridge"], o["shrink"]) == (10.0, "taylor")
+    code, text = run("plan", cal, "--budget", "50%", "--predictors", "forecast", "--shrink", "taylor", "-o", out, "--overwrite")
+    _assert_one_line_error(code, text, "--predictors fitted")
 
 
 def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):

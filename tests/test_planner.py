@@ -201,6 +201,11 @@ def test_coherent_schedule_error_matches_simulation():
             coeffs.append(c)
             alphas.append(a)
             refs.append(r)
+        if history == "computed":  # before any EOC correction: the trajectory price is exact
+            plain_sched = Schedule(compute=compute.copy(), coeffs=[dict(c) for c in coeffs], eoc_alpha=[{} for _ in range(3)],
+                                   eoc_ref=[{} for _ in range(3)], history=history)
+            assert schedule_error(model, plain_sched, coherence="trajectory") == pytest.approx(
+                brute_schedule_error(feats, cal, plain_sched, prior, "trajectory"), rel=RTOL)
         # one isolated EOC-corrected step on plain reuse (single-step run: exact)
         if history == "computed":
             coeffs[1][3] = (1.0,)
@@ -795,11 +800,35 @@ def test_shrink_towards_the_forecast(synth):
         goal = (a1[TAYLOR][0], a2[TAYLOR][0]) if want is None else want
         for k in (GOC, LS2):
             assert valid[k][0] and (a1[k][0], a2[k][0]) == pytest.approx(goal, abs=1e-6)
-    plain, tuned = ErrorModel(synth), ErrorModel(synth, shrink="reuse")
-    assert all(np.array_equal(x, y) for x, y in zip(plain.fit_candidates(u, s, p, q, has_q), tuned.fit_candidates(u, s, p, q, has_q)))
+    # the default (shrink towards reuse) is the ridge regression towards [1, 0], computed here by hand
+    plain = ErrorModel(synth)
+    U, S = synth.n_units, synth.steps
+    uu, ss, pp, qq = (a.ravel() for a in np.meshgrid(np.arange(U), np.arange(2, S), np.arange(1, S), np.arange(S), indexing="ij"))
+    keep = (pp < ss) & (qq < pp)
+    uu, ss, pp, qq = uu[keep], ss[keep], pp[keep], qq[keep]
+    a1, a2, _, _ = plain.fit_candidates(uu, ss, pp, qq, np.ones_like(uu, dtype=bool))
+    G = plain.G_fit
+    Gsp, Gsq, Gpp, Gpq, Gqq = G[uu, ss, pp], G[uu, ss, qq], G[uu, pp, pp], G[uu, pp, qq], G[uu, qq, qq]
+    rho = plain.ridge * 0.5 * (Gpp + Gqq)
+    lam = (Gsp - Gsq - Gpp + Gpq) / np.maximum(Gpp - 2 * Gpq + Gqq + rho, 1e-300)
+    assert np.array_equal(a1[GOC], 1.0 + lam) and np.array_equal(a2[GOC], -lam)
+    m11, m12, m22, b1, b2 = Gpp + rho, Gpq, Gqq + rho, Gsp + rho, Gsq
+    det = m11 * m22 - m12 * m12
+    ok = det > 1e-12 * m11 * m22
+    assert np.allclose(a1[LS2][ok], ((m22 * b1 - m12 * b2) / det)[ok], rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="shrink must be one of"):
         ErrorModel(synth, shrink="goc")
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="ridge must be a finite number"):
+            ErrorModel(synth, ridge=bad)
     planner = Planner(synth)
+    assert planner.error_model() is planner.model
+    # the same ridge with either target: two models, two plans (the target is part of the cache keys)
+    towards_reuse, _ = planner.plan(0.4, "cachec", family="step", ridge=10.0)
+    towards_taylor, _ = planner.plan(0.4, "cachec", family="step", ridge=10.0, shrink="taylor")
+    assert planner.error_model(ridge=10.0, shrink="taylor").shrink == "taylor"
+    assert planner.error_model(ridge=10.0).shrink == "reuse"
+    assert towards_reuse.predicted_error != towards_taylor.predicted_error
     default, _ = planner.plan(0.4, "cachec", family="step")
     assert "shrink" not in default.budget.options
     shrunk, _ = planner.plan(0.4, "cachec", family="step", ridge=10.0, shrink="taylor")
