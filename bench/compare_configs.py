@@ -161,14 +161,34 @@ def add_to_config(cfg: Config, stored: dict, methods: list[peers.Method], quick:
     return stored
 
 
-def use_stored_choices(cfg: Config, stored: dict) -> None:
-    """Make cachec's stored plan choices (``info.plan_options`` of the ``cachec`` line's points) the ones its
-    plans are rebuilt from, instead of searching again."""
+def _stored_cachec_points(stored: dict) -> Iterator[tuple[float, dict]]:
+    """``(budget rounded to 6 places, info)`` of every stored ``cachec`` point that records its plan options."""
     for e in stored["methods"]:
         if e["method"] == "cachec":
             for r in e["points"]:
                 if (r.get("info") or {}).get("plan_options"):
-                    cfg.ctx.cache[("chosen options", round(float(r["param"]), 6))] = r["info"]["plan_options"]
+                    yield round(float(r["param"]), 6), r["info"]
+
+
+def use_stored_choices(cfg: Config, stored: dict) -> None:
+    """Make cachec's stored plan choices (``info.plan_options`` of the ``cachec`` line's points) the ones the
+    SoftCap line builds its base plans on (:func:`bench.peers.cachec_adaptive.chosen_options`)."""
+    for budget, info in _stored_cachec_points(stored):
+        cfg.ctx.cache[("chosen options", budget)] = info["plan_options"]
+
+
+def _pair_points(pairs: dict, keys, counter: str) -> list[tuple[str, Any, str, str]]:
+    """``(method, param, label, FLOP counter)`` of each distinct point of the headline pairs at ``keys``
+    (:func:`bench.compare_report.headline_pairs`; pairs missing a side are skipped)."""
+    wanted: list[tuple[str, Any, str, str]] = []
+    for key in keys:
+        mine, best = pairs[key]
+        if not (mine and best):
+            continue
+        for name, rec in (("cachec", mine), (best[0], best[1])):
+            if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
+                wanted.append((name, rec["param"], rec["label"], rec.get("flop_counter", counter)))
+    return wanted
 
 
 @contextlib.contextmanager
@@ -226,12 +246,8 @@ def confirm_headline(cfg: Config, methods: list[peers.Method], results: list[dic
 
     if int(cfg.confirm_images) <= len(cfg.eval_conditions):
         return None
-    wanted: list[tuple[str, Any, str, str]] = []
-    for mine, best in headline_pairs({"methods": results}).values():
-        if mine and best:
-            for name, rec in (("cachec", mine), (best[0], best[1])):
-                if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
-                    wanted.append((name, rec["param"], rec["label"], rec.get("flop_counter", cfg.counter)))
+    pairs = headline_pairs({"methods": results})
+    wanted = _pair_points(pairs, list(pairs), cfg.counter)
     if not wanted:
         return None
     by_name = {m.name: m for m in methods}
@@ -330,30 +346,19 @@ def widen_confirmation(cfg: Config, stored: dict, methods: list[peers.Method], t
         images do not reproduce its confirmation within :data:`REPRODUCE_TOL` dB (:func:`prefix_check`);
         cachec's rebuilt plan is not the stored one (:func:`bench.peers.cachec_plans.rebuild_choice`).
     """
-    from bench.compare_report import headline_pairs
+    from bench.compare_report import headline, headline_pairs
 
     conf = stored.get("confirmation")
     if not conf:
         return None
-    for e in stored["methods"]:
-        if e["method"] == "cachec":
-            for r in e["points"]:
-                if (r.get("info") or {}).get("plan_options"):
-                    cfg.ctx.cache[("stored choice", round(float(r["param"]), 6))] = r["info"]
+    for budget, info in _stored_cachec_points(stored):
+        cfg.ctx.cache[("stored choice", budget)] = info
     # from the confirmation's intervals, also when an earlier --widen ran (its pairs are measured again)
-    from bench.compare_report import headline
-
     base = headline({k: v for k, v in stored.items() if k != "wide_confirmation"})
     n, keys = widen_images(base, int(conf["n_images"]), cfg.batch_size, target, cap)
     if not keys or n <= int(conf["n_images"]):
         return None
-    pairs = headline_pairs(stored)
-    wanted: list[tuple[str, Any, str, str]] = []
-    for key in keys:
-        mine, best = pairs[key]
-        for name, rec in (("cachec", mine), (best[0], best[1])):
-            if (name, rec["label"]) not in [(w[0], w[2]) for w in wanted]:
-                wanted.append((name, rec["param"], rec["label"], rec.get("flop_counter", cfg.counter)))
+    wanted = _pair_points(headline_pairs(stored), keys, cfg.counter)
     by_name = {m.name: m for m in methods}
     missing = sorted({w[0] for w in wanted} - set(by_name))
     if missing:

@@ -103,9 +103,10 @@ class Planner:
 
     def __init__(self, cal: Calibration, ridge: float = 1e-3, predictors=PREDICTORS):
         self.cal = cal
-        self.model = ErrorModel(cal, ridge=ridge, predictors=resolve_predictors(predictors))
-        m = self.model
-        self._models: dict[tuple, ErrorModel] = {m.key: m, ("request", m.ridge, tuple(m.predictors), m.shrink): m}
+        preds = resolve_predictors(predictors)
+        self.model = ErrorModel(cal, ridge=ridge, predictors=preds)
+        #: error models by request (ridge, predictor names as asked, shrink target)
+        self._models: dict[tuple, ErrorModel] = {(self.model.ridge, tuple(preds), self.model.shrink): self.model}
         self._tables: dict[tuple, SegmentTable] = {}
         self._fronts: dict[tuple, Frontier] = {}
 
@@ -115,13 +116,13 @@ class Planner:
         Raises:
             ValueError: an unknown predictor name or ``shrink``, a negative ridge.
         """
-        preds = tuple(self.model.predictors) if predictors is None else resolve_predictors(predictors)
+        if predictors is None and ridge is None and shrink is None:
+            return self.model
+        preds = tuple(self.model.predictors) if predictors is None else tuple(resolve_predictors(predictors))
         r = self.model.ridge if ridge is None else float(ridge)
-        target = self.model.shrink if shrink is None else shrink
-        key = ("request", r, preds, target)
+        key = (r, preds, self.model.shrink if shrink is None else shrink)
         if key not in self._models:
-            model = ErrorModel(self.cal, ridge=r, predictors=preds, shrink=target)
-            self._models[key] = self._models.setdefault(model.key, model)
+            self._models[key] = ErrorModel(self.cal, ridge=key[0], predictors=key[1], shrink=key[2])
         return self._models[key]
 
     def table(self, max_staleness: int, model: ErrorModel | None = None) -> SegmentTable:
