@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.study import sampler  # noqa: E402
 from cachec.evaluation import held_out_set  # noqa: E402
 from cachec.loading import load_model  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
@@ -39,10 +40,6 @@ from cachec.shipped import calibrate_reference  # noqa: E402
 PSNR_CAP = 100.0
 SHAPES = ((1, 0), (1, 1), (2, 0))
 SEARCH = (("step", "fitted"), ("step", "taylor"), ("warmup", "fitted"), ("warmup", "taylor"))
-
-
-def _images(driver, conds, seeds, batch=10):
-    return torch.cat([driver.generate(conds[i:i + batch], seeds[i:i + batch]) for i in range(0, len(conds), batch)])
 
 
 def main(argv=None) -> int:
@@ -60,7 +57,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         planner = Planner(load_calibration(str(calibrate_reference(args.model, work / "calib.safetensors"))))
-        reference = _images(driver, conds, seeds)
+        images = sampler(driver)
+        reference = images(conds, seeds)
         for budget in (float(b) for b in args.budgets.split(",")):
             scores = {}
             for name, opts in ([(f"{f}+{p}", dict(family=f, predictors=p)) for f, p in SEARCH]
@@ -73,7 +71,7 @@ def main(argv=None) -> int:
                     continue
                 written = write_plan(plan, work / f"{name}-{round(100 * budget)}.yaml", side or None)
                 with apply(driver, written):
-                    scores[name] = psnr(_images(driver, conds, seeds), reference).clamp(max=PSNR_CAP)
+                    scores[name] = psnr(images(conds, seeds), reference).clamp(max=PSNR_CAP)
                 rows.append({"budget": budget, "plan": name, "realised_flops": plan.budget.realised,
                              "psnr_db": float(scores[name].mean()), "psnr_db_per_image": scores[name].tolist()})
             best = max((n for n in scores if not n.startswith("F")), key=lambda n: float(scores[n].mean()))

@@ -43,6 +43,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.study import sampler  # noqa: E402
 from cachec.calibrate.run import calibrate  # noqa: E402
 from cachec.evaluation import held_out_set  # noqa: E402
 from cachec.loading import load_model  # noqa: E402
@@ -50,11 +51,6 @@ from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E4
 from cachec.refine import SEARCH_FAMILIES, SEARCH_PREDICTORS  # noqa: E402
 from cachec.runtime import apply, write_plan  # noqa: E402
 from cachec.shipped import calibrate_reference, calibration_options  # noqa: E402
-
-
-def _images(driver, conds, seeds, steps, guidance, batch=10):
-    return torch.cat([driver.generate(conds[i:i + batch], seeds[i:i + batch], steps=steps, guidance=guidance)
-                      for i in range(0, len(conds), batch)])
 
 
 def fit_quality(pred, real) -> dict:
@@ -143,9 +139,9 @@ def main(argv=None) -> int:
                     written = write_plan(plan, work / f"{tag}.yaml", side or None)
                     guidance = plan.sampler.guidance.scale
                     if reference is None:
-                        reference = _images(driver, conds, seeds, steps, guidance).double()
+                        reference = sampler(driver, steps, guidance)(conds, seeds).double()
                     with apply(driver, written):
-                        out = _images(driver, conds, seeds, steps, guidance).double()
+                        out = sampler(driver, steps, guidance)(conds, seeds).double()
                     real = float(((out - reference) ** 2).flatten(1).sum(1).mean())
                     row = {"budget": budget, "family": family, "predictors": pset, "realised_flops": plan.budget.realised,
                            "predicted_before": plan.predicted_error, "realised_error": real,

@@ -37,8 +37,10 @@ def study_conditions(driver, n_cal: int, n_eval: int = 20) -> tuple[list, list, 
     return cal, ev, [EVAL_SEED0 + i for i in range(len(ev))]
 
 
-def sampler(driver, steps: int, guidance: float, batch: int = 10) -> Callable[[list, list[int]], torch.Tensor]:
-    """``generate(conditions, seeds)``: the model's images (N, C, H, W) in [0, 1], ``batch`` per call."""
+def sampler(driver, steps: int | None = None, guidance: float | None = None, batch: int = 10
+            ) -> Callable[[list, list[int]], torch.Tensor]:
+    """``generate(conditions, seeds)``: the model's images (N, C, H, W) in [0, 1], ``batch`` per call
+    (``steps``/``guidance`` None: the model's defaults)."""
 
     def generate(conds, seeds):
         return torch.cat([driver.generate(conds[i:i + batch], seeds[i:i + batch], steps=steps, guidance=guidance)
