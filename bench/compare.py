@@ -56,6 +56,7 @@ from bench.compare_configs import run_config  # noqa: E402
 from bench.compare_report import TABLE_BUDGETS, at_budget, headline  # noqa: E402
 from bench.compare_rescore import derive, summary_lines, write_results  # noqa: E402
 from bench.compare_sweeps import Config, log, run_point  # noqa: E402
+from cachec.mask_search import MASK_RUNS  # noqa: E402
 from cachec.runtime.io import to_jsonable  # noqa: E402
 
 # the benchmark's API as `from bench import compare` users (tests/test_bench_peers.py) reach it
@@ -100,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--refine", type=int, default=None,
                     help="trajectory refinements of each of the 2 best first-stage candidates in cachec's plan search "
                          "(default 1; quick 0)")
+    ap.add_argument("--mask-runs", type=int, default=None,
+                    help="validation runs of the mask search, the third stage of cachec's plan search (default "
+                         f"{MASK_RUNS} as cachec compile; quick 0; stored results without the option ran none)")
     ap.add_argument("--confirm-images", type=int, default=None,
                     help="re-measure the headline's points (cachec and the best peer at each budget) on this many "
                          "images for narrower paired intervals (default 100; quick 0 = off)")
@@ -206,6 +210,7 @@ def main(argv=None) -> int:
         "options": {"flop_counter": args.flop_counter, "per_class": per_class, "cal_per_class": cal_per_class, "batch_size": args.batch_size,
                     "sensitivity": sensitivity, "quick": args.quick, "table_budgets": list(TABLE_BUDGETS),
                     "refine": args.refine if args.refine is not None else (0 if args.quick else 1),
+                    "mask_runs": _mask_runs(args),
                     "cachec_budgets": parse_budgets(args.budgets) or [0.25, 0.4, 0.6],
                     "confirm_images": args.confirm_images if args.confirm_images is not None else (0 if args.quick else 100)},
         "configs": configs,
@@ -216,6 +221,12 @@ def main(argv=None) -> int:
     log(f"\nwrote {json_path} and its .md and .png in {results['seconds'] / 60:.1f} min")
     log("\n".join("  " + line for line in summary_lines(results)))
     return 0
+
+
+def _mask_runs(args) -> int:
+    """The mask search's validation runs per cachec budget: ``--mask-runs``, else 0 with ``--quick``, else the
+    default of ``cachec compile`` (:data:`cachec.mask_search.MASK_RUNS`)."""
+    return args.mask_runs if args.mask_runs is not None else (0 if args.quick else MASK_RUNS)
 
 
 def add_main(args, argv) -> int:
@@ -281,6 +292,7 @@ def add_configs(args, todo: list[dict], opts: dict) -> list[dict]:
                          int(opts["batch_size"]), wd, opts["sensitivity"], args.sensitivity_samples)
             cfg.counter = stored.get("flop_counter", opts.get("flop_counter", "fast"))
             cfg.ctx.refine = int(opts.get("refine", 1))
+            cfg.ctx.mask_runs = int(opts.get("mask_runs", 0))
             if args.widen:
                 methods = peers.all_methods(cfg.steps, quick=bool(opts.get("quick")))
                 out.append(widen_config(cfg, stored, methods, args.half_width, args.max_images))
@@ -358,6 +370,7 @@ def run_configs(args, plan_list, out_dir, per_class, cal_per_class, sensitivity)
                              args.sensitivity_samples)
                 cfg.counter = args.flop_counter
                 cfg.ctx.refine = args.refine if args.refine is not None else (0 if args.quick else 1)
+                cfg.ctx.mask_runs = _mask_runs(args)
                 cfg.confirm_images = args.confirm_images if args.confirm_images is not None else (0 if args.quick else 100)
                 methods = peers.all_methods(steps, quick=args.quick, families=args.families,
                                             only=args.methods.split(",") if args.methods else None,

@@ -205,42 +205,82 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
     return PlanRun(reference, candidate, conditions, seeds, result)
 
 
+class Validation:
+    """Closed-loop scores of plans on validation seeds: the uncached reference is sampled once (on first use)
+    and every plan is scored by the PSNR (dB) of the mean squared error over all images against it.
+
+    Args:
+        driver: a :class:`cachec.loading.Driver` for the plans' model.
+        conditions, seeds: validation conditions and seeds (disjoint from calibration and evaluation).
+        steps, guidance: the sampler settings every scored plan must have.
+        batch_size: samples per sampling call.
+    Attributes:
+        runs: number of plans scored so far (each one sampling run of the validation set).
+    """
+
+    def __init__(self, driver, conditions: Sequence, seeds: Sequence[int], steps: int, guidance: float, *,
+                 batch_size: int = 50):
+        self.driver, self.steps, self.guidance = driver, int(steps), float(guidance)
+        conditions, seeds = list(conditions), [int(x) for x in seeds]
+        self.batches = [(conditions[i:i + batch_size], seeds[i:i + batch_size])
+                        for i in range(0, len(conditions), batch_size)]
+        self._reference = None
+        self.runs = 0
+
+    def _sample(self) -> torch.Tensor:
+        return torch.cat([self.driver.generate(c, s, steps=self.steps, guidance=self.guidance)
+                          for c, s in self.batches]).double()
+
+    def score(self, plan) -> float:
+        """PSNR in dB (inf: identical) of the loaded ``plan`` against uncached sampling.
+
+        Raises:
+            ValueError: the plan's steps or guidance differ from this validation's.
+        """
+        from .runtime import apply
+
+        if (plan.sampler.steps, plan.sampler.guidance.scale) != (self.steps, self.guidance):
+            raise ValueError(f"plan samples (steps, guidance) = {(plan.sampler.steps, plan.sampler.guidance.scale)}, "
+                             f"the validation {(self.steps, self.guidance)}")
+        if self._reference is None:
+            self._reference = self._sample()
+        with apply(self.driver, plan):
+            cand = self._sample()
+        self.runs += 1
+        mse = float((cand - self._reference).pow(2).mean())
+        return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
 def choose_plan(driver, candidates: dict, conditions: Sequence, seeds: Sequence[int], *,
-                batch_size: int = 50) -> tuple[str, dict[str, float]]:
+                batch_size: int = 50, validation: Validation | None = None) -> tuple[str, dict[str, float]]:
     """Closed-loop choice among candidate plans: the one closest to uncached sampling on validation seeds.
 
     The planner's predicted error ranks schedules of one family well but can misrank free (per-unit)
     against synchronised schedules (cross-unit error terms are not in the calibration statistics), so the
     main job and the shipped plans pick the family by running each candidate. The uncached reference is
-    generated once; each candidate is scored by the PSNR of the mean squared error over all images.
+    generated once; each candidate is scored by the PSNR of the mean squared error over all images
+    (:class:`Validation`).
 
     Args:
         driver: a :class:`cachec.loading.Driver` for the plans' model.
         candidates: ``{name: loaded Plan}`` (same sampler settings), at least one.
         conditions, seeds: validation conditions and seeds (disjoint from calibration and evaluation).
         batch_size: samples per sampling call.
+        validation: a :class:`Validation` of these conditions and seeds to reuse (its reference is sampled
+            once for several choices); ``driver``, ``conditions``, ``seeds`` and ``batch_size`` are then unused.
     Returns:
         ``(best_name, {name: psnr_db})``; ties go to the first candidate in ``candidates`` order.
     Raises:
         ValueError: no candidates, or candidates with different steps/guidance.
     """
-    from .runtime import apply
-
     if not candidates:
         raise ValueError("choose_plan needs at least one candidate plan")
     settings = {(p.sampler.steps, p.sampler.guidance.scale) for p in candidates.values()}
     if len(settings) != 1:
         raise ValueError(f"candidate plans have different (steps, guidance): {sorted(settings)}")
-    steps, guidance = settings.pop()
-    conditions, seeds = list(conditions), [int(x) for x in seeds]
-    batches = [(conditions[i:i + batch_size], seeds[i:i + batch_size]) for i in range(0, len(conditions), batch_size)]
-    reference = torch.cat([driver.generate(c, s, steps=steps, guidance=guidance) for c, s in batches]).double()
-    scores = {}
-    for name, plan in candidates.items():
-        with apply(driver, plan):
-            cand = torch.cat([driver.generate(c, s, steps=steps, guidance=guidance) for c, s in batches]).double()
-        mse = float((cand - reference).pow(2).mean())
-        scores[name] = float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    if validation is None:
+        validation = Validation(driver, conditions, seeds, *settings.pop(), batch_size=batch_size)
+    scores = {name: validation.score(plan) for name, plan in candidates.items()}
     best = max(scores, key=lambda k: scores[k])
     return best, scores
 

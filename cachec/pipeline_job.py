@@ -6,7 +6,9 @@ Plan search (``family="auto"``, ``refine=2``, :func:`cachec.refine.search_plan`)
 free per-unit schedule, a step-synchronous one, a block-group one and a warm-up + interval one, each with
 the fitted predictors and with the Taylor set; every one of these plans runs closed-loop on *validation*
 seeds (disjoint from the calibration and evaluation seeds), the two best are refined twice along their own
-cached trajectories and scored the same way, and the plan closest to the uncached output wins (predicted
+cached trajectories and scored the same way, the best step-shaped plan's computed steps are moved one at
+a time by a closed-loop local search (:mod:`cachec.mask_search`), and the plan closest to the uncached
+output wins (predicted
 errors rank plans of one family, but error propagation can reorder families and predictor sets:
 docs/planner.md).
 """
@@ -141,6 +143,10 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
                          planner=Planner(load_calibration(calib)), log=log, planned=planned)
     best, candidates = search.best, search.candidates
     if search.validation is not None:
+        ms = search.mask_search
+        if ms is not None:
+            log(f"      mask search from {ms['start']}: {len(ms['moves'])} move(s) in {ms['runs']} validation runs, "
+                f"steps {ms['start_mask']} -> {ms['mask']}")
         log("[3/4] closed-loop check on validation seeds: "
             + ", ".join(f"{c.name} {c.validation_psnr:.2f} dB" for c in candidates) + f" -> {best.name}")
     else:
@@ -152,7 +158,9 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")
     run.result.update(model=driver.name, family=best.family, refine=best.iteration, predictors=best.predictors,
+                      mask_search=search.mask_search,
                       candidates=[{"family": c.family, "predictors": c.predictors, "refine": c.iteration, "path": str(c.path),
+                                   "variant": c.variant,
                                    "realised": c.plan.budget.realised, "validation_psnr": c.validation_psnr}
                                   for c in candidates])
     png = save_png(side_by_side(run.reference, run.cached, ncols=eval_per_class), out / "side_by_side.png")

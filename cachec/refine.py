@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .evaluation import choose_plan
+from .evaluation import Validation, choose_plan
+from .mask_search import MASK_RUNS, search_mask
 from .planner import FAMILIES
 from .runtime.plan import Plan, write_plan
 
@@ -42,6 +43,7 @@ class Candidate:
             (None before, or when the search had a single candidate).
         predictors: the predictor set's name (a key of :data:`cachec.planner.error_model.PREDICTOR_SETS`;
             ``fitted`` also when the plan was given its predictors as a list of names, as :func:`replan` does).
+        variant: ``""``, or ``mask`` for the mask search's plan (:func:`mask_candidate`).
     """
 
     family: str
@@ -52,13 +54,15 @@ class Candidate:
     written: Plan
     validation_psnr: float | None = None
     predictors: str = "fitted"
+    variant: str = ""
 
     @property
     def name(self) -> str:
         """``"{family}/refine{iteration}"`` (``"{family}+{predictors}/refine{iteration}"`` for a predictor set
-        other than ``fitted``), the key of the closed-loop scores."""
+        other than ``fitted``; ``.../{variant}`` instead of ``.../refine{iteration}`` for a variant such as the
+        mask search's ``mask``), the key of the closed-loop scores."""
         tag = self.family if self.predictors == "fitted" else f"{self.family}+{self.predictors}"
-        return f"{tag}/refine{self.iteration}"
+        return f"{tag}/{self.variant}" if self.variant else f"{tag}/refine{self.iteration}"
 
     def write(self, path: str | Path) -> Plan:
         """Write this plan (and its sidecar, named ``<path stem>.eoc.safetensors``) to ``path`` atomically.
@@ -71,8 +75,10 @@ class Candidate:
         return write_plan(self.plan, path, self.sidecar or None)
 
 
-def _candidate(family: str, iteration: int, plan: Plan, sidecar: dict, path: Path, predictors: str = "fitted") -> Candidate:
-    return Candidate(family, iteration, plan, sidecar, path, write_plan(plan, path, sidecar or None), predictors=predictors)
+def _candidate(family: str, iteration: int, plan: Plan, sidecar: dict, path: Path, predictors: str = "fitted",
+               variant: str = "") -> Candidate:
+    return Candidate(family, iteration, plan, sidecar, path, write_plan(plan, path, sidecar or None),
+                     predictors=predictors, variant=variant)
 
 
 def refined_plans(driver, calibration: str | Path, budget: float, *, family: str, iterations: int,
@@ -134,12 +140,13 @@ def refined_plans(driver, calibration: str | Path, budget: float, *, family: str
     return out
 
 
-def choose(driver, candidates: Sequence[Candidate], conditions, seeds) -> Candidate:
+def choose(driver, candidates: Sequence[Candidate], conditions, seeds, validation: Validation | None = None) -> Candidate:
     """The candidate closest to uncached sampling on ``conditions``/``seeds`` (sets ``validation_psnr``).
 
-    Ties go to the first candidate in ``candidates`` order (:func:`cachec.evaluation.choose_plan`).
+    Ties go to the first candidate in ``candidates`` order (:func:`cachec.evaluation.choose_plan`, which
+    reuses ``validation``'s reference when given).
     """
-    pick, scores = choose_plan(driver, {c.name: c.written for c in candidates}, conditions, seeds)
+    pick, scores = choose_plan(driver, {c.name: c.written for c in candidates}, conditions, seeds, validation=validation)
     for c in candidates:
         c.validation_psnr = scores[c.name]
     return next(c for c in candidates if c.name == pick)
@@ -153,11 +160,14 @@ class Search:
         best: the chosen candidate.
         candidates: every candidate, family by family (in ``families`` order), iterations in order.
         validation: ``(conditions, seeds)`` of the closed-loop choice, or None (one candidate: no choice run).
+        mask_search: the third stage's record (:func:`mask_candidate`: ``start``, ``start_mask``, ``mask``,
+            ``moves``, ``runs``, ``psnr_db``), or None where it did not run.
     """
 
     best: Candidate
     candidates: list[Candidate]
     validation: tuple[list, list[int]] | None
+    mask_search: dict | None = None
 
 
 #: schedule families of the plan search: the DP families and the peer-shaped ``warmup`` family
@@ -166,22 +176,65 @@ SEARCH_FAMILIES = FAMILIES + ("warmup",)
 SEARCH_PREDICTORS = ("fitted", "taylor")
 #: candidates of the first stage refined along their own trajectories
 REFINE_TOP = 2
+#: families whose plans are a step mask plus the budget fill: where the mask search starts
+MASK_FAMILIES = ("step", "warmup")
+
+
+def mask_candidate(planner, budget: float, start: Candidate, validation: Validation, workdir: str | Path,
+                   max_runs: int = MASK_RUNS, log: Callable[[str], None] | None = None) -> tuple[Candidate | None, dict]:
+    """The search's third stage: :func:`cachec.mask_search.search_mask` from a first-stage ``step`` or
+    ``warmup`` candidate's mask (its schedule without the fill), with its predictor set.
+
+    Args:
+        planner: the :class:`cachec.planner.Planner` of the uncached calibration ``start`` was made with.
+        budget: FLOPs fraction (0, 1].
+        start: a scored first-stage candidate of a family in :data:`MASK_FAMILIES` (refinement 0).
+        validation: the :class:`cachec.evaluation.Validation` ``start`` was scored on.
+        workdir: folder of the trial plans (``plan-mask-trial.yaml``, rewritten per run) and of the result
+            (``plan-step-{1000·budget}-{predictors}-mask.yaml``).
+        max_runs: validation runs to spend.
+    Returns:
+        ``(candidate, record)``: the ``step`` plan of the best mask found (variant ``mask``, scored), or None
+        when no move beat the start; the record of :attr:`Search.mask_search`.
+    """
+    pset = start.predictors
+    base = planner.schedule(budget, "cachec", family=start.family, predictors=pset, fill=False)
+    mask = [s for s in range(base.compute.shape[1]) if base.compute[:, s].all()]
+    work = Path(workdir)
+
+    def score(m):
+        plan, side = planner.plan(budget, "cachec", family="step", mask=m, predictors=pset)
+        return validation.score(write_plan(plan, work / "plan-mask-trial.yaml", side or None))
+
+    found = search_mask(planner, budget, mask, start.validation_psnr, score, predictors=pset, max_runs=max_runs, log=log)
+    record = {"start": start.name, "start_mask": mask, "mask": found.mask, "moves": found.moves, "runs": found.runs,
+              "psnr_db": found.psnr}
+    if not found.moves:
+        return None, record
+    plan, side = planner.plan(budget, "cachec", family="step", mask=found.mask, predictors=pset)
+    cand = _candidate("step", 0, plan, side, work / f"plan-step-{round(1000 * budget)}-{pset}-mask.yaml",
+                      predictors=pset, variant="mask")
+    cand.validation_psnr = found.psnr
+    return cand, record
 
 
 def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str | Path, calibrate_options: dict,
                 validation, families: Sequence[str] = SEARCH_FAMILIES,
                 predictor_sets: Sequence[str] = SEARCH_PREDICTORS, iterations: int = 2, refine_top: int = REFINE_TOP,
-                method: str = "cachec", planner=None, log: Callable[[str], None] | None = None,
+                mask_runs: int = MASK_RUNS, method: str = "cachec", planner=None,
+                log: Callable[[str], None] | None = None,
                 planned: Callable[[list[Candidate]], None] | None = None) -> Search:
-    """cachec's plan search (docs/planner.md, "The plan search"), in two stages.
+    """cachec's plan search (docs/planner.md, "The plan search"), in three stages.
 
     1. Every (family, predictor set) plan from the uncached calibration (no refinement), scored closed-loop
        on the validation seeds: ``len(families) * len(predictor_sets)`` validation runs.
     2. The ``refine_top`` best of them refined ``iterations`` times along their own cached trajectories
        (:func:`refined_plans`: one trajectory calibration per iterate), the iterates scored the same way:
        ``refine_top * iterations`` more validation runs and trajectory calibrations.
+    3. The mask search (:func:`mask_candidate`) from the best first-stage ``step`` or ``warmup`` plan:
+       at most ``mask_runs`` more validation runs, no calibration.
 
-    The candidate closest to uncached sampling over both stages wins (ties: the earlier one).
+    The candidate closest to uncached sampling over all stages wins (ties: the earlier one).
 
     Args:
         driver: the loaded model (:func:`cachec.loading.load_model`).
@@ -195,6 +248,7 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         predictor_sets: names of :data:`cachec.planner.error_model.PREDICTOR_SETS` (``cachec`` only).
         iterations: refinements of each refined candidate, >= 0 (``cachec`` only).
         refine_top: how many first-stage candidates are refined (>= 0).
+        mask_runs: validation runs of the mask search (0: no third stage; ``cachec`` only).
         method: ``cachec``, or a baseline method (then one candidate, ``workdir/plan.yaml``, no refinement).
         planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse (as :func:`refined_plans`).
         log: progress printer of the refinements.
@@ -225,10 +279,13 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
                                    plan_options={"predictors": pset})
     if planned:
         planned(cands)
-    if len(cands) == 1 and not (iterations and refine_top):
+    shaped = [c for c in cands if c.family in MASK_FAMILIES]
+    if len(cands) == 1 and not (iterations and refine_top) and not (mask_runs and shaped):
         return Search(cands[0], cands, None)
     vconds, vseeds = validation() if callable(validation) else validation
-    best = choose(driver, cands, vconds, vseeds)
+    steps, guidance = cands[0].written.sampler.steps, cands[0].written.sampler.guidance.scale
+    scorer = Validation(driver, vconds, vseeds, steps, guidance)
+    best = choose(driver, cands, vconds, vseeds, scorer)
     if iterations and refine_top:
         ranked = sorted(cands, key=lambda c: -c.validation_psnr)[:int(refine_top)]
         more: list[Candidate] = []
@@ -236,11 +293,16 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
             more += refined_plans(driver, calibration, budget, family=c.family, iterations=iterations, workdir=workdir,
                                   calibrate_options=calibrate_options, planner=planner, log=log,
                                   plan_options={"predictors": c.predictors})[1:]
-        choose(driver, more, vconds, vseeds)
+        choose(driver, more, vconds, vseeds, scorer)
         cands += more
-        top = max(c.validation_psnr for c in cands)
-        best = next(c for c in cands if c.validation_psnr == top)
-    return Search(best, cands, (list(vconds), list(vseeds)))
+    record = None
+    if mask_runs and shaped:
+        start = max(shaped, key=lambda c: c.validation_psnr)
+        found, record = mask_candidate(planner, budget, start, scorer, workdir, mask_runs, log)
+        cands += [found] if found is not None else []
+    top = max(c.validation_psnr for c in cands)
+    best = next(c for c in cands if c.validation_psnr == top)
+    return Search(best, cands, (list(vconds), list(vseeds)), record)
 
 
 def replan_options(options: dict) -> dict:

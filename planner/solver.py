@@ -17,7 +17,7 @@ are larger than the additive error model predicts (cross-unit terms are not in t
 the step family's granularity (one step = 1/S of the FLOPs) cannot meet a budget closely.
 
 Budget fill (``fill=True``, the default for the step and group families): the shared masks leave up to a
-step's (or a group-step's) FLOPs unspent; :func:`fill_segments` then adds single (unit, step) computes into
+step's (or a group-step's) FLOPs unspent; :func:`~cachec.planner.segment_moves.fill_segments` then adds single (unit, step) computes into
 that slack, largest predicted error decrease per FLOP first, so the plan realises its budget to within one
 unit call (docs/planner.md, "Budget fill").
 """
@@ -30,6 +30,7 @@ import numpy as np
 
 from .error_model import EOC, SegmentTable
 from .schedule import Schedule, minimum_computes, round_sig
+from .segment_moves import fill_segments, trim_segments
 
 FAMILIES = ("free", "step", "group")
 #: default number of block groups of the ``group`` family
@@ -334,69 +335,6 @@ def mask_segments(computed, steps: int, max_staleness: int, keep_last: int = 0) 
     return segs
 
 
-def _split_gain(cost: np.ndarray, segs: list[tuple[int, int, int]], j: int, s: int, S: int) -> tuple[float, list]:
-    """Error decrease of computing step s inside segment j of one unit, and the segments after it.
-
-    Segment j = (p, d, r) skips p+1..p+r; computing s in that range splits it into (p, d, s-p-1) and
-    (s, s-p, p+r-s), and the next segment (p', r+1, r') becomes (p', p'-s, r') (its previous computed step
-    is now s). ``cost``: (S, K+2, K+1) segment costs of the unit.
-    """
-    p, d, r = segs[j]
-    new = [(p, d, s - p - 1), (s, s - p, p + r - s)]
-    old_e = cost[p, d, r]
-    new_e = cost[p, d, s - p - 1] + cost[s, s - p, p + r - s]
-    tail = []
-    if j + 1 < len(segs):
-        p2, d2, r2 = segs[j + 1]
-        tail = [(p2, p2 - s, r2)]
-        old_e += cost[p2, d2, r2]
-        new_e += cost[p2, p2 - s, r2]
-    return float(old_e - new_e), segs[:j] + new + tail + segs[j + 1 + len(tail):]
-
-
-def fill_segments(table: SegmentTable, segs_per_unit: list, unit_flops: np.ndarray, slack: float) -> tuple[list, int]:
-    """Add single (unit, step) computes into ``slack`` FLOPs, greedily by predicted error decrease per FLOP.
-
-    Each move computes one skipped step of one unit (:func:`_split_gain` prices it exactly with the
-    segment table: the split run and the re-anchored next run); only moves that lower the predicted
-    error and fit the remaining slack are taken. Run lengths only shrink, so ``max_staleness`` and
-    ``keep_last`` stay satisfied.
-
-    Args:
-        table: the segment table the segments were solved on.
-        segs_per_unit: U lists of segments ``(p, d, r)`` (as :func:`trace` returns them).
-        unit_flops: (U,) FLOPs of one call of each unit.
-        slack: FLOPs available for extra computes (>= 0).
-    Returns:
-        ``(segments, added)``: the new per-unit segment lists and the number of computes added.
-    """
-    S = table.cost.shape[1]
-    segs = [list(x) for x in segs_per_unit]
-    flops = np.asarray(unit_flops, dtype=np.float64)
-
-    def best_move(u):
-        out = (0.0, None)
-        for j, (p, _d, r) in enumerate(segs[u]):
-            for s in range(p + 1, p + r + 1):
-                g, new = _split_gain(table.cost[u], segs[u], j, s, S)
-                if np.isfinite(g) and g > out[0]:
-                    out = (g, new)
-        return out
-
-    moves = [best_move(u) for u in range(len(segs))]
-    added = 0
-    while True:
-        ratio = [g / flops[u] if new is not None and flops[u] <= slack and flops[u] > 0 else -np.inf
-                 for u, (g, new) in enumerate(moves)]
-        u = int(np.argmax(ratio))
-        if not np.isfinite(ratio[u]):
-            return segs, added
-        segs[u] = moves[u][1]
-        slack -= flops[u]
-        added += 1
-        moves[u] = best_move(u)
-
-
 def _schedule_from_segments(table: SegmentTable, segs_per_unit, S: int, options: dict) -> Schedule:
     U = len(segs_per_unit)
     compute = np.zeros((U, S), dtype=bool)
@@ -445,7 +383,9 @@ def solve(
             shared masks leave unspent (:func:`fill_segments`; recorded as ``options.fill``). Ignored
             by the free family, whose allocation already fills the budget per unit.
         mask: for the step family only: the computed steps (indices) instead of the DP's choice
-            (:func:`mask_segments`; recorded as ``options.mask``); the budget must cover them.
+            (:func:`mask_segments`; recorded as ``options.mask``). A mask that costs more than the budget
+            is trimmed (:func:`~cachec.planner.segment_moves.trim_segments`: its least useful (unit, step)
+            computes skipped, recorded as ``options.trimmed``) instead of filled.
         always: for the step family only: (U,) bool, units computed at every step (the Fn/Bn blocks of
             FBCache/DBCache, :func:`edge_blocks`); the shared mask and its DP cover the other units.
     Returns:
@@ -511,12 +451,21 @@ def _solve_step(table, unit_flops, full_step, fixed_step, budget, cap, minb, opt
     total = float(unit_flops[~on].sum())
     if mask is not None:
         segs = mask_segments(mask, S, K, keep_last)
-        if len(segs) * total > cap_rest:
-            need = len(segs) * total + S * float(unit_flops[on].sum())
-            raise ValueError(f"the mask computes {len(segs)} of {S} steps: "
-                             f"{(need + S * fixed_step) / (S * full_step):.6g} of a full run, over the budget {budget:.6g}")
         options["mask"] = [p for p, _, _ in segs]
-        return _finish(table, [full if on[u] else segs for u in range(U)], unit_flops, cap, S, options, fill)
+        per_unit = [full if on[u] else segs for u in range(U)]
+        excess = len(segs) * total - cap_rest
+        if excess > 0:  # the mask costs more than the budget: skip its least useful (unit, step) computes
+            if on.any():
+                raise ValueError(f"the mask computes {len(segs)} of {S} steps, over the budget {budget:.6g} "
+                                 "with the always-computed (fn_bn) blocks; give fewer steps")
+            try:
+                per_unit, removed = trim_segments(table, per_unit, unit_flops, excess, keep_last)
+            except ValueError as exc:
+                raise ValueError(f"the mask computes {len(segs)} of {S} steps, over the budget {budget:.6g}, "
+                                 f"and {exc}; give fewer steps or raise max_staleness") from None
+            options["trimmed"] = int(removed)
+            return _schedule_from_segments(table, per_unit, S, options)
+        return _finish(table, per_unit, unit_flops, cap, S, options, fill)
     if front is None or on.any():
         front = frontier(table.cost[~on].sum(axis=0, keepdims=True), keep_last)
     nmax = S if total <= 0 else int(min(S, np.floor(max(cap_rest, 0.0) / total + 1e-9)))

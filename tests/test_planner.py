@@ -20,6 +20,7 @@ from cachec.planner.calibration import calibration_from_tensors
 from cachec.runtime.plan import Plan, load_plan, write_plan
 from cachec.planner.error_model import EOC, LS2, PREDICTORS, eoc_error, predictor_error
 from cachec.planner.blocks import block_groups
+from cachec.planner.schedule import realised_fraction
 from cachec.planner.solver import allocate
 from cachec.planner.synthetic import (
     calibration_from_features, calibration_tensors, save_calibration, synthetic_calibration, synthetic_features,
@@ -366,8 +367,15 @@ def test_step_mask_option_runs_the_given_steps():
         planner.schedule(1.0, "cachec", family="step", mask=[1, 3])
     with pytest.raises(ValueError, match="max_staleness=3"):
         planner.schedule(1.0, "cachec", family="step", mask=[0, 5], max_staleness=3)
-    with pytest.raises(ValueError, match="over the budget"):
-        planner.schedule(0.3, "cachec", family="step", mask=[0, 1, 2, 3, 4, 5, 6])
+    # a mask over the budget is trimmed: its least useful (unit, step) computes skipped until it fits
+    full_mask = [0, 1, 2, 3, 4, 5, 6]
+    trimmed = planner.schedule(0.5, "cachec", family="step", mask=full_mask, max_staleness=3)
+    r = realised_fraction(trimmed.compute, planner.cal.unit_flops, planner.cal.full_step_flops, planner.cal.fixed_step_flops)
+    assert 0.5 - max(planner.cal.unit_flops) / (7 * planner.cal.full_step_flops) < r <= 0.5
+    assert trimmed.options["mask"] == full_mask and trimmed.options["trimmed"] > 0 and "fill" not in trimmed.options
+    assert trimmed.compute[:, 0].all() and not trimmed.compute.all()
+    at_min = planner.schedule(0.5918368, "cachec", family="step", mask=full_mask, max_staleness=1)  # the minimum
+    assert (at_min.compute.sum(axis=1) == 4).all()
     with pytest.raises(ValueError, match="only used by family 'step'"):
         planner.schedule(1.0, "cachec", family="free", mask=[0, 2])
 

@@ -59,7 +59,7 @@ def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
 
     seen = []
     search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=validation,
-                         families=("free", "step"), predictor_sets=("fitted",), iterations=0,
+                         families=("free", "step"), predictor_sets=("fitted",), iterations=0, mask_runs=0,
                          planned=lambda cands: seen.append(len(cands)))
     assert [c.name for c in search.candidates] == ["free/refine0", "step/refine0"] and seen == [2] and asked == [1]
     assert search.validation == ([5, 6, 7], [100, 101, 102])
@@ -87,7 +87,8 @@ def test_two_stage_search_refines_the_best_first_stage_candidates(tiny_digits, b
     winner is the best score of both stages, and a refined Taylor-set warm-up plan is rebuilt from its options."""
     val = ([5, 6, 7], [100, 101, 102])
     search = search_plan(tiny_digits, base, 0.5, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
-                         families=("free", "warmup"), predictor_sets=("fitted", "taylor"), iterations=1, refine_top=1)
+                         families=("free", "warmup"), predictor_sets=("fitted", "taylor"), iterations=1, refine_top=1,
+                         mask_runs=0)
     first = search.candidates[:4]
     assert [c.name for c in first] == ["free/refine0", "free+taylor/refine0", "warmup/refine0", "warmup+taylor/refine0"]
     top = max(first, key=lambda c: c.validation_psnr)
@@ -104,3 +105,25 @@ def test_two_stage_search_refines_the_best_first_stage_candidates(tiny_digits, b
     r = refined[0]
     again, _ = replan(tiny_digits, base, 0.5, r.plan.budget.options, tmp_path / "again", OPTS)
     assert [u.actions for u in again.units] == [u.actions for u in r.plan.units]
+
+
+def test_mask_search_stage_moves_the_best_step_shaped_mask(tiny_digits, base, tmp_path):
+    """Stage 3 starts from the best first-stage step/warmup plan; a mask it keeps scored above that plan on the
+    same validation images (re-scored identically), stays within the budget and is rebuilt from its options."""
+    val = ([5, 6, 7], [100, 101, 102])
+    search = search_plan(tiny_digits, base, 0.5, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
+                         families=("free", "step", "warmup"), predictor_sets=("fitted",), iterations=0, mask_runs=6)
+    ms = search.mask_search
+    first = search.candidates[:3]
+    start = max((c for c in first if c.family in ("step", "warmup")), key=lambda c: c.validation_psnr)
+    assert ms["start"] == start.name and 1 <= ms["runs"] <= 6
+    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    if not ms["moves"]:
+        assert len(search.candidates) == 3 and ms["mask"] == ms["start_mask"]
+        return
+    found = search.candidates[3]
+    assert found.name == "step/mask" and found.validation_psnr == ms["psnr_db"] > start.validation_psnr + 0.05
+    assert found.plan.budget.realised <= 0.5 and found.plan.budget.options["mask"] == ms["mask"]
+    assert choose(tiny_digits, [found], *val).validation_psnr == ms["psnr_db"]  # same ops, same shapes
+    again, _ = replan(tiny_digits, base, 0.5, found.plan.budget.options, tmp_path / "again", OPTS)
+    assert [u.actions for u in again.units] == [u.actions for u in found.plan.units]

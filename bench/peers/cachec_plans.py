@@ -97,12 +97,14 @@ def _planner(ctx: BenchContext):
 def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tuple[object, dict, dict]:
     """cachec's shipped procedure (``cachec compile``, :func:`cachec.refine.search_plan`): solve every
     schedule family with every predictor set, refine the best two ``ctx.refine`` times along their own cached
-    trajectories (on the calibration samples), keep the plan closest to uncached sampling on validation seeds
+    trajectories (on the calibration samples), search the best step-shaped plan's mask closed-loop
+    (:func:`cachec.refine.mask_candidate`), keep the plan closest to uncached sampling on validation seeds
     (``VALIDATION_SEED``, disjoint from the calibration and evaluation seeds). Candidates are written under
     ``<path stem>-candidates/``.
 
     Returns:
-        ``(plan, sidecar, {"chosen", "predictors", "refine", "name", "validation_psnr_db", "validation_images"})``: the chosen
+        ``(plan, sidecar, {"chosen", "predictors", "refine", "name", "validation_psnr_db", "validation_images",
+        "mask_search"})``: the chosen
         :class:`cachec.runtime.plan.Plan` (not yet written to ``path``), its EOC tensors and the choice.
     """
     from cachec.evaluation import VALIDATION_SEED, validation_set
@@ -117,12 +119,13 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
     opts = dict(conditions=list(ctx.calib_conditions), samples_per_condition=1, steps=ctx.steps, guidance=ctx.guidance,
                 seed=int(ctx.calib_seeds[0]), batch_size=ctx.batch_size)
     search = search_plan(ctx.driver, calib, budget, workdir=path.parent / f"{path.stem}-candidates",
-                         calibrate_options=opts, validation=validation, iterations=ctx.refine, planner=planner)
+                         calibrate_options=opts, validation=validation, iterations=ctx.refine, planner=planner,
+                         mask_runs=ctx.mask_runs)
     best = search.best
     return best.plan, best.sidecar, {
         "chosen": best.family, "predictors": best.predictors, "refine": best.iteration, "name": best.name,
         "validation_psnr_db": {c.name: c.validation_psnr for c in search.candidates},
-        "validation_images": len(validation()[0]),
+        "validation_images": len(validation()[0]), "mask_search": search.mask_search,
     }
 
 
@@ -177,8 +180,9 @@ class PlanMethod(Method):
         self.settings = {"planner_method": method, **options}
         if choose_family:
             self.settings["family"] = ("free/step/group/warmup x fitted/taylor predictors, the best two refined along "
-                                       "their own trajectories, chosen closed-loop on validation seeds (as cachec "
-                                       "compile does: cachec.refine.search_plan)")
+                                       "their own trajectories, the best step-shaped plan's mask searched, chosen "
+                                       "closed-loop on validation seeds (as cachec compile does: "
+                                       "cachec.refine.search_plan)")
 
     def prepare(self, ctx: BenchContext) -> None:
         _planner(ctx)

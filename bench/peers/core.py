@@ -43,6 +43,7 @@ class BenchContext:
         sensitivity_samples: samples of cachec's sensitivity probes.
         validation_per_class: validation samples per class of cachec's closed-loop family choice.
         refine: trajectory refinements per family of cachec's plan search.
+        mask_runs: validation runs of the mask search, the plan search's third stage (0: none).
         log: progress printer.
         cache: per-configuration results shared between methods (the calibration file, MagCache ratios).
         module_order: the transformer's module paths in ``named_modules()`` order when the context was made
@@ -60,6 +61,7 @@ class BenchContext:
     sensitivity_samples: int = 4
     validation_per_class: int = 2
     refine: int = 1
+    mask_runs: int = 0
     log: Callable[[str], None] = print
     cache: dict = field(default_factory=dict)
     module_order: list = field(init=False, default_factory=list)

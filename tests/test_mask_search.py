@@ -1,0 +1,63 @@
+"""The closed-loop step-mask search (cachec/mask_search.py): its neighbours are valid one-move masks, it
+climbs a score to its best mask within its run budget, takes only moves that gain more than ``min_gain``,
+and every trial plan stays within the budget (masks over it are trimmed, under it filled)."""
+
+import pytest
+
+from cachec.mask_search import neighbours, search_mask
+from cachec.planner import Planner
+from cachec.planner.schedule import realised_fraction
+from cachec.planner.synthetic import synthetic_calibration
+
+
+@pytest.fixture(scope="module")
+def planner():
+    return Planner(synthetic_calibration(blocks=4, steps=12, seed=0))
+
+
+def test_neighbours_are_the_valid_one_move_masks():
+    got = neighbours([0, 3, 6, 9], steps=12, max_staleness=3)
+    assert [0, 3, 6, 9] not in got and len({tuple(m) for m in got}) == len(got)
+    assert [0, 2, 6, 9] in got and [0, 4, 6, 9] in got and [0, 3, 6, 10] in got  # shifts
+    assert [0, 3, 6, 9, 11] in got and [0, 1, 3, 6, 9] in got  # additions
+    assert [0, 3, 6] not in got  # dropping 9 leaves steps 7..11 skipped: a run of 5 > max_staleness
+    assert [0, 3, 9] not in got and [0, 6, 9] not in got  # runs of 5
+    assert all(m[0] == 0 and m == sorted(m) for m in got)
+    # keep_last: the last step stays computed, so it is neither shifted nor dropped
+    kept = neighbours([0, 4, 8, 11], steps=12, max_staleness=4, keep_last=1)
+    assert all(m[-1] == 11 for m in kept) and [0, 4, 8] not in kept
+
+
+def test_search_climbs_to_the_best_mask_within_its_runs(planner):
+    target = [0, 2, 4, 7, 10]
+    scores = []
+
+    def score(m):  # closer to the target mask scores higher (a stand-in for validation PSNR)
+        plan, _ = planner.plan(0.45, "cachec", family="step", mask=m)
+        assert plan.budget.realised <= 0.45  # trimmed or filled into the budget
+        scores.append(m)
+        return -float(len(set(m) ^ set(target)))
+
+    start = [0, 3, 6, 9]
+    out = search_mask(planner, 0.45, start, score(start), score, max_runs=60, width=3)
+    assert out.mask == target and out.psnr == 0.0 and out.moves[-1] == target
+    assert out.runs == len(out.tried) == len(scores) - 1 <= 60
+    assert len({tuple(m) for m, _ in out.tried}) == out.runs  # no mask scored twice
+    # a run budget stops it early; a gain threshold above every gain takes no move
+    few = search_mask(planner, 0.45, start, -7.0, score, max_runs=2, width=3)
+    assert few.runs == 2
+    none = search_mask(planner, 0.45, start, -7.0, score, max_runs=10, width=3, min_gain=5.0)
+    assert none.moves == [] and none.mask == start and none.psnr == -7.0 and none.runs == 10
+    with pytest.raises(ValueError, match="max_runs"):
+        search_mask(planner, 0.45, start, 0.0, score, max_runs=-1)
+
+
+def test_a_mask_over_the_budget_is_trimmed_by_least_error_per_flop(planner):
+    cal = planner.cal
+    sched = planner.schedule(0.45, "cachec", family="step", mask=list(range(12)), max_staleness=3)
+    r = realised_fraction(sched.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops)
+    assert 0.45 - max(cal.unit_flops) / (12 * cal.full_step_flops) < r <= 0.45 and sched.options["trimmed"] > 0
+    assert sched.compute[:, 0].all() and (sched.compute[:, 1:].sum(axis=1) > 0).all()
+    # only computes of the mask are skipped: a mask without step 5 never computes it
+    part = planner.schedule(0.45, "cachec", family="step", mask=[s for s in range(12) if s != 5], max_staleness=3)
+    assert not part.compute[:, 5].any()
