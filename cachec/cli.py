@@ -12,6 +12,7 @@ from . import __version__
 from .cli_common import (USER_ERRORS, condition_options, conditions, device_dtype_options, device_option,  # noqa: F401
                          dtype_option, friendly, check_output, output_folder, parse_resolution, resolution_flag)
 from .cli_export import export
+from .mask_search import MASK_RUNS
 from .cli_sampling import eval_, run, sample, write_json
 
 
@@ -269,12 +270,14 @@ def inspect(plan_file, png):
 @resolution_flag
 @click.option("--refine", type=click.IntRange(min=0), default=2, show_default=True,
               help="cachec: re-calibrations along each plan's own cached trajectory (each iterate is a candidate).")
+@click.option("--mask-runs", type=click.IntRange(min=0), default=MASK_RUNS, show_default=True,
+              help="cachec: validation runs of the step-mask search after the refinements (0 = none).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="cachec-out", show_default=True)
 @friendly
 def compile_(model, budget, method, family, samples_per_condition, per_class, classes, prompt, prompts_file, resolution,
-             refine, out_dir):
+             refine, mask_runs, out_dir):
     """The main job: calibrate MODEL, plan at BUDGET (schedule families, refined along their own cached
-    trajectories, chosen closed-loop on validation seeds), evaluate against uncached sampling on held-out seeds.
+    trajectories, the best step mask searched, chosen closed-loop on validation seeds), evaluate against uncached sampling on held-out seeds.
 
     Writes OUT_DIR/calib.safetensors, plan.yaml, eval.json and side_by_side.png (uncached | cached) and
     prints one table. Calibration and validation use the conditions given (--classes, default all classes or
@@ -287,7 +290,7 @@ def compile_(model, budget, method, family, samples_per_condition, per_class, cl
     b = parse_budget(budget)
     size = parse_resolution(resolution)
     job = run_job(model, b, out_dir, method=method, family=family, samples_per_condition=samples_per_condition,
-                  eval_per_class=per_class, refine=refine, log=lambda m: click.echo(m, err=True),
+                  eval_per_class=per_class, refine=refine, mask_runs=mask_runs, log=lambda m: click.echo(m, err=True),
                   conditions=lambda driver: conditions(driver, classes, prompt, prompts_file), resolution=size)
     click.echo(job_table(job.result))
     click.echo(f"plan -> {job.plan}; side-by-side (uncached | cached) -> {job.side_by_side}")

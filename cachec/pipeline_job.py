@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .evaluation import (EVAL_SEED, VALIDATION_SEED, check_calibration_conditions, evaluate_plan, held_out_prompts,
                          spread)
+from .mask_search import MASK_RUNS
 from .refine import search_plan
 
 
@@ -59,7 +60,7 @@ def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: i
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
             method: str = "cachec", family: str = "auto", samples_per_condition: int | None = None,
             eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "auto",
-            refine: int = 2, progress: bool = True, log=print, conditions=None,
+            refine: int = 2, mask_runs: int = MASK_RUNS, progress: bool = True, log=print, conditions=None,
             resolution: tuple[int, int] | None = None) -> JobResult:
     """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
 
@@ -83,6 +84,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         refine: trajectory refinements of each of the best first-stage candidates (:mod:`cachec.refine`);
             every iterate is a candidate of the closed-loop choice (cachec only; 0 = plans from the uncached
             calibration only).
+        mask_runs: validation runs of the mask search, the plan search's third stage (cachec only; 0 = none).
         log: where progress lines go.
 
     Returns:
@@ -139,7 +141,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
 
     search = search_plan(driver, calib, budget, workdir=out / "candidates", calibrate_options=cal_opts,
                          validation=lambda: _seeded(spread(conditions, validation_per_class * n_cond), VALIDATION_SEED),
-                         families=families, iterations=refine, method=method,
+                         families=families, iterations=refine, mask_runs=mask_runs, method=method,
                          planner=Planner(load_calibration(calib)), log=log, planned=planned)
     best, candidates = search.best, search.candidates
     if search.validation is not None:
