@@ -160,6 +160,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     log(f"[4/4] evaluating on {len(conds)} held-out samples (seeds {EVAL_SEED}+), uncached vs cached")
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")
     run.result.update(model=driver.name, family=best.family, refine=best.iteration, predictors=best.predictors,
+                      variant=best.variant,
                       mask_search=search.mask_search,
                       candidates=[{"family": c.family, "predictors": c.predictors, "refine": c.iteration, "path": str(c.path),
                                    "variant": c.variant,

@@ -135,15 +135,19 @@ def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):
     plan = load_plan(out / "plan.yaml")
     assert result["family"] == plan.budget.options["family"] in ("free", "step", "group", "warmup")
     cands = result["candidates"]
-    first = {(c["family"], c["predictors"]) for c in cands if c["refine"] == 0}
+    first = {(c["family"], c["predictors"]) for c in cands if c["refine"] == 0 and not c["variant"]}
     assert first == {(f, p) for f in ("free", "step", "group", "warmup") for p in ("fitted", "taylor")}
     refined = [c for c in cands if c["refine"] > 0]  # the 2 best first-stage plans, 2 refinements each
     assert sorted(c["refine"] for c in refined) == [1, 1, 2, 2]
     assert {(c["family"], c["predictors"]) for c in refined} <= first
+    # stage 3: the mask search from the best step/warmup plan, at most 16 validation runs, one candidate if it moved
+    ms, masked = result["mask_search"], [c for c in cands if c["variant"] == "mask"]
+    assert 1 <= ms["runs"] <= 16 and len(masked) == (1 if ms["moves"] else 0)
+    assert all(c["family"] == "step" and c["validation_psnr"] == ms["psnr_db"] for c in masked)
     assert plan.budget.options.get("refine", 0) == result["refine"]
-    key = (result["family"], result["predictors"], result["refine"])
+    key = (result["family"], result["predictors"], result["refine"], result["variant"])
     assert max(c["validation_psnr"] for c in cands) == next(
-        c["validation_psnr"] for c in cands if (c["family"], c["predictors"], c["refine"]) == key)
+        c["validation_psnr"] for c in cands if (c["family"], c["predictors"], c["refine"], c["variant"]) == key)
     assert len(list((out / "candidates").glob("calib-*-along-r*.safetensors"))) == 4
     assert 0.49 <= plan.budget.realised <= 0.5
     assert abs(result["flops_fraction"] - plan.budget.realised) < 0.01  # counted FLOPs agree with the plan
