@@ -164,6 +164,7 @@ def main(argv=None) -> int:
         RuntimeError: a worker process failed. Errors of single methods are recorded, not raised.
     """
     args = parse_args(argv)
+    _mask_runs(args)  # refuses a negative --mask-runs before any work
     if args.add and args.widen:
         raise SystemExit("--add and --widen are separate runs: give one of them")
     if args.add or args.widen:
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
 def _mask_runs(args) -> int:
     """The mask search's validation runs per cachec budget: ``--mask-runs``, else 0 with ``--quick``, else the
     default of ``cachec compile`` (:data:`cachec.mask_search.MASK_RUNS`)."""
+    if args.mask_runs is not None and args.mask_runs < 0:
+        raise SystemExit(f"--mask-runs must be >= 0 (validation runs of the mask search), got {args.mask_runs}")
     return args.mask_runs if args.mask_runs is not None else (0 if args.quick else MASK_RUNS)
 
 

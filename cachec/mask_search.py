@@ -120,8 +120,15 @@ def search_mask(planner, budget: float, start: list[int], start_psnr: float, sco
     out = MaskSearch(sorted(start), float(start_psnr), 0)
     tried = {tuple(out.mask)}
     while out.runs < max_runs:
-        ranked = [m for m in neighbours(out.mask, S, K, keep_last) if tuple(m) not in tried]
-        ranked.sort(key=price)
+        priced = []
+        for m in neighbours(out.mask, S, K, keep_last):
+            if tuple(m) in tried:
+                continue
+            try:
+                priced.append((price(m), m))
+            except ValueError:  # a mask the planner cannot fit into the budget (the trim refuses it): not a move
+                tried.add(tuple(m))
+        ranked = [m for _, m in sorted(priced, key=lambda x: x[0])]
         moved = False
         while ranked and out.runs < max_runs and not moved:
             batch, ranked = ranked[:min(width, max_runs - out.runs)], ranked[width:]

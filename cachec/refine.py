@@ -190,8 +190,8 @@ def mask_candidate(planner, budget: float, start: Candidate, validation: Validat
         budget: FLOPs fraction (0, 1].
         start: a scored first-stage candidate of a family in :data:`MASK_FAMILIES` (refinement 0).
         validation: the :class:`cachec.evaluation.Validation` ``start`` was scored on.
-        workdir: folder of the trial plans (``plan-mask-trial.yaml``, rewritten per run) and of the result
-            (``plan-step-{1000·budget}-{predictors}-mask.yaml``).
+        workdir: folder of the trial plans (``plan-mask-trial.yaml``, rewritten per run and removed at the
+            end) and of the result (``plan-step-{1000·budget}-{predictors}-mask.yaml``).
         max_runs: validation runs to spend.
     Returns:
         ``(candidate, record)``: the ``step`` plan of the best mask found (variant ``mask``, scored), or None
@@ -207,6 +207,8 @@ def mask_candidate(planner, budget: float, start: Candidate, validation: Validat
         return validation.score(write_plan(plan, work / "plan-mask-trial.yaml", side or None))
 
     found = search_mask(planner, budget, mask, start.validation_psnr, score, predictors=pset, max_runs=max_runs, log=log)
+    for trial in ("plan-mask-trial.yaml", "plan-mask-trial.eoc.safetensors"):  # the last trial, not a candidate
+        (work / trial).unlink(missing_ok=True)
     record = {"start": start.name, "start_mask": mask, "mask": found.mask, "moves": found.moves, "runs": found.runs,
               "psnr_db": found.psnr}
     if not found.moves:

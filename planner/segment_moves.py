@@ -113,7 +113,11 @@ def trim_segments(table, segs_per_unit: list, unit_flops: np.ndarray, excess: fl
     Returns:
         ``(segments, removed)``: the new per-unit segment lists and the number of computes skipped.
     Raises:
-        ValueError: no further compute can be skipped (every run at ``max_staleness``) before ``excess`` is saved.
+        ValueError: the greedy skips reach a schedule where skipping any further compute would make a run
+            longer than ``max_staleness`` (or touch step 0 / the last ``keep_last`` steps) before ``excess``
+            is saved. A schedule with fewer computes may still exist (e.g. ``C..C.C..C.C.`` at
+            ``max_staleness=2`` holds 5 computes where ``C..C..C..C..`` needs 4): the trim does not
+            rearrange computes, so give a mask with fewer steps.
     """
     S = table.cost.shape[1]
     K = table.max_staleness
@@ -136,7 +140,8 @@ def trim_segments(table, segs_per_unit: list, unit_flops: np.ndarray, excess: fl
         ratio = [loss / flops[u] if new is not None and flops[u] > 0 else np.inf for u, (loss, new) in enumerate(moves)]
         u = int(np.argmin(ratio))
         if moves[u][1] is None:
-            raise ValueError(f"cannot skip {excess:.6g} more FLOPs: every remaining run is at max_staleness={K}")
+            raise ValueError(f"the trim cannot skip {excess:.6g} more FLOPs without a run of more than "
+                             f"max_staleness={K} skipped steps")
         segs[u] = moves[u][1]
         excess -= flops[u]
         removed += 1

@@ -462,7 +462,7 @@ def _solve_step(table, unit_flops, full_step, fixed_step, budget, cap, minb, opt
                 per_unit, removed = trim_segments(table, per_unit, unit_flops, excess, keep_last)
             except ValueError as exc:
                 raise ValueError(f"the mask computes {len(segs)} of {S} steps, over the budget {budget:.6g}, "
-                                 f"and {exc}; give fewer steps or raise max_staleness") from None
+                                 f"and {exc}; give a mask with fewer steps") from None
             options["trimmed"] = int(removed)
             return _schedule_from_segments(table, per_unit, S, options)
         return _finish(table, per_unit, unit_flops, cap, S, options, fill)

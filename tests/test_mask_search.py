@@ -61,3 +61,25 @@ def test_a_mask_over_the_budget_is_trimmed_by_least_error_per_flop(planner):
     # only computes of the mask are skipped: a mask without step 5 never computes it
     part = planner.schedule(0.45, "cachec", family="step", mask=[s for s in range(12) if s != 5], max_staleness=3)
     assert not part.compute[:, 5].any()
+
+
+def test_a_neighbour_the_planner_refuses_is_skipped_and_a_stuck_trim_says_why():
+    """The greedy trim cannot rearrange computes, so a mask it cannot fit is refused with a message that says
+    so (not a false 'every run at max_staleness'); the mask search skips such neighbours instead of dying."""
+    stuck = Planner(synthetic_calibration(blocks=3, steps=12, seed=0))
+    with pytest.raises(ValueError, match=r"the trim cannot skip .* max_staleness=2 .*give a mask with fewer steps"):
+        stuck.schedule(0.3837, "cachec", family="step", mask=list(range(12)), max_staleness=2)
+    pl = Planner(synthetic_calibration(blocks=2, steps=20, seed=0, samples=4, dim=8))
+    b = 0.155
+    st = pl.schedule(b, "cachec", family="step", fill=False)
+    start = [s for s in range(20) if st.compute[:, s].all()]
+    scored = []
+
+    def score(m):  # more computed steps score higher: the search keeps adding steps until the trim refuses
+        plan, _ = pl.plan(b, "cachec", family="step", mask=m)
+        assert plan.budget.realised <= b
+        scored.append(m)
+        return float(len(m)) + 1e-3 * sum(m)
+
+    out = search_mask(pl, b, start, 0.0, score, max_runs=30, width=4)
+    assert out.runs == len(scored) == 30 and len(out.mask) > len(start)

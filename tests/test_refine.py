@@ -117,6 +117,7 @@ def test_mask_search_stage_moves_the_best_step_shaped_mask(tiny_digits, base, tm
     first = search.candidates[:3]
     start = max((c for c in first if c.family in ("step", "warmup")), key=lambda c: c.validation_psnr)
     assert ms["start"] == start.name and 1 <= ms["runs"] <= 6
+    assert not (tmp_path / "s" / "plan-mask-trial.yaml").exists()  # the last trial is not left behind
     assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
     if not ms["moves"]:
         assert len(search.candidates) == 3 and ms["mask"] == ms["start_mask"]
