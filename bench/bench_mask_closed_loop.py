@@ -5,7 +5,8 @@ search_mask` moves one computed step at a time, scored on the benchmark's valida
 :func:`cachec.evaluation.validation_set` with 2 per class or 20 calibration prompts, seeds 500000+). The start
 and the mask found are then sampled on ``--test`` held-out images (seeds 1000000+) against uncached sampling,
 with the paired 95 % bootstrap interval of found − start (:func:`cachec.metrics.paired_difference`);
-``--mask`` adds fixed masks to the same comparison.
+``--mask`` adds fixed masks to the same comparison; ``--random-order SEED`` scores the neighbours in a
+random order instead of by price (how far a validation gain carries over to held-out images).
 
 The calibration is the studies' (:func:`bench.study.study_calibration`: ``--cal`` conditions, one sample
 each, factored sensitivity on 4 samples), the benchmark's settings.
@@ -18,6 +19,7 @@ Usage (≈ 4 min on one thread for digits-mmdit, 16 runs, 100 test images)::
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import time
@@ -42,6 +44,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=MASK_RUNS, help=f"validation runs (default {MASK_RUNS}, as compile)")
     ap.add_argument("--test", type=int, default=100, help="held-out test images")
     ap.add_argument("--mask", action="append", default=[], help="a fixed mask to compare too, e.g. 0,1,3,5 (repeatable)")
+    ap.add_argument("--random-order", type=int, default=None, metavar="SEED",
+                    help="score the neighbours in a random order (this seed) instead of by price: how much of a "
+                         "validation gain is the validation set's noise")
     args = ap.parse_args(argv)
     st = open_study(args)
     driver, b, pset = st.driver, args.budget, args.predictors
@@ -61,8 +66,9 @@ def main(argv=None) -> int:
         val = Validation(driver, *validation_set(driver, 2), st.steps, st.guidance)
         s0 = val.score(written())
         t = time.perf_counter()
+        rng = None if args.random_order is None else random.Random(args.random_order)
         found = search_mask(planner, b, start, s0, lambda m: val.score(written(m)), predictors=pset,
-                            max_runs=args.runs, log=print)
+                            max_runs=args.runs, log=print, rank=None if rng is None else (lambda m: rng.random()))
         print(f"{args.family}+{pset} at {b:.0%}: start {start} {s0:.2f} dB -> {found.mask} {found.psnr:.2f} dB on the "
               f"validation set ({found.runs} runs, {len(found.moves)} moves, {time.perf_counter() - t:.0f} s)", flush=True)
 

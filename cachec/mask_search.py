@@ -87,7 +87,8 @@ class MaskSearch:
 
 def search_mask(planner, budget: float, start: list[int], start_psnr: float, score: Callable[[list[int]], float], *,
                 predictors: str = "fitted", max_runs: int = MASK_RUNS, width: int = MASK_WIDTH,
-                min_gain: float = MASK_MIN_GAIN, log: Callable[[str], None] | None = None) -> MaskSearch:
+                min_gain: float = MASK_MIN_GAIN, log: Callable[[str], None] | None = None,
+                rank: Callable[[list[int]], float] | None = None) -> MaskSearch:
     """Closed-loop local search from the step mask ``start`` (module docstring).
 
     Args:
@@ -101,6 +102,8 @@ def search_mask(planner, budget: float, start: list[int], start_psnr: float, sco
         width: neighbours scored per batch (>= 1).
         min_gain: a move is taken when it scores more than this many dB above the current mask.
         log: progress printer.
+        rank: the order in which neighbours are scored, lowest first (default: the trajectory-coherent
+            price of the neighbour's plan); it runs after the planner accepted the neighbour.
     Returns:
         :class:`MaskSearch`.
     Raises:
@@ -125,7 +128,8 @@ def search_mask(planner, budget: float, start: list[int], start_psnr: float, sco
             if tuple(m) in tried:
                 continue
             try:
-                priced.append((price(m), m))
+                p = price(m)
+                priced.append((p if rank is None else rank(m), m))
             except ValueError:  # a mask the planner cannot fit into the budget (the trim refuses it): not a move
                 tried.add(tuple(m))
         ranked = [m for _, m in sorted(priced, key=lambda x: x[0])]

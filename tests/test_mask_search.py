@@ -83,3 +83,15 @@ def test_a_neighbour_the_planner_refuses_is_skipped_and_a_stuck_trim_says_why():
 
     out = search_mask(pl, b, start, 0.0, score, max_runs=30, width=4)
     assert out.runs == len(scored) == 30 and len(out.mask) > len(start)
+
+
+def test_a_given_rank_orders_the_neighbours_it_scores(planner):
+    """``rank`` replaces the price order: here masks with more steps first, so the first batch is additions."""
+    start, scored = [0, 3, 6, 9], []
+
+    def score(m):
+        scored.append(m)
+        return 0.0
+
+    search_mask(planner, 0.45, start, 0.0, score, max_runs=3, width=3, rank=lambda m: -len(m))
+    assert len(scored) == 3 and all(len(m) == len(start) + 1 for m in scored)
