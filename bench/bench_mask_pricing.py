@@ -29,10 +29,9 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.study import PSNR_CAP, add_study_args, open_study, study_calibration  # noqa: E402
+from bench.study import PSNR_CAP, add_study_args, open_study, plan_images, study_calibration  # noqa: E402
 from cachec.metrics import psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E402
-from cachec.runtime import apply, write_plan  # noqa: E402
 
 #: 10-step masks of 25 steps (40.4 % of the FLOPs on digits-mmdit): SeaCache's realised steps at threshold 1.2,
 #: dense-early and uniform shapes, and the step DP's neighbours (docs/planner.md)
@@ -64,9 +63,7 @@ def main(argv=None) -> int:
                 sched = planner.schedule(budget, "cachec", family="step", mask=mask, fill=False, predictors=pset)
                 plan, side = planner.plan(budget, "cachec", family="step", mask=mask, fill=False, predictors=pset)
                 model = planner.error_model(pset)
-                written = write_plan(plan, work / "plan.yaml", side or None)
-                with apply(driver, written):
-                    out = generate(ev_conds, ev_seeds)
+                out = plan_images(driver, generate, plan, side, work / "plan.yaml", ev_conds, ev_seeds)
                 row = {"mask": mask, "rule": rule, "run": schedule_error(model, sched),
                        "trajectory": schedule_error(model, sched, coherence="trajectory"),
                        "realised": float(((out - reference) ** 2).mean()),

@@ -43,11 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.peers.core import BenchContext  # noqa: E402
 from bench.peers.sea_cache import SeaCacheMethod  # noqa: E402
-from bench.study import PSNR_CAP, sampler, study_calibration, study_conditions  # noqa: E402
+from bench.study import PSNR_CAP, plan_images, sampler, study_calibration, study_conditions  # noqa: E402
 from cachec.loading import load_model  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, realised_fraction  # noqa: E402
-from cachec.runtime import apply, write_plan  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -119,9 +118,7 @@ def main(argv=None) -> int:
         ]
         for i, (name, opts) in enumerate(rows):
             plan, side = planner.plan(budget, "cachec", **opts)
-            written = write_plan(plan, work / f"plan{i}.yaml", side or None)
-            with apply(driver, written):
-                out = generate(ev_conds, ev_seeds)
+            out = plan_images(driver, generate, plan, side, work / f"plan{i}.yaml", ev_conds, ev_seeds)
             p = psnr(out, reference).clamp(max=PSNR_CAP)
             d, lo, hi = paired_difference(p, p_sea)
             extra = plan.budget.options.get("warmup")

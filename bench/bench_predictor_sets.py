@@ -38,10 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.peers.core import BenchContext  # noqa: E402
 from bench.peers.sea_cache import SeaCacheMethod  # noqa: E402
-from bench.study import PSNR_CAP, add_study_args, open_study, study_calibration  # noqa: E402
+from bench.study import PSNR_CAP, add_study_args, open_study, plan_images, study_calibration  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration  # noqa: E402
-from cachec.runtime import apply, write_plan  # noqa: E402
 
 FAMILIES = ("step", "warmup", "free", "group")
 SETS = ("fitted", "taylor", "forecast")
@@ -86,9 +85,7 @@ def main(argv=None) -> int:
             for fam in args.families.split(","):
                 for pset, options in variants:
                     plan, side = planner.plan(budget, "cachec", family=fam, **options)
-                    written = write_plan(plan, work / "plan.yaml", side or None)
-                    with apply(driver, written):
-                        out = generate(ev_conds, ev_seeds)
+                    out = plan_images(driver, generate, plan, side, work / "plan.yaml", ev_conds, ev_seeds)
                     p = psnr(out, reference).clamp(max=PSNR_CAP)
                     d, lo, hi = paired_difference(p, p_sea)
                     if pset == "taylor":

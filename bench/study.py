@@ -49,6 +49,16 @@ def sampler(driver, steps: int | None = None, guidance: float | None = None, bat
     return generate
 
 
+def plan_images(driver, generate: Callable[[list, list[int]], torch.Tensor], plan, sidecar: dict, path: Path,
+                conds: list, seeds: list[int]) -> torch.Tensor:
+    """The images (N, C, H, W) in [0, 1] of ``plan`` (a planner's :class:`cachec.runtime.plan.Plan` and its EOC
+    ``sidecar``, written to ``path`` first) applied to ``driver`` while ``generate`` samples ``conds``/``seeds``."""
+    from cachec.runtime import apply, write_plan
+
+    with apply(driver, write_plan(plan, path, sidecar or None)):
+        return generate(conds, seeds)
+
+
 def study_calibration(driver, conds: list, steps: int, guidance: float, output: Path) -> Path:
     """The studies' uncached calibration: one sample per condition, seeds 0+, batches of 10, factored
     sensitivity on 4 samples (the benchmark's settings, :mod:`bench.compare_sweeps`); returns its path."""

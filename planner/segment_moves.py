@@ -15,6 +15,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def _reanchored(cost: np.ndarray, segs: list[tuple[int, int, int]], k: int, prev: int) -> tuple[float, float, list]:
+    """Segment k = (p', d', r') when its previous computed step becomes ``prev``: ``(old cost, new cost,
+    [(p', p' - prev, r')])``, or ``(0.0, 0.0, [])`` when there is no segment k (a move in the last run)."""
+    if k >= len(segs):
+        return 0.0, 0.0, []
+    p2, d2, r2 = segs[k]
+    return cost[p2, d2, r2], cost[p2, p2 - prev, r2], [(p2, p2 - prev, r2)]
+
+
 def _split_gain(cost: np.ndarray, segs: list[tuple[int, int, int]], j: int, s: int, S: int) -> tuple[float, list]:
     """Error decrease of computing step s inside segment j of one unit, and the segments after it.
 
@@ -24,14 +33,9 @@ def _split_gain(cost: np.ndarray, segs: list[tuple[int, int, int]], j: int, s: i
     """
     p, d, r = segs[j]
     new = [(p, d, s - p - 1), (s, s - p, p + r - s)]
-    old_e = cost[p, d, r]
-    new_e = cost[p, d, s - p - 1] + cost[s, s - p, p + r - s]
-    tail = []
-    if j + 1 < len(segs):
-        p2, d2, r2 = segs[j + 1]
-        tail = [(p2, p2 - s, r2)]
-        old_e += cost[p2, d2, r2]
-        new_e += cost[p2, p2 - s, r2]
+    old_next, new_next, tail = _reanchored(cost, segs, j + 1, s)
+    old_e = cost[p, d, r] + old_next
+    new_e = cost[p, d, s - p - 1] + cost[s, s - p, p + r - s] + new_next
     return float(old_e - new_e), segs[:j] + new + tail + segs[j + 1 + len(tail):]
 
 
@@ -86,14 +90,9 @@ def _merge_loss(cost: np.ndarray, segs: list[tuple[int, int, int]], j: int, K: i
     merged = r0 + 1 + r
     if merged > K:
         return np.inf, None
-    old_e = cost[p0, d0, r0] + cost[segs[j][0], segs[j][1], r]
-    new_e = cost[p0, d0, merged]
-    tail = []
-    if j + 1 < len(segs):
-        p2, d2, r2 = segs[j + 1]
-        tail = [(p2, p2 - p0, r2)]
-        old_e += cost[p2, d2, r2]
-        new_e += cost[p2, p2 - p0, r2]
+    old_next, new_next, tail = _reanchored(cost, segs, j + 1, p0)
+    old_e = cost[p0, d0, r0] + cost[segs[j][0], segs[j][1], r] + old_next
+    new_e = cost[p0, d0, merged] + new_next
     return float(new_e - old_e), segs[:j - 1] + [(p0, d0, merged)] + tail + segs[j + 1 + len(tail):]
 
 
