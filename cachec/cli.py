@@ -84,12 +84,14 @@ def calibrate():
               help="Sample along this plan's cached trajectory (units computed in shadow); needs --sensitivity-from.")
 @click.option("--sensitivity-from", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Copy the sensitivity from this calibration of the same model instead of measuring it.")
+@click.option("--attention-maps", is_flag=True,
+              help="Also record attention-map units (each attention's probability map, nested in its block; docs/hgc.md).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Calibration .safetensors file.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even if it is not a calibration file.")
 @friendly
 def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, steps, guidance, seed, resolution,
                   batch_size, shard, eoc_lags, eoc_prior, eoc_sample, sketch_dim, sensitivity, sensitivity_samples, cfg,
-                  device, dtype, restart, along, sensitivity_from, output, overwrite):
+                  device, dtype, restart, along, sensitivity_from, attention_maps, output, overwrite):
     """Calibrate MODEL (default digits-flow). Interrupted runs resume when the same command is re-run.
 
     Conditions: --classes (default: all classes, or 10 spread over them when there are more) or prompts
@@ -118,7 +120,7 @@ def calibrate_run(model, classes, prompt, prompts_file, samples_per_condition, s
                            eoc_prior=eoc_prior, eoc_sample=eoc_sample, sketch_dim=sketch_dim,
                            sensitivity="none" if (along or sensitivity_from) else sensitivity,
                            sensitivity_samples=sensitivity_samples, cfg=cfg, restart=restart, along=along,
-                           sensitivity_from=sensitivity_from)
+                           sensitivity_from=sensitivity_from, attention_maps=attention_maps)
     h = read_header(path)
     S, B = h["steps"], h["guidance"]["branches"]
     full_run = h["flops"]["full_step"] * S * B
@@ -272,10 +274,12 @@ def inspect(plan_file, png):
               help="cachec: re-calibrations along each plan's own cached trajectory (each iterate is a candidate).")
 @click.option("--mask-runs", type=click.IntRange(min=0), default=MASK_RUNS, show_default=True,
               help="cachec: validation runs of the step-mask search after the refinements (0 = none).")
+@click.option("--attention-maps", is_flag=True,
+              help="Also calibrate and plan attention-map units (reuse of attention probabilities; docs/hgc.md).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="cachec-out", show_default=True)
 @friendly
 def compile_(model, budget, method, family, samples_per_condition, per_class, classes, prompt, prompts_file, resolution,
-             refine, mask_runs, out_dir):
+             refine, mask_runs, attention_maps, out_dir):
     """The main job: calibrate MODEL, plan at BUDGET (schedule families, refined along their own cached
     trajectories, the best step mask searched, chosen closed-loop on validation seeds), evaluate against uncached sampling on held-out seeds.
 
@@ -291,7 +295,8 @@ def compile_(model, budget, method, family, samples_per_condition, per_class, cl
     size = parse_resolution(resolution)
     job = run_job(model, b, out_dir, method=method, family=family, samples_per_condition=samples_per_condition,
                   eval_per_class=per_class, refine=refine, mask_runs=mask_runs, log=lambda m: click.echo(m, err=True),
-                  conditions=lambda driver: conditions(driver, classes, prompt, prompts_file), resolution=size)
+                  conditions=lambda driver: conditions(driver, classes, prompt, prompts_file), resolution=size,
+                  attention_maps=attention_maps)
     click.echo(job_table(job.result))
     click.echo(f"plan -> {job.plan}; side-by-side (uncached | cached) -> {job.side_by_side}")
 

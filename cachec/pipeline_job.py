@@ -44,7 +44,8 @@ class JobResult:
     candidates: list  # of cachec.refine.Candidate
 
 
-def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: int, conditions: list) -> bool:
+def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: int, conditions: list,
+                         attention_maps: bool = False) -> bool:
     from .calibrate.format import read_header
     from .runtime.fingerprint import weights_fingerprint
 
@@ -54,14 +55,15 @@ def _calibration_matches(path: Path, driver, steps: int, guidance: float, spc: i
         return False
     return (h["model"]["fingerprint"] == weights_fingerprint(driver.transformer) and h["steps"] == steps
             and abs(h["guidance"]["scale"] - guidance) < 1e-9 and h["samples_per_condition"] == spc
-            and list(h["conditions"]) == list(conditions))
+            and list(h["conditions"]) == list(conditions)
+            and any(u["kind"] == "attn_map" for u in h["units"]) == bool(attention_maps))
 
 
 def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path = "cachec-out", *,
             method: str = "cachec", family: str = "auto", samples_per_condition: int | None = None,
             eval_per_class: int = 10, validation_per_class: int = 3, sensitivity: str = "auto",
             refine: int = 2, mask_runs: int = MASK_RUNS, progress: bool = True, log=print, conditions=None,
-            resolution: tuple[int, int] | None = None) -> JobResult:
+            resolution: tuple[int, int] | None = None, attention_maps: bool = False) -> JobResult:
     """Run the whole compiler on ``model`` at ``budget`` and evaluate the plan against uncached sampling.
 
     Args:
@@ -85,6 +87,7 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             every iterate is a candidate of the closed-loop choice (cachec only; 0 = plans from the uncached
             calibration only).
         mask_runs: validation runs of the mask search, the plan search's third stage (cachec only; 0 = none).
+        attention_maps: calibrate and plan attention-map units too (docs/hgc.md, "Fine grain").
         log: where progress lines go.
 
     Returns:
@@ -120,7 +123,8 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     n_cond = len(conditions) if driver.condition_kind == "class" else min(len(conditions), 10)
     steps, guidance = driver.default_steps, driver.default_guidance
     calib = out / "calib.safetensors"
-    if calib.exists() and _calibration_matches(calib, driver, steps, guidance, samples_per_condition, conditions):
+    if calib.exists() and _calibration_matches(calib, driver, steps, guidance, samples_per_condition, conditions,
+                                               attention_maps):
         log(f"[1/4] calibration: reusing {calib}")
     else:
         log(f"[1/4] calibrating {driver.name}: {len(conditions)} {'classes' if driver.condition_kind == 'class' else 'prompts'} x {samples_per_condition} samples, "
@@ -129,9 +133,10 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
             from .calibrate.sensitivity import resolve
             from .runtime.units import find_units
 
-            sensitivity = resolve("auto", len(find_units(driver.transformer)), steps, small="factored")
+            sensitivity = resolve("auto", len(find_units(driver.transformer, attention_maps)), steps, small="factored")
         calibrate(driver, conditions, output=calib, samples_per_condition=samples_per_condition, steps=steps,
-                  guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True)
+                  guidance=guidance, sensitivity=sensitivity, progress=progress, restart=True,
+                  attention_maps=attention_maps)
     families = list(SEARCH_FAMILIES) if family == "auto" else [family]
     cal_opts = dict(conditions=conditions, samples_per_condition=samples_per_condition, steps=steps, guidance=guidance)
 

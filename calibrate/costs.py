@@ -30,7 +30,8 @@ def count_unit_flops(transformer, units, captured) -> tuple[list[float], float, 
         captured: ``(args, kwargs)`` of a transformer call (the recorder's ``captured``).
     Returns:
         ``(unit_flops, full_step, fixed_step)``: U floats, and two floats with
-        ``fixed_step = full_step - sum(unit_flops)``.
+        ``fixed_step = full_step - sum(unit_flops)``. A unit that holds nested units (an attention-map unit,
+        :attr:`~cachec.runtime.units.UnitSpec.parent`) is counted without them, so every FLOP is in one unit.
     """
     from cachec.runtime.flops import count_flops, relative_module_flops
 
@@ -43,6 +44,8 @@ def count_unit_flops(transformer, units, captured) -> tuple[list[float], float, 
             _, total, per_module = count_flops(transformer, *args, **kwargs)
     rel = relative_module_flops(per_module, unwrap(transformer))
     unit = [rel.get(u.name, 0) / rows for u in units]
+    for i, u in enumerate(units):  # a parent's count holds its nested units' FLOPs: take them out
+        unit[i] -= sum(rel.get(v.name, 0) for v in units if v.parent == u.name) / rows
     full = rel.get("", total) / rows
     return unit, float(full), float(full - sum(unit))
 

@@ -37,7 +37,7 @@ import torch
 from cachec import __version__
 from cachec.runtime.fingerprint import weights_fingerprint
 from cachec.runtime.hooks import install
-from cachec.runtime.units import find_units, unwrap
+from cachec.runtime.units import find_units, is_map_unit, unwrap
 
 from . import distributed
 from . import sensitivity as sens_mod
@@ -78,6 +78,7 @@ def calibrate(
     overlap: bool = False,
     along=None,
     sensitivity_from: str | Path | None = None,
+    attention_maps: bool = False,
 ) -> Path:
     """Run uncached sampling over ``conditions`` and write the calibration statistics file.
 
@@ -128,6 +129,10 @@ def calibrate(
             uncached trajectory; take them from the uncached calibration with ``sensitivity_from``).
         sensitivity_from: a calibration file of the same model, units and timesteps whose ``sensitivity``
             (and its header entry) is copied instead of measuring it (``sensitivity`` must be ``"none"``).
+        attention_maps: also record the attention-map units the model's registry entry declares (kind
+            ``"attn_map"``, nested in the unit holding the attention; docs/hgc.md). Their attention runs with
+            an explicit softmax (not SDPA's kernel) while calibrating. A map over
+            :data:`~cachec.calibrate.sampling.MAP_LIMIT_BYTES` per sample is refused.
 
     Returns:
         ``Path(output)`` (on every rank).
@@ -166,7 +171,7 @@ def calibrate(
         if along is not None or sensitivity_from is not None:
             sensitivity = "none"
         else:
-            sensitivity = sens_mod.resolve(sens_mod.AUTO, len(find_units(driver.transformer)), steps)
+            sensitivity = sens_mod.resolve(sens_mod.AUTO, len(find_units(driver.transformer, attention_maps)), steps)
     if sensitivity not in sens_mod.METHODS:
         raise ValueError(f"unknown sensitivity method {sensitivity!r}; choose one of {', '.join(sens_mod.METHODS)}")
     if sensitivity != "none" and int(sensitivity_samples) < 1:
@@ -189,7 +194,12 @@ def calibrate(
         raise ValueError(f"shard {shard_i}/{shard_n} has no batch: there are only {job.n_batches} batches of "
                          f"{job.batch_size} samples")
     transformer = driver.transformer
-    units = find_units(transformer)
+    if along is not None and not attention_maps:  # a plan with attention-map units is followed with them
+        from cachec.runtime.plan import Plan, load_plan
+
+        along = along if isinstance(along, Plan) else load_plan(along)
+        attention_maps = any(is_map_unit(u.name) for u in along.units)
+    units = find_units(transformer, bool(attention_maps))
     device = next(unwrap(transformer).parameters()).device
     plan = None
     if along is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .calibration import Calibration
+from .nesting import propagation_factors
 from .schedule import Schedule
 
 #: candidate predictors of a skipped step s with anchors p (last computed) and q (the one before)
@@ -299,6 +300,8 @@ class SegmentTable:
         use_reuse: (U, S, K+2, K+1) bool, True where pricing the whole run with plain reuse is cheaper
             than the greedy choice (then the run uses plain reuse).
         max_staleness: K.
+        gram, sw, norm: the error model's judging Gram (U, S, S), square-root sensitivities (U, S) and
+            normaliser, for pricing runs that are not contiguous (nested units, :mod:`~cachec.planner.nesting`).
     """
 
     cost: np.ndarray
@@ -308,6 +311,17 @@ class SegmentTable:
     alpha: np.ndarray
     use_reuse: np.ndarray
     max_staleness: int
+    gram: np.ndarray | None = None
+    sw: np.ndarray | None = None
+    norm: float = 1.0
+
+    def rows(self, units) -> "SegmentTable":
+        """The table of the units ``units`` (indices), in that order."""
+        idx = np.asarray(units, dtype=np.int64)
+        pick = lambda a: None if a is None else a[idx]
+        return SegmentTable(cost=self.cost[idx], kind=self.kind[idx], a1=self.a1[idx], a2=self.a2[idx],
+                            alpha=self.alpha[idx], use_reuse=self.use_reuse[idx], max_staleness=self.max_staleness,
+                            gram=pick(self.gram), sw=pick(self.sw), norm=self.norm)
 
     def run(self, u: int, p: int, d: int, r: int) -> list[tuple[int, tuple[float, ...], float]]:
         """Predictors of the skipped steps of one segment.
@@ -418,7 +432,8 @@ def segment_table(model: ErrorModel, max_staleness: int) -> SegmentTable:
         A1[..., i - 1], A2[..., i - 1], AL[..., i - 1] = c1, c2, np.where(k == EOC, ca, 0.0)
         use_reuse[..., i] = (E_r <= E_g) & (not model.reuse_fallback)
         cost[..., i] = np.where(valid_s, np.where(use_reuse[..., i], E_r, E_g) / model.norm, np.inf)
-    return SegmentTable(cost=cost, kind=kind, a1=A1, a2=A2, alpha=AL, use_reuse=use_reuse, max_staleness=K)
+    return SegmentTable(cost=cost, kind=kind, a1=A1, a2=A2, alpha=AL, use_reuse=use_reuse, max_staleness=K,
+                        gram=G, sw=model.sw, norm=model.norm)
 
 
 # ---- pricing an arbitrary schedule ---------------------------------------------------------------
@@ -427,7 +442,7 @@ def _history_vectors(schedule: Schedule, u: int, S: int):
 
     ``history: used`` predictions are unrolled through the used values of earlier steps.
     """
-    comp = schedule.compute[u]
+    comp, idle = schedule.compute[u], schedule.idle(u)
     used = np.zeros((S, S))
     pred = {}
     computed: list[int] = []  # most recent first
@@ -435,6 +450,8 @@ def _history_vectors(schedule: Schedule, u: int, S: int):
         if comp[s]:
             used[s, s] = 1.0
             computed.insert(0, s)
+            continue
+        if idle[s]:  # a nested unit whose parent skips the step does not run there
             continue
         a = schedule.coeffs[u][s]
         v = np.zeros(S)
@@ -472,6 +489,10 @@ def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False
         coherence: ``run`` or ``trajectory`` (above).
     Returns:
         float (or (U,) float64): squared final-sample error per (sample, branch) output, additive model.
+    A nested unit (:attr:`Schedule.parents`) adds nothing at the steps its parent skips (its parent's
+    prediction stands in for it there), and its error at a step is scaled by the parent's propagation factor
+    (:func:`cachec.planner.nesting.propagation_factors`: the parent's later predictions repeat it).
+
     Raises:
         ValueError: an inconsistent schedule (see :meth:`Schedule.validate`), an unknown ``coherence``.
     """
@@ -483,8 +504,12 @@ def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False
         raise ValueError(f"schedule shape {schedule.compute.shape} != (units, steps) = {(U, S)}")
     out = np.zeros(U)
     for u in range(U):
-        comp = schedule.compute[u]
+        comp, idle = schedule.compute[u], schedule.idle(u)
         pred = _history_vectors(schedule, u, S)
+        sw = model.sw[u]
+        parent = schedule.parents[u]
+        if parent is not None and schedule.history == "computed":  # its error re-enters through the parent's history
+            sw = sw * propagation_factors(schedule.compute[parent], schedule.coeffs[parent], model.sw[parent])
         rows = []
         cur = None
         diag = 0.0
@@ -496,9 +521,11 @@ def schedule_error(model: ErrorModel, schedule: Schedule, per_unit: bool = False
                     rows.append(cur)
                     cur = None
                 continue
+            if idle[s]:  # not run (its parent is skipped): no error, the run of reuses goes on
+                continue
             e = -pred[s]
             e[s] += 1.0
-            cur = model.sw[u, s] * e if cur is None else cur + model.sw[u, s] * e
+            cur = sw[s] * e if cur is None else cur + sw[s] * e
             al = schedule.eoc_alpha[u].get(s, 0.0)
             if al:
                 j = s - last_c

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cachec.runtime.units import parent_units
 from cachec.runtime.plan import (
     Budget, Compensation, Guidance, ModelInfo, Plan, Provenance, Sampler, UnitPlan,
 )
@@ -17,7 +18,7 @@ from cachec.runtime.plan import (
 from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
 from .error_model import PREDICTORS, ErrorModel, SegmentTable, resolve_predictors, schedule_error, segment_table
-from .schedule import Schedule, realised_fraction, round_sig
+from .schedule import Schedule, follow_parents, realised_fraction, round_sig
 from .blocks import block_groups, edge_blocks
 from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, frontier, group_costs, solve
 
@@ -109,6 +110,10 @@ class Planner:
         self._models: dict[tuple, ErrorModel] = {(self.model.ridge, tuple(preds), self.model.shrink): self.model}
         self._tables: dict[tuple, SegmentTable] = {}
         self._fronts: dict[tuple, Frontier] = {}
+        #: per unit the index of the unit it is nested in (attention maps, docs/hgc.md), or None
+        self.parents = parent_units(cal.unit_names)
+        self.nested = any(p is not None for p in self.parents)
+        self._primary = [u for u, p in enumerate(self.parents) if p is None]
 
     def error_model(self, predictors=None, ridge: float | None = None, shrink: str | None = None) -> ErrorModel:
         """The error model with these predictors, ridge and ridge target (the defaults when None; built once).
@@ -135,8 +140,18 @@ class Planner:
         return self._tables[key]
 
     def groups(self, n_groups: int):
-        """(U,) group ids of the ``group`` family with ``n_groups`` block groups (:func:`block_groups`)."""
-        return block_groups(self.cal.unit_names, n_groups)
+        """Group ids of the ``group`` family with ``n_groups`` block groups (:func:`block_groups`), one per
+        primary (not nested) unit."""
+        return block_groups([self.cal.unit_names[u] for u in self._primary], n_groups)
+
+    def primary_flops(self) -> np.ndarray:
+        """FLOPs per call of each primary unit, its nested units' included (what the solver's first stage
+        budgets, :mod:`cachec.planner.nesting`)."""
+        flops = np.asarray(self.cal.unit_flops, dtype=np.float64).copy()
+        for u, p in enumerate(self.parents):
+            if p is not None:
+                flops[p] += flops[u]
+        return flops[self._primary]
 
     def frontier(self, max_staleness: int, keep_last: int, family: str, n_groups: int = DEFAULT_GROUPS,
                  model: ErrorModel | None = None) -> Frontier:
@@ -145,10 +160,12 @@ class Planner:
         tab = self.table(max_staleness, model)
         key = (tab.max_staleness, int(keep_last), family, int(n_groups) if family == "group" else 0) + model.key
         if key not in self._fronts:
+            if self.nested:  # the solver's first stage: the primary units (cachec.planner.nesting)
+                tab = tab.rows(self._primary)
             if family == "step":
                 cost = tab.cost.sum(axis=0, keepdims=True)
             elif family == "group":
-                cost = group_costs(tab.cost, self.cal.unit_flops, self.groups(n_groups))[0]
+                cost = group_costs(tab.cost, self.primary_flops(), self.groups(n_groups))[0]
             else:
                 cost = tab.cost
             self._fronts[key] = frontier(cost, int(keep_last))
@@ -200,7 +217,7 @@ class Planner:
                     raise ValueError(f"option fn_bn is only used by family 'step', not {family!r}")
                 if not isinstance(fn_bn, (list, tuple)) or len(fn_bn) != 2:
                     raise ValueError(f"fn_bn must be [first, last] block counts, got {fn_bn!r}")
-                always = edge_blocks(cal.unit_names, fn_bn[0], fn_bn[1])
+                always = edge_blocks([cal.unit_names[u] for u in self._primary], fn_bn[0], fn_bn[1])
             if family == "warmup":
                 if mask is not None:
                     raise ValueError("family 'warmup' makes its own mask; use family 'step' for a given mask")
@@ -211,6 +228,7 @@ class Planner:
                 family="step" if family == "warmup" else family, keep_last=keep_last,
                 front=None if mask is not None or always is not None else self.frontier(K, keep_last, family, n_groups, model),
                 groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask, always=always,
+                parents=self.parents if self.nested else None,
             )
             if fn_bn is not None:
                 sched.options["fn_bn"] = [int(fn_bn[0]), int(fn_bn[1])]
@@ -224,7 +242,8 @@ class Planner:
         if method == "uniform":
             if budget is None:
                 raise ValueError("method 'uniform' needs a budget")
-            return uniform(cal, float(budget))
+            sched = uniform(cal, float(budget))
+            return follow_parents(sched, self.parents) if self.nested else sched
         kw = {"interval": options.get("interval")}
         if method == "fora":
             sched = fora(cal, budget, **kw)
@@ -232,6 +251,8 @@ class Planner:
             sched = eoc_paper(cal, budget, alpha=float(options.get("alpha", 0.01)), **kw)
         else:
             sched = goc_paper(cal, budget, lam=float(options.get("lam", 1.2)), **kw)
+        if self.nested:  # peers know no attention maps: a map runs with its block
+            sched = follow_parents(sched, self.parents)
         if budget is not None:
             r = realised_fraction(sched.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops)
             if r > float(budget) * (1 + 1e-12):

@@ -35,6 +35,9 @@ class Schedule:
         history: ``"computed"`` (predictors combine the last really computed outputs) or ``"used"``
             (the queue of outputs used at each step, GOC/EOC as published).
         options: solver/baseline options to record in the plan's ``budget.options``.
+        parents: per unit, the index of the unit it is nested in (an attention-map unit, docs/hgc.md), or
+            None; None for all units when omitted. A nested unit does not run at steps its parent skips
+            (its *idle* steps): it is not computed there and has no coefficients there.
     """
 
     compute: np.ndarray
@@ -43,6 +46,7 @@ class Schedule:
     eoc_ref: list[dict[int, int]] = None
     history: str = "computed"
     options: dict = field(default_factory=dict)
+    parents: list = None
 
     def __post_init__(self):
         self.compute = np.asarray(self.compute, dtype=bool)
@@ -53,6 +57,13 @@ class Schedule:
             self.eoc_ref = [{} for _ in range(U)]
         if self.history not in HISTORIES:
             raise ValueError(f"history: expected one of {HISTORIES}, got {self.history!r}")
+        if self.parents is None:
+            self.parents = [None] * U
+
+    def idle(self, u: int) -> np.ndarray:
+        """(S,) bool: the steps at which unit ``u`` does not run because its parent skips them."""
+        p = self.parents[u]
+        return np.zeros(self.compute.shape[1], dtype=bool) if p is None else ~self.compute[p]
 
     def validate(self) -> None:
         """Check internal consistency.
@@ -65,14 +76,30 @@ class Schedule:
         if not self.compute[:, 0].all():
             raise ValueError("step 0 must be computed for every unit")
         for u in range(U):
-            skipped = set(np.flatnonzero(~self.compute[u]).tolist())
+            idle = self.idle(u)
+            if (self.compute[u] & idle).any():
+                raise ValueError(f"unit {u}: computed at a step its parent unit {self.parents[u]} skips")
+            skipped = set(np.flatnonzero(~self.compute[u] & ~idle).tolist())
             if set(self.coeffs[u]) != skipped:
-                raise ValueError(f"unit {u}: coefficients must be given exactly for the skipped steps")
+                raise ValueError(f"unit {u}: coefficients must be given exactly for the skipped steps it runs at")
             for s, a in self.eoc_alpha[u].items():
                 if s not in skipped or s not in self.eoc_ref[u]:
                     raise ValueError(f"unit {u} step {s}: eoc_alpha on a computed step or without eoc_ref")
                 if tuple(self.coeffs[u][s]) != (1.0,):
                     raise ValueError(f"unit {u} step {s}: eoc_alpha is only defined on plain reuse (coeffs [1])")
+
+
+def follow_parents(schedule: Schedule, parents) -> Schedule:
+    """``schedule`` with every nested unit made to run exactly where its parent computes: computed there, no
+    coefficients at the parent's skipped steps (how a method that knows nothing of nesting — a peer, FORA —
+    treats an attention-map unit: as part of its block). ``parents``: per unit, the parent's index or None."""
+    parents = list(parents)
+    for u, p in enumerate(parents):
+        if p is not None:
+            schedule.compute[u] = schedule.compute[p]
+            schedule.coeffs[u], schedule.eoc_alpha[u], schedule.eoc_ref[u] = {}, {}, {}
+    schedule.parents = parents
+    return schedule
 
 
 def realised_fraction(compute: np.ndarray, unit_flops: np.ndarray, full_step: float, fixed_step: float) -> float:

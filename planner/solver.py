@@ -30,6 +30,7 @@ import numpy as np
 
 from .error_model import EOC, SegmentTable
 from .schedule import Schedule, minimum_computes, round_sig
+from .nesting import nest, nested_coefficients, segments_of
 from .segment_moves import fill_segments, trim_segments
 
 FAMILIES = ("free", "step", "group")
@@ -366,6 +367,7 @@ def solve(
     fill: bool = True,
     mask=None,
     always: np.ndarray | None = None,
+    parents=None,
 ) -> Schedule:
     """Least-error schedule spending at most ``budget`` of a full run's FLOPs.
 
@@ -388,6 +390,10 @@ def solve(
             computes skipped, recorded as ``options.trimmed``) instead of filled.
         always: for the step family only: (U,) bool, units computed at every step (the Fn/Bn blocks of
             FBCache/DBCache, :func:`edge_blocks`); the shared mask and its DP cover the other units.
+        parents: (U,) per unit the index of the unit it is nested in (attention maps), or None. With nested
+            units the family solves the other units (``front``, ``groups`` and ``always`` are of those, in
+            order), and :func:`cachec.planner.nesting.nest` trades map reuse against more computes (recorded
+            as ``options.map_skips``).
     Returns:
         A :class:`Schedule` (history ``computed``) whose realised fraction is <= budget, and within one
         unit call below it when ``fill`` (or the family) allows.
@@ -397,6 +403,9 @@ def solve(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if parents is not None and any(p is not None for p in parents):
+        return _solve_nested(table, unit_flops, full_step, fixed_step, budget, family, keep_last, front, groups,
+                             fill, mask, always, list(parents))
     if not (0.0 < budget <= 1.0):
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
     U, S = table.cost.shape[:2]
@@ -481,6 +490,35 @@ def _solve_step(table, unit_flops, full_step, fixed_step, budget, cap, minb, opt
     best = np.flatnonzero(e == np.min(e))[-1]  # least error, most computes on ties
     seg = trace(front, 0, int(best))
     return _finish(table, [full if on[u] else seg for u in range(U)], unit_flops, cap, S, options, fill)
+
+
+def _solve_nested(table, unit_flops, full_step, fixed_step, budget, family, keep_last, front, groups, fill, mask,
+                  always, parents) -> Schedule:
+    """:func:`solve` with nested units (the two stages of :mod:`cachec.planner.nesting`)."""
+    U, S = table.cost.shape[:2]
+    flops = np.asarray(unit_flops, dtype=np.float64)
+    prim = [u for u in range(U) if parents[u] is None]
+    folded = flops.copy()
+    for u, p in enumerate(parents):
+        if p is not None:
+            folded[p] += flops[u]
+    first = solve(table.rows(prim), folded[prim], full_step, fixed_step, budget, family, keep_last, front, groups,
+                  fill, mask, always)
+    primary = [[] for _ in range(U)]
+    for i, u in enumerate(prim):
+        primary[u] = segments_of(first.compute[i])
+    cap = budget * S * full_step * (1 + 1e-12) - S * fixed_step
+    segs, maps, skipped = nest(table, primary, parents, flops, cap, keep_last)
+    for n, p in enumerate(parents):
+        if p is not None:
+            segs[n] = segments_of(np.isin(np.arange(S), maps[n]))
+    sched = _schedule_from_segments(table, segs, S, dict(first.options, map_skips=int(skipped)))
+    for n, p in enumerate(parents):
+        if p is not None:
+            sched.coeffs[n] = nested_coefficients(sched.compute[p], maps[n])
+            sched.eoc_alpha[n], sched.eoc_ref[n] = {}, {}
+    sched.parents = parents
+    return sched
 
 
 def _finish(table, segs, unit_flops, cap, S, options, fill):

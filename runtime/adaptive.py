@@ -50,7 +50,7 @@ import torch
 from .compensation import combine
 from .executor import PlanExecutor, RunReport, _Run
 from .plan import Plan
-from .units import unwrap
+from .units import parent_units, unwrap
 
 MODES = ("softcap", "speca")
 EXTRA_DEPTH = 3  # history entries kept beyond the plan's longest coefficient list
@@ -315,7 +315,8 @@ class AdaptiveExecutor(PlanExecutor):
             if self.options.verify_unit not in names:
                 raise ValueError(f"verify unit {self.options.verify_unit!r} is not a plan unit")
             return names.index(self.options.verify_unit)
-        skipped = [u for u in range(len(names)) if any(not p[u] for p in self.patterns)]
+        nested = parent_units(names)  # an attention-map unit runs only inside its parent: not a verify point
+        skipped = [u for u in range(len(names)) if nested[u] is None and any(not p[u] for p in self.patterns)]
         if not skipped:
             raise ValueError("the plan never skips a unit: SpeCa has nothing to verify")
         return skipped[-1]

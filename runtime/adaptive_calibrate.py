@@ -93,14 +93,14 @@ def _probe(driver, plan: Plan, options: AdaptiveOptions, profile: AdaptiveProfil
     plan against the model already)."""
     from .adaptive import AdaptiveExecutor
     from .hooks import install
-    from .units import find_units
+    from .units import units_by_name
 
     cfg = "split" if plan.sampler.guidance.mode == "split" else "batched"
     # open loop: PI off and no ceiling guard (ceiling 1), so the spend falls monotonically with κ; a binding guard
     # would make a tiny κ look affordable by spending greedily on the first steps
     opts = replace(options, profile=profile, kp=0.0, ki=0.0, ceiling=1.0)
     transformer = driver.transformer
-    by_name = {u.name: u for u in find_units(transformer)}
+    by_name = units_by_name(transformer, [u.name for u in plan.units])
     units = [by_name[u.name] for u in plan.units]
     executor = AdaptiveExecutor(plan, units, transformer, opts,
                                 eoc_tensors=plan.load_sidecar() if plan.eoc_keys() else None)

@@ -479,7 +479,7 @@ class PlanExecutor:
             inputs[u] = (None, None, (h[0],)) if plain else (*self._coefficients(u, step, h[0]), tuple(h[:k]))
         report.skipped += len(rec.skips)
         report.compensated += rec.compensated
-        report.computed += U - len(rec.skips)
+        report.computed += sum(rec.decision)
         self._decision = rec.decision
         self._inputs = inputs
         self._pushes = rec.pushes

@@ -39,7 +39,7 @@ from .fingerprint import WeightWatch, weights_fingerprint
 from .hooks import HookHandle, install
 from .plan import Plan, load_plan
 from .registry import spec_for_transformer
-from .units import find_units, unwrap
+from .units import units_by_name, unwrap
 
 _HANDLE_ATTR = "_cachec_plan_handle"
 
@@ -291,7 +291,7 @@ def plan_executor(transformer, plan: Plan, *, force: bool = False, remap: str = 
         UnsupportedModelError, PlanMismatchError: as :func:`apply`.
     """
     model = unwrap(transformer)
-    model_units = {u.name: u for u in find_units(transformer)}
+    model_units = units_by_name(transformer, [u.name for u in plan.units])  # attention maps when the plan has them
     cls = type(model).__name__
     if plan.model.cls != cls:
         raise PlanMismatchError(f"the plan is for a {plan.model.cls}, but the transformer is a {cls}")

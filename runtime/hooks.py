@@ -3,7 +3,10 @@
 Each unit module's ``forward`` is wrapped (the instance attribute is replaced and restored on removal, the
 way diffusers' ``hooks`` registry does it); the transformer gets a forward pre-hook and a forward hook so a
 :class:`UnitHandler` can read the step from the ``timestep`` the transformer receives and the guidance
-branch from the batch layout or the call order. Nothing else in the model is touched.
+branch from the batch layout or the call order. Nothing else in the model is touched, except that
+attention-map units (kind ``"attn_map"``) need their attention's probability map as a module of its own:
+:func:`install` materialises those (:func:`cachec.runtime.attention_maps.materialise`) and :meth:`remove`
+restores the original attention processors.
 
 A *feature* is always a tuple of tensors (a single-tensor output is a 1-tuple): the module's return value
 for ``mode="output"`` units, ``output − input`` part by part for ``mode="residual"`` units.
@@ -152,8 +155,13 @@ class HookHandle:
             transformer.register_forward_pre_hook(_eager(self._pre), with_kwargs=True),
             transformer.register_forward_hook(_eager(self._post), always_call=True),
         ]
-        modules = dict(model.named_modules())
+        self._maps = None
         try:
+            if any(u.kind == "attn_map" for u in units):
+                from .attention_maps import map_paths, materialise
+
+                self._maps = materialise(model, map_paths(u.name for u in units if u.kind == "attn_map"))
+            modules = dict(model.named_modules())
             for index, spec in enumerate(units):
                 if spec.name not in modules:
                     raise KeyError(f"unit {spec.name!r} not found in {type(model).__name__}")
@@ -244,6 +252,8 @@ class HookHandle:
                 module.forward = previous
         for h in self._hooks:
             h.remove()
+        if self._maps is not None:
+            self._maps.remove()
         self._removed = True
 
     def __enter__(self):

@@ -208,7 +208,7 @@ def _schedule(plan: Plan, keep: list[int]) -> list[dict]:
     for s in range(plan.steps):
         reads, writes = {}, []
         for u, unit in enumerate(plan.units):
-            if unit.actions[s] != COMPUTE:
+            if unit.actions[s] != COMPUTE and s in unit.compensation:  # (a nested unit idle under its parent has none)
                 for j, src in enumerate(hist[u][:len(unit.compensation[s].coeffs)]):
                     reads[(u, j + 1)] = src
         for u, unit in enumerate(plan.units):
@@ -233,6 +233,9 @@ def _signature(plan: Plan, s: int, eoc: dict[str, np.ndarray]) -> tuple:
         if unit.actions[s] == COMPUTE:
             sig.append(None)
             continue
+        if s not in unit.compensation:  # a nested unit whose parent is skipped: not run
+            sig.append("idle")
+            continue
         c = unit.compensation[s]
         digest = None
         if c.eoc_alpha != 0.0:
@@ -249,7 +252,7 @@ def _predictors(plan: Plan, s: int, parts: list[int], shapes: list[list[tuple]],
     coefficients; ``(1 + α·D)`` computed in float32)."""
     preds = {}
     for u, unit in enumerate(plan.units):
-        if unit.actions[s] == COMPUTE:
+        if unit.actions[s] == COMPUTE or s not in unit.compensation:
             continue
         c = unit.compensation[s]
         plain = c.eoc_alpha == 0.0 and [float(x) for x in c.coeffs] == [1.0]
@@ -357,7 +360,7 @@ def export_plan(pipe, plan: Plan | str, out_dir: str | Path, *, force: bool = Fa
         raise ExportError(f"the ONNX export is float32: load the model with dtype float32 (it is {dtype})")
     _, units = plan_executor(model, plan, force=force, warn_stacklevel=3)  # class, units, FLOPs, fingerprint
     modules = dict(model.named_modules())
-    if any("forward" in modules[u.name].__dict__ for u in units):
+    if any(u.name in modules and "forward" in modules[u.name].__dict__ for u in units):  # (maps: not yet made)
         raise ExportError("the transformer's units are hooked (a cache plan is applied?): remove it before exporting")
     cfg = model.config
     sample_shape = [int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)]
@@ -406,7 +409,7 @@ def export_plan(pipe, plan: Plan | str, out_dir: str | Path, *, force: bool = Fa
                 reads = sorted({(u, j) for (u, j) in schedule[s]["reads"]})
                 read_units = sorted({u for u, _ in reads})
                 k_of = {u: max(j for v, j in reads if v == u) for u in read_units}
-                writes = [u for u in range(U) if keep[u] and (sig[u] is None or plan.history == "used")]
+                writes = [u for u in range(U) if keep[u] and (sig[u] is None or (plan.history == "used" and sig[u] != "idle"))]
                 handler.compute = [c is None for c in sig]
                 handler.predictors = _predictors(plan, s, parts, shapes, eoc)
                 names_in = ["hidden_states", "timestep", "class_labels"]
@@ -429,7 +432,7 @@ def export_plan(pipe, plan: Plan | str, out_dir: str | Path, *, force: bool = Fa
                     "computes": [plan.units[u].name for u in range(U) if sig[u] is None],
                     "predicts": {plan.units[u].name: {"coeffs": list(sig[u][0]), "eoc_alpha": sig[u][1],
                                                       "reuse": handler.predictors[u][2]}
-                                 for u in range(U) if sig[u] is not None},
+                                 for u in range(U) if sig[u] not in (None, "idle")},
                     "inputs": names_in, "outputs": names_out,
                     "flops": plan.budget.fixed_step_flops + sum(plan.units[u].flops for u in range(U) if sig[u] is None),
                 }

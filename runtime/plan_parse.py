@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .io import file_sha256
+from .units import parent_units
 from .plan_schema import (
     _HEX64,
     BUDGET_METHODS,
@@ -294,6 +295,7 @@ def parse_plan(data: Any) -> Plan:
         if u.name in seen:
             raise PlanError(f"units[{i}].name: unit {u.name!r} appears twice")
         seen.add(u.name)
+    _check_skips(units)
 
     sc_raw = root.get("sidecar")
     sidecar = None
@@ -369,10 +371,27 @@ def _parse_unit(raw: Any, path: str, steps: int, history: str) -> UnitPlan:
                 f"{'computed ' if history == 'computed' else ''}outputs precede step {step}"
             )
         compensation[step] = comp
-    missing = [s for s, a in enumerate(actions) if a == SKIP and s not in compensation]
-    if missing:
-        raise PlanError(f"{path}.compensation: skipped step(s) {missing} have no compensation entry")
     return UnitPlan(name, flops, actions, dict(sorted(compensation.items())))
+
+
+def _check_skips(units: list[UnitPlan]) -> None:
+    """Every skipped step of a unit has a compensation entry, except where the unit is nested (an
+    attention-map unit, :func:`~cachec.runtime.units.parent_units`) and its parent is skipped: the nested unit
+    does not run there at all, so it must be skipped and have no entry (docs/plan-format.md, "Nested units")."""
+    parents = parent_units([u.name for u in units])
+    for i, (u, p) in enumerate(zip(units, parents)):
+        idle = set() if p is None else {s for s, a in enumerate(units[p].actions) if a == SKIP}
+        running = [s for s in sorted(idle) if u.actions[s] == COMPUTE]
+        if running:
+            raise PlanError(f"units[{i}].actions: step(s) {running} are 'C' but the unit is nested in {units[p].name}, "
+                            "which skips them; a nested unit runs only where its parent computes")
+        stray = sorted(idle & set(u.compensation))
+        if stray:
+            raise PlanError(f"units[{i}].compensation: step(s) {stray} have an entry but the unit's parent "
+                            f"{units[p].name} skips them, so it never runs there; remove the entries")
+        missing = [s for s, a in enumerate(u.actions) if a == SKIP and s not in u.compensation and s not in idle]
+        if missing:
+            raise PlanError(f"units[{i}].compensation: skipped step(s) {missing} have no compensation entry")
 
 
 def _check_consistency(plan: Plan) -> None:

@@ -71,6 +71,10 @@ class ModelSpec:
         eval_samples: default number of held-out samples of ``cachec eval`` (a count that finishes in
             minutes on a CPU at the family's usual size).
         reference: the hub id of the family's reference checkpoint (``""``: none, e.g. the digit models).
+        attention_maps: where attention-map units can be (docs/hgc.md, "Fine grain"): ``{block_list_attribute:
+            (attention_child_attribute, ...)}``; each such attention of each block gets a child unit of kind
+            ``"attn_map"`` (its probability map, :mod:`cachec.runtime.attention_maps`) when a calibration asks
+            for them. Empty: the family's attention processors are not supported for map reuse.
         published: the transformer constructor arguments of that checkpoint (its ``transformer/config.json``
             without the ``_class_name``/``_diffusers_version`` bookkeeping), as data: what
             :func:`cachec.shapes.build_pipeline` builds full-width random models from. Read-only
@@ -95,6 +99,7 @@ class ModelSpec:
     digit_metrics: bool = False
     eval_samples: int = 8
     reference: str = ""
+    attention_maps: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     published: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -108,7 +113,7 @@ class ModelSpec:
     def unit_layout(self) -> tuple:
         """What :func:`~cachec.runtime.units.find_units` reads: ``(blocks, residual_inputs,
         guidance_scale_is_cfg)``; families sharing a transformer class must agree on it."""
-        return (dict(self.blocks), tuple(self.residual_inputs), self.guidance_scale_is_cfg)
+        return (dict(self.blocks), tuple(self.residual_inputs), self.guidance_scale_is_cfg, dict(self.attention_maps))
 
 
 # Published transformer configs of each family's reference checkpoint, copied from the hub's
@@ -144,6 +149,9 @@ _FLUX_BLOCKS = {
     "single_transformer_blocks": (("", "block"),),
 }
 _FLUX_RESIDUALS = ("encoder_hidden_states", "hidden_states")
+# attention-map units: the self-attention of DiT/PixArt blocks (AttnProcessor2_0), FLUX's joint and single attention
+_DIT_MAPS = {"transformer_blocks": ("attn1",)}
+_FLUX_MAPS = {"transformer_blocks": ("attn",), "single_transformer_blocks": ("attn",)}
 
 #: family name -> spec, in lookup order (the first family naming a transformer class answers for it)
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -237,6 +245,7 @@ register(ModelSpec(
     takes_size=False,  # DiTPipeline samples at the transformer's sample_size
     reference="facebook/DiT-XL-2-256",
     published=DIT_XL_2_256,
+    attention_maps=_DIT_MAPS,
 ))
 register(ModelSpec(
     name="pixart",
@@ -248,6 +257,7 @@ register(ModelSpec(
     step_callback=False,  # PixArtSigmaPipeline swallows callback_on_step_end into **kwargs (never calls it)
     reference="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
     published=PIXART_SIGMA_XL_2_1024_MS,
+    attention_maps=_DIT_MAPS,
 ))
 register(ModelSpec(
     name="sd3",
@@ -274,6 +284,7 @@ register(ModelSpec(
     default_guidance=3.5,
     reference="black-forest-labs/FLUX.1-dev",
     published=FLUX_1_DEV,
+    attention_maps=_FLUX_MAPS,
 ))
 register(ModelSpec(
     name="digits",  # cachec's reference models: cachec.pipeline.DigitsPipeline over a diffusers DiT
@@ -289,6 +300,7 @@ register(ModelSpec(
     takes_size=False,
     digit_metrics=True,
     eval_samples=100,  # 10 per class, as the shipped plans and the README's main job are evaluated
+    attention_maps=_DIT_MAPS,
 ))
 register(ModelSpec(
     name="digits-mmdit",  # cachec's prompt-conditioned reference: cachec.pipeline_prompt.PromptDigitsPipeline
@@ -306,6 +318,7 @@ register(ModelSpec(
     takes_size=False,
     digit_metrics=True,
     eval_samples=90,  # the 30 held-out prompts 3 times each
+    attention_maps=_FLUX_MAPS,
 ))
 register(ModelSpec(
     name="digits-mmdit-control",  # digits-mmdit + a ControlNet on ink masks: cachec.pipeline_control
@@ -327,4 +340,5 @@ register(ModelSpec(
     takes_size=False,
     digit_metrics=True,
     eval_samples=90,  # the 90 held-out (prompt, mask) conditions once each
+    attention_maps={f"{p}{k}": v for p in ("controlnet.", "transformer.") for k, v in _FLUX_MAPS.items()},
 ))

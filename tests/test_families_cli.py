@@ -27,8 +27,9 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def _chain(family: str, folder: str, work) -> dict:
-    """Run the five commands of one family; stop at the first failure. Returns {command: CompletedProcess}."""
+def _chain(family: str, folder: str, work, maps: bool = False) -> dict:
+    """Run the five commands of one family (``maps``: calibrating attention-map units too); stop at the first
+    failure. Returns {command: CompletedProcess}."""
     work.mkdir()
     text = family != "dit"
     conds = [a for p in CAL_PROMPTS for a in ("--prompt", p)] if text else ["--classes", "0,999"]
@@ -36,7 +37,7 @@ def _chain(family: str, folder: str, work) -> dict:
     steps = ["--steps", "3"]
     cmds = {
         "calibrate": ["calibrate", folder, *conds, *size, *steps, "--samples-per-condition", "1", "--sensitivity",
-                      "none", "-o", "calib.safetensors"],
+                      "none", "-o", "calib.safetensors", *(["--attention-maps"] if maps else [])],
         "plan": ["plan", "calib.safetensors", "--budget", "60%", "-o", "plan.yaml"],
         "sample": ["sample", folder, *(["--prompt", "a green tree"] if text else ["--classes", "7"]), *size, *steps,
                    "--per-class", "2", "--out", "uncached.png"],
@@ -55,9 +56,26 @@ def _chain(family: str, folder: str, work) -> dict:
 @pytest.fixture(scope="module")
 def chains(tiny_pipelines, tmp_path_factory):
     root = tmp_path_factory.mktemp("families_cli")
-    with ThreadPoolExecutor(len(FAMILIES)) as pool:
+    with ThreadPoolExecutor(len(FAMILIES) + 1) as pool:
         futures = {f: pool.submit(_chain, f, tiny_pipelines[f].name, root / f) for f in FAMILIES}
+        futures["flux+maps"] = pool.submit(_chain, "flux", tiny_pipelines["flux"].name, root / "flux+maps", True)
         return {f: (fut.result(), root / f) for f, fut in futures.items()}
+
+
+def test_attention_map_units_from_a_new_process(chains):
+    """The chain with ``calibrate --attention-maps`` (docs/hgc.md): the plan carries map units nested in their
+    blocks, and run/eval follow it."""
+    from cachec.runtime.plan import load_plan
+    from cachec.runtime.units import parent_units
+
+    runs, work = chains["flux+maps"]
+    for name in ("calibrate", "plan", "sample", "run", "eval"):
+        assert name in runs and runs[name].returncode == 0, (name, runs[list(runs)[-1]].stderr)
+    plan = load_plan(work / "plan.yaml")
+    names = [u.name for u in plan.units]
+    nested = [n for n, p in zip(names, parent_units(names)) if p is not None]
+    assert nested and all(n.endswith(".attn.cachec_map") for n in nested)
+    assert re.search(r"PSNR vs uncached: [\d.]+ dB", runs["eval"].stdout)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
