@@ -133,13 +133,6 @@ class _Maps:
                     best = (rate, delta, n, t)
         return best
 
-    def add_parent_computes(self, parent_compute: dict[int, np.ndarray]) -> None:
-        """Steps a parent newly computes (the fill) run its nested units computed."""
-        for n in self.nested:
-            new = parent_compute[self.parents[n]] & ~self.active[n]
-            self.active[n] |= new
-            self.comp[n] = sorted(set(self.comp[n]) | set(np.flatnonzero(new).tolist()))
-
 
 def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float, keep_last: int = 0
          ) -> tuple[list, dict[int, list[int]], int]:
@@ -181,18 +174,15 @@ def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float,
     maps = _Maps(table, nested, parents, parent_compute(base), keep_last, factors(base))
     base_err = cost(base) + maps.error()
     spent0 = sum(len(x) * folded[u] for u, x in zip(prim, base))
-    best = (0.0, base, {n: list(c) for n, c in maps.comp.items()}, 0)
-    freed, map_err, since = 0.0, 0.0, 0
-    moves = 0
+    best = (0.0, base, {n: list(c) for n, c in maps.comp.items()})
+    freed, since = 0.0, 0
     while since < PATIENCE:
         move = maps.best_move(flops)
         if move is None:
             break
-        _, delta, n, t = move
+        _, _, n, t = move
         maps.comp[n].remove(t)
         freed += flops[n]
-        map_err += delta
-        moves += 1
         segs, _ = fill_segments(sub, base, folded[prim], max(cap - spent0 + freed, 0.0))
         # the fill's new parent computes run their maps computed: their cost is in `folded`
         trial = _Maps(table, nested, parents, parent_compute(segs), keep_last, factors(segs))
@@ -200,10 +190,10 @@ def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float,
             trial.comp[m] = sorted(set(maps.comp[m]) | set(np.flatnonzero(trial.active[m] & ~maps.active[m]).tolist()))
         net = cost(segs) + trial.error() - base_err
         if net < best[0] - 1e-15:
-            best, since = (net, segs, {m: list(c) for m, c in trial.comp.items()}, moves), 0
+            best, since = (net, segs, {m: list(c) for m, c in trial.comp.items()}), 0
         else:
             since += 1
-    _, segs, comp, _ = best
+    _, segs, comp = best
     out = [[] for _ in range(U)]
     for i, u in enumerate(prim):
         out[u] = segs[i]
