@@ -155,6 +155,8 @@ def timing(repeats: int) -> dict:
     _, total, per_module = count_flops(model, **kw)
     hook = install(model, maps, handler)
     try:
+        handler.reuse = False
+        call()  # the maps to reuse (a fresh installation has none yet)
         handler.reuse = True
         _, reused, _ = count_flops(model, **kw)
     finally:

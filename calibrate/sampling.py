@@ -39,7 +39,7 @@ def _sigmas(scheduler, steps: int) -> list[float] | None:
 
 
 #: largest attention map (one sample, one branch, float32 bytes) an ``attn_map`` unit may hold: a plan keeps one
-#: per unit and branch in memory; 64 MiB admits DiT-XL/2 at 256² (2 MiB) and refuses FLUX at 1024² (972 MiB)
+#: per unit and branch in memory; 64 MiB admits DiT-XL/2 at 256² (4 MiB) and refuses FLUX at 1024² (1944 MiB)
 MAP_LIMIT_BYTES = 64 * 2**20
 
 
