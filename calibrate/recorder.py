@@ -246,7 +246,7 @@ class Recorder:
         self.timing = False
         self.capture = False
         self.captured: tuple[tuple, dict] | None = None
-        self._t0 = 0.0
+        self._t0: dict[int, float] = {}
         self._timed = False
         self.on_step = None  # called at the first call of every step (progress bars)
 
@@ -274,13 +274,13 @@ class Recorder:
     def should_compute(self, index: int) -> bool:
         if self._timed:
             _sync(self.device)
-            self._t0 = time.perf_counter()
+            self._t0[index] = time.perf_counter()  # per unit: a nested unit's call starts inside its parent's
         return True
 
     def store(self, index: int, feature: Feature) -> None:
         if self._timed:
             _sync(self.device)
-            self.lat_sum[index] += time.perf_counter() - self._t0
+            self.lat_sum[index] += time.perf_counter() - self._t0[index]
             self.lat_count[index] += 1
         info = self.tracker.info
         shapes = [tuple(p.shape[1:]) for p in feature]

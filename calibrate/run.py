@@ -132,7 +132,7 @@ def calibrate(
         attention_maps: also record the attention-map units the model's registry entry declares (kind
             ``"attn_map"``, nested in the unit holding the attention; docs/hgc.md). Their attention runs with
             an explicit softmax (not SDPA's kernel) while calibrating. A map over
-            :data:`~cachec.calibrate.sampling.MAP_LIMIT_BYTES` per sample is refused.
+            :data:`~cachec.runtime.attention_maps.MAP_LIMIT_BYTES` per sample is refused (at the first call).
 
     Returns:
         ``Path(output)`` (on every rank).
@@ -285,7 +285,8 @@ def _sensitivity(job: CalibrationJob, ctx: RunContext, state: RunState, switch, 
     sens_seconds = 0.0
     n_probe = min(job.sensitivity_samples, job.n_samples)
     if job.sensitivity != "none" and job.shard[0] == 0 and S >= 2:
-        job_list = sens_mod.jobs(job.sensitivity, U, S)
+        joint = tuple(i for i, u in enumerate(ctx.units) if not u.parent)  # (attention maps: not in joint probes)
+        job_list = sens_mod.jobs(job.sensitivity, U, S, joint)
         results, done, sens_seconds = load_sensitivity_partial(sens_partial, state.hash, len(job_list))
         last = [time.monotonic()]
 
@@ -298,7 +299,7 @@ def _sensitivity(job: CalibrationJob, ctx: RunContext, state: RunState, switch, 
             sens_mod.measure(
                 ctx.driver, switch, make_tracker, U, job.sensitivity, job.sample_conditions[:n_probe],
                 job.sample_seeds[:n_probe], S, job.guidance, job.cfg, results, done,
-                mine=lambda j: j % ctx.world == ctx.rank, on_probe=on_probe, progress=show,
+                mine=lambda j: j % ctx.world == ctx.rank, on_probe=on_probe, progress=show, joint=joint,
             )
         except BaseException:
             try:

@@ -38,9 +38,6 @@ def _sigmas(scheduler, steps: int) -> list[float] | None:
     return sig[:steps]
 
 
-#: largest attention map (one sample, one branch, float32 bytes) an ``attn_map`` unit may hold: a plan keeps one
-#: per unit and branch in memory; 64 MiB admits DiT-XL/2 at 256² (4 MiB) and refuses FLUX at 1024² (1944 MiB)
-MAP_LIMIT_BYTES = 64 * 2**20
 
 
 def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[float], float, float],
@@ -56,13 +53,6 @@ def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[f
     """
     tracker = recorder.tracker
     unit_flops, full, fixed = flops
-    for i, u in enumerate(units):
-        size = 4 * sum(math.prod(s) for s in recorder.shapes[i])
-        if u.kind == "attn_map" and size > MAP_LIMIT_BYTES:
-            raise ValueError(
-                f"attention-map unit {u.name} holds a map of {size / 2**20:.0f} MiB per sample (heads x queries x keys, "
-                f"float32), over the {MAP_LIMIT_BYTES // 2**20} MiB limit; calibrate without attention maps at this "
-                "resolution (docs/hgc.md, memory)")
 
     def entry(i: int, u) -> dict:
         shapes = [list(s) for s in recorder.shapes[i]]

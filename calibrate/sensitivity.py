@@ -85,10 +85,13 @@ def resolve(method: str, n_units: int, steps: int, small: str = "full") -> str:
     return method
 
 
-def jobs(method: str, n_units: int, steps: int) -> list[tuple[tuple[int, ...], int]]:
+def jobs(method: str, n_units: int, steps: int, joint: tuple[int, ...] | None = None
+         ) -> list[tuple[tuple[int, ...], int]]:
     """The probes of a method: ``[(unit indices perturbed together, step), ...]`` in a fixed order
     (``chain``: the S−2 joint probes, the per-unit probes step by step, then the U probes at the middle
-    step m when m ≤ S−2).
+    step m when m ≤ S−2). ``joint``: the units a joint probe perturbs (default all; a calibration with
+    attention-map units leaves them out: a map reused inside a reused block changes nothing, and its local
+    error would only dilute the joint ratio).
 
     Raises:
         ValueError: unknown method.
@@ -96,7 +99,7 @@ def jobs(method: str, n_units: int, steps: int) -> list[tuple[tuple[int, ...], i
     _check(method)
     if method == "none" or steps < 2:
         return []
-    everyone = tuple(range(n_units))
+    everyone = tuple(range(n_units)) if joint is None else tuple(joint)
     if method == "full":
         return [((u,), s) for s in range(1, steps) for u in range(n_units)]
     mid = max(1, steps // 2)
@@ -536,7 +539,7 @@ def run_probe(driver, switch, tracker: StepTracker, feats: ProbeState, outputs: 
 def measure(driver, switch, make_tracker: Callable[[], StepTracker], n_units: int, method: str, conditions, seeds,
             steps: int, guidance: float, cfg: str, results: np.ndarray, done: np.ndarray,
             mine: Callable[[int], bool] = lambda j: True, on_probe: Callable[[int], None] | None = None,
-            progress: bool = False) -> None:
+            progress: bool = False, joint: tuple[int, ...] | None = None) -> None:
     """Run the probes of ``method`` that are ``mine`` and not ``done``, filling ``results`` in place.
 
     The probes run grouped by step (their indices, and so ``results``, keep the order of :func:`jobs`).
@@ -550,11 +553,12 @@ def measure(driver, switch, make_tracker: Callable[[], StepTracker], n_units: in
         mine: which probe indices this process runs (distributed runs split them).
         on_probe: called with the probe index after each finished probe (checkpointing).
         progress: show a tqdm bar.
+        joint: the units of the joint probes (:func:`jobs`).
 
     Raises:
         ValueError: unknown method, or a pipeline whose calls leave the schedule.
     """
-    job_list = jobs(method, n_units, steps)
+    job_list = jobs(method, n_units, steps, joint)
     kinds = probe_kinds(method, n_units, steps)
     todo = sorted((j for j in range(len(job_list)) if mine(j) and not done[j]), key=lambda j: (job_list[j][1], j))
     if not todo:

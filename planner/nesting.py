@@ -134,8 +134,8 @@ class _Maps:
         return best
 
 
-def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float, keep_last: int = 0
-         ) -> tuple[list, dict[int, list[int]], int]:
+def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float, keep_last: int = 0,
+         exchange: bool = True) -> tuple[list, dict[int, list[int]], int]:
     """Stage 2 of the module docstring: trade map skips against primary computes.
 
     Args:
@@ -145,6 +145,7 @@ def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float,
         unit_flops: (U,) FLOPs per call, each unit without its nested units.
         cap: FLOPs the units may spend over the run (budget minus the fixed FLOPs).
         keep_last: the last ``keep_last`` steps stay computed.
+        exchange: False: no map skip (every nested unit computes wherever its parent does).
     Returns:
         ``(segments of the primary units (all U entries, nested ones empty), {nested unit: computed steps},
         number of map skips)``.
@@ -176,7 +177,7 @@ def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float,
     spent0 = sum(len(x) * folded[u] for u, x in zip(prim, base))
     best = (0.0, base, {n: list(c) for n, c in maps.comp.items()})
     freed, since = 0.0, 0
-    while since < PATIENCE:
+    while exchange and since < PATIENCE:
         move = maps.best_move(flops)
         if move is None:
             break

@@ -113,6 +113,9 @@ class Planner:
         #: per unit the index of the unit it is nested in (attention maps, docs/hgc.md), or None
         self.parents = parent_units(cal.unit_names)
         self.nested = any(p is not None for p in self.parents)
+        #: map reuse is only priced with a measured sensitivity: without one a map's ‖ΔP‖² would be weighed
+        #: 1:1 against activation errors (measured: map sensitivities are 20-50x their parents')
+        self.map_reuse = cal.header.get("sensitivity", {}).get("method", "none") != "none"
         self._primary = [u for u, p in enumerate(self.parents) if p is None]
 
     def error_model(self, predictors=None, ridge: float | None = None, shrink: str | None = None) -> ErrorModel:
@@ -228,7 +231,7 @@ class Planner:
                 family="step" if family == "warmup" else family, keep_last=keep_last,
                 front=None if mask is not None or always is not None else self.frontier(K, keep_last, family, n_groups, model),
                 groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask, always=always,
-                parents=self.parents if self.nested else None,
+                parents=self.parents if self.nested else None, map_reuse=self.map_reuse and fill,
             )
             if fn_bn is not None:
                 sched.options["fn_bn"] = [int(fn_bn[0]), int(fn_bn[1])]

@@ -368,6 +368,7 @@ def solve(
     mask=None,
     always: np.ndarray | None = None,
     parents=None,
+    map_reuse: bool = True,
 ) -> Schedule:
     """Least-error schedule spending at most ``budget`` of a full run's FLOPs.
 
@@ -393,7 +394,8 @@ def solve(
         parents: (U,) per unit the index of the unit it is nested in (attention maps), or None. With nested
             units the family solves the other units (``front``, ``groups`` and ``always`` are of those, in
             order), and :func:`cachec.planner.nesting.nest` trades map reuse against more computes (recorded
-            as ``options.map_skips``).
+            as ``options.map_skips``). ``map_reuse=False`` skips that exchange: every nested unit computes
+            wherever its parent does (the planner passes False without a measured sensitivity or a fill).
     Returns:
         A :class:`Schedule` (history ``computed``) whose realised fraction is <= budget, and within one
         unit call below it when ``fill`` (or the family) allows.
@@ -405,7 +407,7 @@ def solve(
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if parents is not None and any(p is not None for p in parents):
         return _solve_nested(table, unit_flops, full_step, fixed_step, budget, family, keep_last, front, groups,
-                             fill, mask, always, list(parents))
+                             fill, mask, always, list(parents), map_reuse)
     if not (0.0 < budget <= 1.0):
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
     U, S = table.cost.shape[:2]
@@ -493,7 +495,7 @@ def _solve_step(table, unit_flops, full_step, fixed_step, budget, cap, minb, opt
 
 
 def _solve_nested(table, unit_flops, full_step, fixed_step, budget, family, keep_last, front, groups, fill, mask,
-                  always, parents) -> Schedule:
+                  always, parents, map_reuse) -> Schedule:
     """:func:`solve` with nested units (the two stages of :mod:`cachec.planner.nesting`)."""
     U, S = table.cost.shape[:2]
     flops = np.asarray(unit_flops, dtype=np.float64)
@@ -508,11 +510,12 @@ def _solve_nested(table, unit_flops, full_step, fixed_step, budget, family, keep
     for i, u in enumerate(prim):
         primary[u] = segments_of(first.compute[i])
     cap = budget * S * full_step * (1 + 1e-12) - S * fixed_step
-    segs, maps, skipped = nest(table, primary, parents, flops, cap, keep_last)
+    segs, maps, skipped = nest(table, primary, parents, flops, cap, keep_last, exchange=map_reuse)
     for n, p in enumerate(parents):
         if p is not None:
             segs[n] = segments_of(np.isin(np.arange(S), maps[n]))
-    sched = _schedule_from_segments(table, segs, S, dict(first.options, map_skips=int(skipped)))
+    opts = dict(first.options, map_skips=int(skipped), **({} if map_reuse else {"map_reuse": False}))
+    sched = _schedule_from_segments(table, segs, S, opts)
     for n, p in enumerate(parents):
         if p is not None:
             sched.coeffs[n] = nested_coefficients(sched.compute[p], maps[n])

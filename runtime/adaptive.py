@@ -50,7 +50,7 @@ import torch
 from .compensation import combine
 from .executor import PlanExecutor, RunReport, _Run
 from .plan import Plan
-from .units import parent_units, unwrap
+from .units import unwrap
 
 MODES = ("softcap", "speca")
 EXTRA_DEPTH = 3  # history entries kept beyond the plan's longest coefficient list
@@ -290,7 +290,7 @@ class AdaptiveExecutor(PlanExecutor):
         self._state: _State | None = None
         self._verify_now = False
         self._verify_inputs = None
-        self._skips_now = (0, 0, 0)  # (skipped, compensated, fallbacks) of the current call's plan record
+        self._skips_now = (0, 0, 0, 0)  # (skipped, compensated, fallbacks, computed) of the current call's plan record
         self._observe = _eager(self._observe_call)
         self._check = _eager(self._verify_call)
         self.record_only = False  # calibration: measure the risk, never take a Full step
@@ -315,8 +315,8 @@ class AdaptiveExecutor(PlanExecutor):
             if self.options.verify_unit not in names:
                 raise ValueError(f"verify unit {self.options.verify_unit!r} is not a plan unit")
             return names.index(self.options.verify_unit)
-        nested = parent_units(names)  # an attention-map unit runs only inside its parent: not a verify point
-        skipped = [u for u in range(len(names)) if nested[u] is None and any(not p[u] for p in self.patterns)]
+        # an attention-map unit runs only inside its parent: not a verify point
+        skipped = [u for u in range(len(names)) if self.parents[u] is None and any(not p[u] for p in self.patterns)]
         if not skipped:
             raise ValueError("the plan never skips a unit: SpeCa has nothing to verify")
         return skipped[-1]
@@ -324,7 +324,9 @@ class AdaptiveExecutor(PlanExecutor):
     def verify_cost(self, step: int) -> float:
         """Extra cost (fraction of one uncached step) of verifying at ``step`` (0 where the plan computes it)."""
         v = self.verify
-        return 0.0 if v is None or self.patterns[step][v] else self.unit_flops[v] / self.full
+        if v is None or self.patterns[step][v]:
+            return 0.0
+        return (self.unit_flops[v] + sum(self.unit_flops[n] for n in self._idle[step] if self.parents[n] == v)) / self.full
 
     # ------------------------------------------------------------------ hooks
 
@@ -376,6 +378,8 @@ class AdaptiveExecutor(PlanExecutor):
                 inputs[u] = (*self._coefficients(u, step, entries[0]), entries)
                 compensated += 1
             skips.append(u)
+        for u in self._idle[step]:  # a nested unit runs (computed) exactly when its parent does
+            decision[u] = decision[self.parents[u]]
         if verify:
             v = self.verify
             h, comp = history[v], self.plan.units[v].compensation[step]
@@ -390,12 +394,13 @@ class AdaptiveExecutor(PlanExecutor):
         report.skipped += len(skips)
         report.compensated += compensated
         report.fallbacks += fallbacks
-        report.computed += U - len(skips)
+        report.computed += sum(decision)
         self._decision = tuple(decision)
+        self._idle_now = self._idle[step]
         self._inputs = inputs
         self._pushes = tuple((u, True) for u in range(U) if self.keep[u] and (decision[u] or self.push_predictions))
         fraction = (self.fixed + sum(f for f, c in zip(self.unit_flops, decision) if c)) / self.full
-        self._skips_now = (len(skips), compensated, fallbacks)
+        self._skips_now = (len(skips), compensated, fallbacks, sum(decision))
         if branch == 0:
             st.cost = fraction
         self._account(run, batch, fraction)
@@ -417,18 +422,19 @@ class AdaptiveExecutor(PlanExecutor):
         """Make the current call a Full step (``old_fraction``: the call was already accounted at it)."""
         U, rep = len(self.plan.units), run.report
         if old_fraction is not None:
-            n, comp, fb = self._skips_now
+            n, comp, fb, n_computed = self._skips_now
             rep.skipped -= n
             rep.compensated -= comp
             rep.fallbacks -= fb
-            rep.computed -= U - n
+            rep.computed -= n_computed
         rep.computed += U
         self._decision = (True,) * U
+        self._idle_now = frozenset()
         self._inputs = [None] * U
         self._pushes = self._full_pushes
         self._pending = []
         self._verify_now = False
-        self._skips_now = (0, 0, 0)
+        self._skips_now = (0, 0, 0, 0)
         if old_fraction is None:
             self._account(run, batch, 1.0)
         else:

@@ -40,11 +40,29 @@ def _diffusers():
     return Attention, AttnProcessor2_0, FluxAttention, FluxAttnProcessor
 
 
+#: largest attention map (one sample, one branch, float32 bytes) a map unit may hold: a plan keeps one per unit and
+#: branch in memory; 64 MiB admits DiT-XL/2 at 256² (4 MiB) and refuses FLUX.1 at 1024² (1944 MiB;
+#: bench/bench_attention_map_scale.py). Checked before the map is computed.
+MAP_LIMIT_BYTES = 64 * 2**20
+
+
+def _check_size(query: torch.Tensor, key: torch.Tensor) -> None:
+    """Raise ValueError (one line) when the map of ``query`` (B, H, N_q, d) and ``key`` (B, H, N_k, d) holds
+    more than :data:`MAP_LIMIT_BYTES` per sample in float32."""
+    size = 4 * query.shape[1] * query.shape[2] * key.shape[2]
+    if size > MAP_LIMIT_BYTES:
+        raise ValueError(
+            f"an attention map of {query.shape[1]} heads x {query.shape[2]} x {key.shape[2]} tokens holds "
+            f"{size / 2**20:.0f} MiB per sample, over the {MAP_LIMIT_BYTES // 2**20} MiB limit of attention-map units; "
+            "calibrate and plan without --attention-maps at this resolution (docs/hgc.md, memory)")
+
+
 def _probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``softmax(query·keyᵀ/√d + mask)``: query (B, H, N_q, d), key (B, H, N_k, d) -> (B, H, N_q, N_k) in the
     query's dtype. ``mask`` broadcasts to the scores with SDPA's meaning: bool True = attend, float = added.
     The scale is applied to Q before the product (as SDPA's math path does, safe in float16); the softmax
     runs in float32 for 16-bit inputs. Only the product counts FLOPs: ``2·B·H·N_q·N_k·d``."""
+    _check_size(query, key)
     scores = torch.matmul(query * (1.0 / math.sqrt(query.shape[-1])), key.transpose(-1, -2))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

@@ -64,7 +64,7 @@ import torch
 from .compensation import combine
 from .hooks import Feature, batch_size_of, same_timestep, timestep_and_dtype
 from .plan import COMPUTE, Plan
-from .units import UnitSpec, unwrap
+from .units import UnitSpec, parent_units, unwrap
 
 REMAP_MODES = ("error", "nearest", "off")
 
@@ -217,6 +217,12 @@ class PlanExecutor:
         self._skipped = [tuple((u, len(c.coeffs), c.eoc_alpha == 0.0 and [float(x) for x in c.coeffs] == [1.0])
                                for u, c in enumerate(un.compensation.get(s) for un in plan.units) if c is not None)
                          for s in range(S)]
+        # nested units (attention maps, docs/plan-format.md "Nested units"): per step the ones idle under a skipped
+        # parent; they take their parent's decision (computed when a forced, verified or shadow parent runs)
+        self.parents = parent_units([u.name for u in plan.units])
+        self._idle = [frozenset(u for u, un in enumerate(plan.units) if self.parents[u] is not None
+                                and un.actions[s] != COMPUTE and s not in un.compensation) for s in range(S)]
+        self._idle_now: frozenset = frozenset()
         self._steps = None if remap == "nearest" else self._static_steps()
         # per-call state read by the unit wrappers (possibly inside a compiled graph)
         self._decision: tuple[bool, ...] = (True,) * U
@@ -250,6 +256,8 @@ class PlanExecutor:
         skips = tuple(x for x in self._skipped[s] if lengths[x[0]] >= x[1])
         for u in forced:
             decision[u] = True
+        for u in self._idle[s]:  # a nested unit runs (computed) exactly when its parent does
+            decision[u] = decision[self.parents[u]]
         pushes = tuple((u, True) for u, m in enumerate(self.keep) if m and (decision[u] or self.push_predictions))
         spent = self.fixed + sum(f for f, c in zip(self.unit_flops, decision) if c)
         return _Step(tuple(decision), skips, forced, pushes, spent / self.full, sum(not x[2] for x in skips))
@@ -459,6 +467,7 @@ class PlanExecutor:
             report.off_plan_calls += 1
             self._decision = (True,) * U
             self._inputs = [None] * U
+            self._idle_now = frozenset()
             self._pushes = ()
             report.computed += U
             self._account(run, batch, 1.0)
@@ -481,6 +490,7 @@ class PlanExecutor:
         report.compensated += rec.compensated
         report.computed += sum(rec.decision)
         self._decision = rec.decision
+        self._idle_now = self._idle[step]
         self._inputs = inputs
         self._pushes = rec.pushes
         self._account(run, batch, rec.fraction)
@@ -529,8 +539,15 @@ class PlanExecutor:
         return coeffs, eoc
 
     def should_compute(self, index: int) -> bool:
-        """Whether plan unit ``index`` runs in the current call (read from the prepared decision)."""
-        return self._decision[index]
+        """Whether plan unit ``index`` runs in the current call (read from the prepared decision). A nested unit
+        idle at this step is only called when something computes its parent anyway (a shadow calibration):
+        it is computed then too."""
+        return self._decision[index] or index in self._idle_now
+
+    def wraps(self, index: int) -> bool:
+        """Whether unit ``index`` needs its hook: False for a nested unit (attention map) the plan never
+        predicts, which then runs inside its parent as if it were not a unit (SDPA's kernel, no materialised map)."""
+        return self.parents[index] is None or bool(self.plan.units[index].compensation)
 
     def stores(self, index: int) -> bool:
         """Whether unit ``index`` ever keeps a computed feature (fixed per unit; False: none is built)."""

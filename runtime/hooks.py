@@ -55,6 +55,9 @@ class UnitHandler(Protocol):
     # Optional: ``stores(index) -> bool``, fixed per unit: False means ``store`` would drop the unit's
     # features, so the wrapper does not build them (no ``output − input`` of a residual unit). Without it
     # every computed feature is passed to ``store``.
+    # Optional: ``wraps(index) -> bool``, fixed per unit: False means the handler never predicts nor records
+    # the unit, so an attention-map unit is then neither materialised nor wrapped (its attention keeps its own
+    # processor). Without it every unit is wrapped.
     # Optional: ``observer(index) -> Callable[[tuple, dict], None] | None``, resolved once per unit at
     # installation: a callable returned there is called with the unit's ``(args, kwargs)`` before
     # ``should_compute`` (the adaptive executor's decision point, :mod:`cachec.runtime.adaptive`; it should
@@ -157,12 +160,16 @@ class HookHandle:
         ]
         self._maps = None
         try:
-            if any(u.kind == "attn_map" for u in units):
+            wraps = getattr(handler, "wraps", lambda index: True)
+            maps = [u.name for i, u in enumerate(units) if u.kind == "attn_map" and wraps(i)]
+            if maps:
                 from .attention_maps import map_paths, materialise
 
-                self._maps = materialise(model, map_paths(u.name for u in units if u.kind == "attn_map"))
+                self._maps = materialise(model, map_paths(maps))
             modules = dict(model.named_modules())
             for index, spec in enumerate(units):
+                if spec.kind == "attn_map" and not wraps(index):
+                    continue
                 if spec.name not in modules:
                     raise KeyError(f"unit {spec.name!r} not found in {type(model).__name__}")
                 self._wrap(modules[spec.name], index, spec)

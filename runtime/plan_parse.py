@@ -296,6 +296,9 @@ def parse_plan(data: Any) -> Plan:
             raise PlanError(f"units[{i}].name: unit {u.name!r} appears twice")
         seen.add(u.name)
     _check_skips(units)
+    if history == "used" and any(p is not None for p in parent_units([u.name for u in units])):
+        raise PlanError("history: 'used' pushes every step's value, but a nested unit (attention map) does not run "
+                        "where its parent is skipped; plans with nested units need history 'computed'")
 
     sc_raw = root.get("sidecar")
     sidecar = None

@@ -179,10 +179,12 @@ def map_plan(tiny_digits, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("map_plan")
     cal = load_calibration(str(calibrate(tiny_digits, [1, 2, 3], output=folder / "c.safetensors", steps=6,
-                                         batch_size=3, sensitivity="none", progress=False, attention_maps=True)))
-    plan, side = Planner(cal).plan(0.5, family="free", predictors="taylor")
+                                         batch_size=3, sensitivity="factored", sensitivity_samples=1, progress=False,
+                                         attention_maps=True)))
+    plan, side = Planner(cal).plan(0.5, family="step", predictors="taylor")
     plan = write_plan(plan, folder / "p.yaml", side or None)
-    assert any(u.name.endswith(".cachec_map") and "." in u.actions for u in plan.units)
+    assert plan.budget.options["map_skips"] > 0
+    assert any(u.name.endswith(".cachec_map") and u.compensation for u in plan.units)  # a map really reused
     return plan
 
 
@@ -218,3 +220,66 @@ def test_softcap_runs_a_plan_with_map_units_under_its_ceiling(tiny_digits, map_p
         tiny_digits.generate([3, 7], [0, 1], steps=6)
     rep = handle.report
     assert rep.complete and map_plan.budget.realised - 1e-9 <= rep.flops_fraction <= ceiling + 1e-9
+
+
+def test_parents_computed_off_the_plan_run_their_maps(tiny_digits, map_plan, tmp_path):
+    """A parent that runs where the plan idles its map — a calibration along the plan (every unit computed in
+    shadow), ``remap="nearest"`` with another step count, SpeCa's verification — computes the map too."""
+    from dataclasses import replace
+
+    from cachec.calibrate.format import read_header
+    from cachec.calibrate.run import calibrate
+    from cachec.runtime import apply
+    from cachec.runtime.adaptive import AdaptiveOptions
+    from cachec.runtime.adaptive_calibrate import calibrate_profile
+
+    sens = tmp_path / "sens.safetensors"
+    calibrate(tiny_digits, [1, 2, 3], output=sens, steps=6, batch_size=3, sensitivity="factored",
+              sensitivity_samples=1, progress=False, attention_maps=True)
+    along = calibrate(tiny_digits, [1, 2, 3], output=tmp_path / "along.safetensors", steps=6, batch_size=3,
+                      sensitivity="none", progress=False, along=map_plan, sensitivity_from=sens)
+    assert [u["name"] for u in read_header(along)["units"]] == [u.name for u in map_plan.units]
+    with apply(tiny_digits, map_plan, remap="nearest") as handle:
+        tiny_digits.generate([3, 7], [0, 1], steps=9)
+    assert handle.report.complete and handle.report.calls == 9
+    opts = AdaptiveOptions(mode="speca", ceiling=map_plan.budget.realised + 0.3, probe_samples=2)
+    opts = replace(opts, profile=calibrate_profile(tiny_digits, map_plan, opts))
+    with apply(tiny_digits, map_plan, adaptive=opts) as handle:
+        tiny_digits.generate([3, 7], [0, 1], steps=6)
+    assert handle.report.complete and handle.report.flops_fraction <= opts.ceiling + 1e-9
+
+
+def test_maps_the_plan_never_reuses_are_not_materialised(tiny_digits, map_plan):
+    from cachec.runtime import apply
+    from cachec.runtime.units import unwrap
+
+    model = unwrap(tiny_digits.transformer)
+    reused = {u.name for u in map_plan.units if u.name.endswith(".cachec_map") and u.compensation}
+    with apply(tiny_digits, map_plan):
+        live = {n for n, _ in model.named_modules() if n.endswith(".cachec_map")}
+    assert live == reused
+
+
+def test_map_reuse_needs_a_measured_sensitivity_and_the_fill():
+    cal = _nested_calibration(0.0)
+    cal.header["sensitivity"] = {"method": "none", "samples": 0, "seconds": 0.0}
+    s = Planner(cal).schedule(0.4, family="step")
+    assert s.options["map_skips"] == 0 and s.options["map_reuse"] is False
+    s = Planner(_nested_calibration(0.0)).schedule(0.4, family="step", fill=False)
+    assert s.options["map_skips"] == 0
+
+
+def test_nested_units_need_computed_history():
+    d, _, _ = _plan_dict()
+    with pytest.raises(PlanError, match="history: 'used'"):
+        parse_plan({**d, "history": "used"})
+
+
+def test_a_map_over_the_limit_is_refused_before_it_is_computed(tiny_digits, tmp_path, monkeypatch):
+    from cachec.calibrate.run import calibrate
+    from cachec.runtime import attention_maps
+
+    monkeypatch.setattr(attention_maps, "MAP_LIMIT_BYTES", 1024)
+    with pytest.raises(ValueError, match=r"MiB per sample, over the 0 MiB limit of attention-map units; calibrate"):
+        calibrate(tiny_digits, [1], output=tmp_path / "c.safetensors", steps=2, sensitivity="none", progress=False,
+                  attention_maps=True)
