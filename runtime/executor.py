@@ -56,7 +56,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -64,9 +63,11 @@ import torch
 from .compensation import combine
 from .hooks import Feature, batch_size_of, same_timestep, timestep_and_dtype
 from .plan import COMPUTE, Plan
+from .run_report import RunReport
 from .units import UnitSpec, parent_units, unwrap
 
 REMAP_MODES = ("error", "nearest", "off")
+__all__ = ["PlanExecutor", "PlanScheduleError", "REMAP_MODES", "RunReport"]
 
 
 class PlanScheduleError(RuntimeError):
@@ -83,57 +84,6 @@ def _outside_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
-
-
-@dataclass
-class RunReport:
-    """What one sampling run did under a plan.
-
-    Attributes:
-        run: run index (0-based) since the plan was applied.
-        plan_steps: S, the plan's number of steps.
-        steps: plan step of each runtime step seen, in order (-1: off-plan step).
-        step_fractions: FLOPs of each runtime step relative to the same step uncached (mean over its calls,
-            weighted by batch size).
-        flops_fraction: FLOPs of the whole run relative to the same run uncached (from the plan's unit and
-            fixed FLOPs and what actually ran).
-        calls: transformer calls.
-        computed: unit calls that ran their real computation.
-        skipped: unit calls replaced by a prediction.
-        compensated: skipped unit calls whose prediction is not plain reuse (coefficients other than
-            ``[1.0]``, or an EOC correction).
-        forced: unit calls the plan skips but that were computed because no history was available.
-        off_plan_calls: calls computed in full because the run left the plan's timestep sequence
-            (``remap="off"``).
-        guidance_scale: the run's guidance scale as the caller reported it (None: unknown, e.g. a bare
-            transformer was hooked).
-        wall_time_s: seconds from the first call's start to the last call's end (CUDA synchronised at the
-            end of the final plan step).
-        complete: the final plan step was reached.
-    """
-
-    run: int
-    plan_steps: int
-    steps: list[int] = field(default_factory=list)
-    step_fractions: list[float] = field(default_factory=list)
-    flops_fraction: float = 0.0
-    calls: int = 0
-    computed: int = 0
-    skipped: int = 0
-    compensated: int = 0
-    forced: int = 0
-    off_plan_calls: int = 0
-    guidance_scale: float | None = None
-    wall_time_s: float = 0.0
-    complete: bool = False
-    # accumulators: (Σ batch·fraction, Σ batch) overall and for the current runtime step
-    _acc: list[float] = field(default_factory=lambda: [0.0, 0.0], repr=False)
-    _step_acc: list[float] = field(default_factory=lambda: [0.0, 0.0], repr=False)
-    _t0: float = field(default=0.0, repr=False)
-
-    def as_dict(self) -> dict:
-        """The public fields as a plain dict (for JSON reports)."""
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 class _Step(NamedTuple):
@@ -485,6 +435,12 @@ class PlanExecutor:
         inputs: list[Any] = [None] * U
         for u, k, plain in rec.skips:  # plain reuse: (None, None, (H_1,)), H_1 itself
             h = history[u]
+            if len(h) < k:  # its module was not called when the plan computed it
+                self._run = None
+                raise PlanScheduleError(
+                    f"{self.plan.units[u].name} is predicted at plan step {step} from {k} cached output(s) but has "
+                    f"{len(h)}: its module did not run at the steps the plan computes it (was its forward or "
+                    "attention processor replaced while the plan is applied?); remove the plan and apply it again")
             inputs[u] = (None, None, (h[0],)) if plain else (*self._coefficients(u, step, h[0]), tuple(h[:k]))
         report.skipped += len(rec.skips)
         report.compensated += rec.compensated

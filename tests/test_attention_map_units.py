@@ -283,3 +283,18 @@ def test_a_map_over_the_limit_is_refused_before_it_is_computed(tiny_digits, tmp_
     with pytest.raises(ValueError, match=r"MiB per sample, over the 0 MiB limit of attention-map units; calibrate"):
         calibrate(tiny_digits, [1], output=tmp_path / "c.safetensors", steps=2, sensitivity="none", progress=False,
                   attention_maps=True)
+
+
+def test_a_processor_replaced_under_an_applied_plan_is_named(tiny_digits, map_plan):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from cachec.runtime import apply
+    from cachec.runtime.executor import PlanScheduleError
+    from cachec.runtime.units import unwrap
+
+    name = next(u.name for u in map_plan.units if u.name.endswith(".cachec_map") and u.compensation)
+    attn = unwrap(tiny_digits.transformer).get_submodule(name.rsplit(".", 1)[0])
+    with apply(tiny_digits, map_plan):
+        attn.set_processor(AttnProcessor2_0())  # the map child is no longer called
+        with pytest.raises(PlanScheduleError, match=f"{name} is predicted at plan step .* processor replaced"):
+            tiny_digits.generate([3], [0], steps=6)
