@@ -38,8 +38,6 @@ def _sigmas(scheduler, steps: int) -> list[float] | None:
     return sig[:steps]
 
 
-
-
 def structure(driver, units, recorder: Recorder, steps: int, flops: tuple[list[float], float, float],
               sketch: int = 0, eoc_prior: str = "token") -> dict:
     """The facts the first batch fixes (stored in the partial state, copied into the header).

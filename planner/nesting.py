@@ -39,6 +39,16 @@ from .segment_moves import fill_segments
 PATIENCE = 24
 
 
+def folded_flops(unit_flops, parents) -> np.ndarray:
+    """(U,) FLOPs per call with each nested unit's added to its parent's (what a parent computed with its maps
+    computed costs, the primary stage's price); nested units keep their own."""
+    folded = np.asarray(unit_flops, dtype=np.float64).copy()
+    for u, p in enumerate(parents):
+        if p is not None:
+            folded[p] += folded[u]
+    return folded
+
+
 def reuse_cost(table, u: int, p: int, steps, k: np.ndarray | None = None) -> float:
     """Coherent plain-reuse error of unit ``u`` predicting ``steps`` from its output at step ``p``, each step's
     term scaled by its propagation factor ``k`` ((S,), default ones; module docstring); 0 for no steps."""
@@ -155,9 +165,7 @@ def nest(table, primary_segs: list, parents, unit_flops: np.ndarray, cap: float,
     flops = np.asarray(unit_flops, dtype=np.float64)
     nested = [u for u in range(U) if parents[u] is not None]
     prim = [u for u in range(U) if parents[u] is None]
-    folded = flops.copy()
-    for n in nested:
-        folded[parents[n]] += flops[n]
+    folded = folded_flops(flops, parents)
     sub = table.rows(prim)
     cost = lambda segs: sum(float(sub.cost[i, p, d, r]) for i, x in enumerate(segs) for p, d, r in x)
 

@@ -18,6 +18,7 @@ from cachec.runtime.plan import (
 from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
 from .error_model import PREDICTORS, ErrorModel, SegmentTable, resolve_predictors, schedule_error, segment_table
+from .nesting import folded_flops
 from .schedule import Schedule, follow_parents, realised_fraction, round_sig
 from .blocks import block_groups, edge_blocks
 from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, frontier, group_costs, solve
@@ -149,12 +150,8 @@ class Planner:
 
     def primary_flops(self) -> np.ndarray:
         """FLOPs per call of each primary unit, its nested units' included (what the solver's first stage
-        budgets, :mod:`cachec.planner.nesting`)."""
-        flops = np.asarray(self.cal.unit_flops, dtype=np.float64).copy()
-        for u, p in enumerate(self.parents):
-            if p is not None:
-                flops[p] += flops[u]
-        return flops[self._primary]
+        budgets, :func:`cachec.planner.nesting.folded_flops`)."""
+        return folded_flops(self.cal.unit_flops, self.parents)[self._primary]
 
     def frontier(self, max_staleness: int, keep_last: int, family: str, n_groups: int = DEFAULT_GROUPS,
                  model: ErrorModel | None = None) -> Frontier:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .error_model import EOC, SegmentTable
 from .schedule import Schedule, minimum_computes, round_sig
-from .nesting import nest, nested_coefficients, segments_of
+from .nesting import folded_flops, nest, nested_coefficients, segments_of
 from .segment_moves import fill_segments, trim_segments
 
 FAMILIES = ("free", "step", "group")
@@ -500,11 +500,7 @@ def _solve_nested(table, unit_flops, full_step, fixed_step, budget, family, keep
     U, S = table.cost.shape[:2]
     flops = np.asarray(unit_flops, dtype=np.float64)
     prim = [u for u in range(U) if parents[u] is None]
-    folded = flops.copy()
-    for u, p in enumerate(parents):
-        if p is not None:
-            folded[p] += flops[u]
-    first = solve(table.rows(prim), folded[prim], full_step, fixed_step, budget, family, keep_last, front, groups,
+    first = solve(table.rows(prim), folded_flops(flops, parents)[prim], full_step, fixed_step, budget, family, keep_last, front, groups,
                   fill, mask, always)
     primary = [[] for _ in range(U)]
     for i, u in enumerate(prim):
