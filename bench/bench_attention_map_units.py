@@ -29,8 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.study import PSNR_CAP, add_study_args, open_study, plan_images  # noqa: E402
-from cachec.calibrate.run import calibrate  # noqa: E402
+from bench.study import PSNR_CAP, add_study_args, open_study, plan_images, study_calibration  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration  # noqa: E402
 from cachec.runtime.io import atomic_write  # noqa: E402
@@ -62,9 +61,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         cals[maps] = work / f"cal-{args.cal}-{steps}-{int(maps)}.safetensors"
         if not cals[maps].exists():
-            calibrate(driver, st.cal_conds, output=cals[maps], samples_per_condition=1, steps=steps, guidance=g,
-                      seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4, progress=False,
-                      restart=True, attention_maps=maps)
+            study_calibration(driver, st.cal_conds, steps, g, cals[maps], attention_maps=maps)
         print(f"calibration (maps={maps}): {time.perf_counter() - t:.1f} s -> {cals[maps]}", flush=True)
         planners[maps] = Planner(load_calibration(str(cals[maps])))
     ref = st.generate(st.ev_conds, st.ev_seeds)

@@ -1,7 +1,9 @@
 """Planner timing on a synthetic calibration shaped like DiT-XL/2 (28 blocks x {attn1, ff} = 56 units, 50 steps).
 
-Usage: python bench/bench_planner.py [--steps 50] [--blocks 28] [--max-staleness 8]
-Prints the time of each stage, of one budget from scratch, and of a 20-budget sweep.
+Usage: python bench/bench_planner.py [--steps 50] [--blocks 28] [--max-staleness 8] [--attention-maps]
+Prints the time of each stage, of one budget from scratch, and of a 20-budget sweep. ``--attention-maps``
+adds a nested map unit to every attn1 (84 units) and times each family's solve with the map exchange
+(docs/planner.md, "Nested units").
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--max-staleness", type=int, default=8)
+    ap.add_argument("--attention-maps", action="store_true")
     args = ap.parse_args()
 
     t = time.perf_counter()
-    cal = synthetic_calibration(blocks=args.blocks, steps=args.steps, dim=args.dim, samples=8, seed=0)
+    cal = synthetic_calibration(blocks=args.blocks, steps=args.steps, dim=args.dim, samples=8, seed=0,
+                                attention_maps=args.attention_maps)
     print(f"synthetic calibration: {cal.n_units} units x {cal.steps} steps, built in {time.perf_counter() - t:.2f} s")
 
     planner = Planner(cal)
@@ -53,6 +57,13 @@ def main() -> None:
     for plan, _ in plans[::4]:
         print(f"  target {plan.budget.target:.4f}  realised {plan.budget.realised:.4f}  "
               f"predicted error {plan.predicted_error:.4g}")
+    if args.attention_maps:  # after the stage timings, so that the table and frontiers are built already
+        for family in ("free", "step", "group", "warmup"):
+            for b in (0.25, 0.4, 0.6):
+                t = time.perf_counter()
+                sched = planner.schedule(b, family=family, max_staleness=args.max_staleness)
+                print(f"{family:6s} at {b:.2f} with map units: {sched.options['map_skips']:4d} map skips, "
+                      f"{time.perf_counter() - t:.3f} s")
     for method in ("fora", "eoc-paper", "goc-paper", "uniform"):
         t = time.perf_counter()
         plan, _ = make_plan(cal, 0.4, method)

@@ -59,12 +59,14 @@ def plan_images(driver, generate: Callable[[list, list[int]], torch.Tensor], pla
         return generate(conds, seeds)
 
 
-def study_calibration(driver, conds: list, steps: int, guidance: float, output: Path) -> Path:
+def study_calibration(driver, conds: list, steps: int, guidance: float, output: Path,
+                      attention_maps: bool = False) -> Path:
     """The studies' uncached calibration: one sample per condition, seeds 0+, batches of 10, factored
-    sensitivity on 4 samples (the benchmark's settings, :mod:`bench.compare_sweeps`); returns its path."""
+    sensitivity on 4 samples (the benchmark's settings, :mod:`bench.compare_sweeps`), with attention-map units
+    when asked; returns its path."""
     return Path(calibrate(driver, conds, output=output, samples_per_condition=1, steps=steps, guidance=guidance,
                           seed=0, batch_size=10, sensitivity="factored", sensitivity_samples=4, progress=False,
-                          restart=True))
+                          restart=True, attention_maps=attention_maps))
 
 
 def add_study_args(ap: argparse.ArgumentParser, model: str = "digits-mmdit", cal: int = 30) -> None:

@@ -22,11 +22,10 @@ steps.
 
 ``k_s`` (:func:`propagation_factors`) carries what the additive model would miss: the parent's output at s,
 computed with a reused map, enters the parent's history, and every later step that predicts the parent from
-it repeats the error, times its coefficient: ``k_s = 1 + Σ_{s'} |a_{s'}(s)|·sw_parent[s'] / sw_parent[s]``. Without
-it a 40 % plan on digits-mmdit-control skipped 29 maps priced at 7.0e-5 and lost 3.0 dB; with signed
-coefficients (first-order forecasts read an output with +2 and −1) the factors cancel to near 0 at some steps,
-and the 17 skips chosen there, priced at 2e-5, added 1.1e-3 of measured squared error. Absolute values
-admit no cancellation (docs/hgc.md "Fine grain").
+it repeats the error, times its coefficient: ``k_s = 1 + Σ_{s'} |a_{s'}(s)|·sw_parent[s'] / sw_parent[s]``.
+Absolute values admit no cancellation (first-order forecasts read an output with +2 and −1). Without the factor
+a 40 % plan on digits-mmdit-control takes 33 map skips and loses 3.04 dB; with signed coefficients 17 skips and
+1.30 dB; with it 2 skips and +0.03 dB (``bench/bench_map_pricing.py``; docs/planner.md "Nested units").
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def reuse_cost(table, u: int, p: int, steps, k: np.ndarray | None = None) -> flo
     return float(c @ table.gram[u] @ c) / table.norm
 
 
-def propagation_factors(compute: np.ndarray, coeffs: dict, sw: np.ndarray) -> np.ndarray:
+def propagation_factors(compute: np.ndarray, coeffs: dict, sw: np.ndarray, signed: bool = False) -> np.ndarray:
     """(S,) factor ``k_s`` per computed step of a parent unit (module docstring): 1 plus the absolute
     coefficients with which its later predictions read the output of step s (``history: computed``: coefficient j reads
     the j-th most recent computed output), each weighted by the sensitivity ratio ``sw[s'] / sw[s]``.
@@ -70,6 +69,8 @@ def propagation_factors(compute: np.ndarray, coeffs: dict, sw: np.ndarray) -> np
     Args:
         compute: (S,) bool, the parent's computed steps; coeffs: ``{skipped step: coefficients}``;
         sw: (S,) square-root sensitivities of the parent.
+        signed: the coefficients with their signs (they can cancel; what ``bench/bench_map_pricing.py``
+            compares against, never the planner's choice).
     """
     k = np.ones(len(compute))
     computed: list[int] = []
@@ -80,7 +81,7 @@ def propagation_factors(compute: np.ndarray, coeffs: dict, sw: np.ndarray) -> np
         for j, a in enumerate(coeffs.get(s, ())):
             if j < len(computed):
                 t = computed[j]
-                k[t] += abs(a) * sw[s] / max(sw[t], 1e-30)
+                k[t] += (a if signed else abs(a)) * sw[s] / max(sw[t], 1e-30)
     return k
 
 

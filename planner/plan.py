@@ -115,7 +115,7 @@ class Planner:
         self.parents = parent_units(cal.unit_names)
         self.nested = any(p is not None for p in self.parents)
         #: map reuse is only priced with a measured sensitivity: without one a map's ‖ΔP‖² would be weighed
-        #: 1:1 against activation errors (measured: map sensitivities are 20-50x their parents')
+        #: 1:1 against activation errors (a map's measured sensitivity is an order of magnitude above its parent's)
         self.map_reuse = cal.header.get("sensitivity", {}).get("method", "none") != "none"
         self._primary = [u for u, p in enumerate(self.parents) if p is None]
 

@@ -242,16 +242,24 @@ def synthetic_sensitivity(names: list[str], steps: int, seed: int = 0) -> np.nda
 
 
 def synthetic_calibration(blocks: int = 4, steps: int = 20, dim: int = 16, samples: int = 8, branches: int = 2, seed: int = 0,
-                          eoc_lags: int = 2) -> Calibration:
+                          eoc_lags: int = 2, attention_maps: bool = False) -> Calibration:
     """An in-memory DiT-XL/2-shaped calibration from :func:`synthetic_features` (2 units per block).
 
     FLOPs per unit are DiT-XL/2's (attention 3.02e9, MLP 5.44e9 per image per forward), the full step
     scaled so the fixed part is DiT-XL/2's share (~0.1%); sensitivity from :func:`synthetic_sensitivity`;
-    sigmas linear from 1 to 1/S.
+    sigmas linear from 1 to 1/S. ``attention_maps``: each ``attn1`` also holds a nested map unit
+    (``….attn1.cachec_map``, trajectories of another draw) with half its FLOPs, as measured at DiT-XL/2 size
+    (docs/hgc.md, "At full width").
     """
     feats = synthetic_features(blocks, steps, dim, samples, branches, seed)
+    if attention_maps:
+        other = synthetic_features(blocks, steps, dim, samples, branches, seed + 100)
+        feats = {k: v for n, f in feats.items()
+                 for k, v in ([(n, f)] + ([(f"{n}.cachec_map", other[n])] if n.endswith("attn1") else []))}
     names = list(feats)
-    flops = np.array([DIT_XL_ATTN_FLOPS if n.endswith("attn1") else DIT_XL_FF_FLOPS for n in names])
+    per = {"attn1": DIT_XL_ATTN_FLOPS / (2 if attention_maps else 1), "cachec_map": DIT_XL_ATTN_FLOPS / 2,
+           "ff": DIT_XL_FF_FLOPS}
+    flops = np.array([per[n.rsplit(".", 1)[-1]] for n in names])
     full = float(flops.sum()) * DIT_XL_FULL_FLOPS / (28 * (DIT_XL_ATTN_FLOPS + DIT_XL_FF_FLOPS))
     sens = synthetic_sensitivity(names, steps, seed)
     sig = np.linspace(1.0, 1.0 / steps, steps)

@@ -298,3 +298,15 @@ def test_a_processor_replaced_under_an_applied_plan_is_named(tiny_digits, map_pl
         attn.set_processor(AttnProcessor2_0())  # the map child is no longer called
         with pytest.raises(PlanScheduleError, match=f"{name} is predicted at plan step .* processor replaced"):
             tiny_digits.generate([3], [0], steps=6)
+
+
+def test_synthetic_calibration_with_maps_splits_the_attention():
+    from cachec.planner import synthetic_calibration
+
+    cal = synthetic_calibration(blocks=2, steps=6, attention_maps=True)
+    parents = parent_units(cal.unit_names)
+    assert cal.n_units == 6 and [p for p in parents if p is not None] == [0, 3]
+    assert cal.unit_flops[1] == cal.unit_flops[0]  # the map holds half of its attention's FLOPs
+    sched = Planner(cal).schedule(0.5, family="step")
+    sched.validate()
+    assert realised_fraction(sched.compute, cal.unit_flops, cal.full_step_flops, cal.fixed_step_flops) <= 0.5 + 1e-12
