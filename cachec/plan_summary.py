@@ -15,8 +15,8 @@ def action_matrix(plan) -> np.ndarray:
     """int8 (U, S) matrix of :data:`ACTION_CODES` for a loaded :class:`cachec.runtime.plan.Plan`."""
     m = np.zeros((len(plan.units), plan.steps), dtype=np.int8)
     for i, u in enumerate(plan.units):
-        for s, a in enumerate(u.actions):
-            if a != "C" and s not in u.compensation:
+        for s in range(plan.steps):
+            if u.idle(s):
                 m[i, s] = ACTION_CODES["idle"]
         for s, comp in u.compensation.items():
             if comp.eoc_alpha:

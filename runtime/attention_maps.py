@@ -27,7 +27,7 @@ import torch
 __all__ = ["MAP_CHILD", "AttentionMap", "MapAttnProcessor", "MapJointAttnProcessor", "MapHandle", "map_paths",
            "materialise"]
 
-from .units import MAP_CHILD  # attribute name of the map child (and last part of a map unit's name)
+from .units import MAP_CHILD, is_map_unit  # attribute name of the map child (and last part of a map unit's name)
 
 _FIX = "remove the other library's processor first or plan without attention-map units"
 
@@ -215,8 +215,7 @@ class MapHandle:
 
 def map_paths(unit_names) -> tuple[str, ...]:
     """The attention paths of the map units among ``unit_names`` (``"a.b.attn1.cachec_map"`` -> ``"a.b.attn1"``)."""
-    suffix = "." + MAP_CHILD
-    return tuple(name[: -len(suffix)] for name in unit_names if name.endswith(suffix))
+    return tuple(name[: -len(MAP_CHILD) - 1] for name in unit_names if is_map_unit(name))
 
 
 def materialise(model: torch.nn.Module, paths) -> MapHandle:

@@ -170,8 +170,7 @@ class PlanExecutor:
         # nested units (attention maps, docs/plan-format.md "Nested units"): per step the ones idle under a skipped
         # parent; they take their parent's decision (computed when a forced, verified or shadow parent runs)
         self.parents = parent_units([u.name for u in plan.units])
-        self._idle = [frozenset(u for u, un in enumerate(plan.units) if self.parents[u] is not None
-                                and un.actions[s] != COMPUTE and s not in un.compensation) for s in range(S)]
+        self._idle = [frozenset(u for u, un in enumerate(plan.units) if un.idle(s)) for s in range(S)]
         self._idle_now: frozenset = frozenset()
         self._steps = None if remap == "nearest" else self._static_steps()
         # per-call state read by the unit wrappers (possibly inside a compiled graph)

@@ -208,7 +208,7 @@ def _schedule(plan: Plan, keep: list[int]) -> list[dict]:
     for s in range(plan.steps):
         reads, writes = {}, []
         for u, unit in enumerate(plan.units):
-            if unit.actions[s] != COMPUTE and s in unit.compensation:  # (a nested unit idle under its parent has none)
+            if unit.actions[s] != COMPUTE and not unit.idle(s):
                 for j, src in enumerate(hist[u][:len(unit.compensation[s].coeffs)]):
                     reads[(u, j + 1)] = src
         for u, unit in enumerate(plan.units):
@@ -233,7 +233,7 @@ def _signature(plan: Plan, s: int, eoc: dict[str, np.ndarray]) -> tuple:
         if unit.actions[s] == COMPUTE:
             sig.append(None)
             continue
-        if s not in unit.compensation:  # a nested unit whose parent is skipped: not run
+        if unit.idle(s):  # a nested unit whose parent is skipped: not run
             sig.append("idle")
             continue
         c = unit.compensation[s]
@@ -252,7 +252,7 @@ def _predictors(plan: Plan, s: int, parts: list[int], shapes: list[list[tuple]],
     coefficients; ``(1 + α·D)`` computed in float32)."""
     preds = {}
     for u, unit in enumerate(plan.units):
-        if unit.actions[s] == COMPUTE or s not in unit.compensation:
+        if unit.actions[s] == COMPUTE or unit.idle(s):
             continue
         c = unit.compensation[s]
         plain = c.eoc_alpha == 0.0 and [float(x) for x in c.coeffs] == [1.0]

@@ -130,13 +130,19 @@ class UnitPlan:
         name: module path of the unit (``transformer_blocks.0.attn1``).
         flops: FLOPs of one call of the unit, one sample, one branch (>= 0).
         actions: S characters, ``C`` compute (and store) or ``.`` skip (predict).
-        compensation: ``{step: Compensation}`` for exactly the skipped steps.
+        compensation: ``{step: Compensation}`` for exactly the skipped steps the unit runs at (a nested unit,
+            docs/plan-format.md "Nested units", has none where its parent is skipped: it is *idle* there).
     """
 
     name: str
     flops: float
     actions: str
     compensation: dict[int, Compensation] = field(default_factory=dict)
+
+    def idle(self, step: int) -> bool:
+        """Whether the unit does not run at ``step`` (skipped without a compensation entry: a nested unit
+        under a skipped parent, as the parser admits it only there)."""
+        return self.actions[step] != COMPUTE and step not in self.compensation
 
 
 @dataclass
