@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
+MAP_FAMILIES = ("dit", "flux")  # the two attention processors map units replace (DiT/PixArt's and FLUX's)
 CAL_PROMPTS = ("a red car on the road", "a small blue house")
 
 
@@ -37,7 +38,8 @@ def _chain(family: str, folder: str, work, maps: bool = False) -> dict:
     steps = ["--steps", "3"]
     cmds = {
         "calibrate": ["calibrate", folder, *conds, *size, *steps, "--samples-per-condition", "1", "--sensitivity",
-                      "none", "-o", "calib.safetensors", *(["--attention-maps"] if maps else [])],
+                      *(["factored", "--sensitivity-samples", "1", "--attention-maps"] if maps else ["none"]),
+                      "-o", "calib.safetensors"],
         "plan": ["plan", "calib.safetensors", "--budget", "60%", "-o", "plan.yaml"],
         "sample": ["sample", folder, *(["--prompt", "a green tree"] if text else ["--classes", "7"]), *size, *steps,
                    "--per-class", "2", "--out", "uncached.png"],
@@ -56,25 +58,29 @@ def _chain(family: str, folder: str, work, maps: bool = False) -> dict:
 @pytest.fixture(scope="module")
 def chains(tiny_pipelines, tmp_path_factory):
     root = tmp_path_factory.mktemp("families_cli")
-    with ThreadPoolExecutor(len(FAMILIES) + 1) as pool:
+    with ThreadPoolExecutor(len(FAMILIES) + len(MAP_FAMILIES)) as pool:
         futures = {f: pool.submit(_chain, f, tiny_pipelines[f].name, root / f) for f in FAMILIES}
-        futures["flux+maps"] = pool.submit(_chain, "flux", tiny_pipelines["flux"].name, root / "flux+maps", True)
+        for f in MAP_FAMILIES:
+            futures[f"{f}+maps"] = pool.submit(_chain, f, tiny_pipelines[f].name, root / f"{f}+maps", True)
         return {f: (fut.result(), root / f) for f, fut in futures.items()}
 
 
-def test_attention_map_units_from_a_new_process(chains):
+@pytest.mark.parametrize("family", MAP_FAMILIES)
+def test_attention_map_units_from_a_new_process(chains, family):
     """The chain with ``calibrate --attention-maps`` (docs/hgc.md): the plan carries map units nested in their
     blocks, and run/eval follow it."""
     from cachec.runtime.plan import load_plan
     from cachec.runtime.units import parent_units
 
-    runs, work = chains["flux+maps"]
+    runs, work = chains[f"{family}+maps"]
     for name in ("calibrate", "plan", "sample", "run", "eval"):
         assert name in runs and runs[name].returncode == 0, (name, runs[list(runs)[-1]].stderr)
     plan = load_plan(work / "plan.yaml")
     names = [u.name for u in plan.units]
     nested = [n for n, p in zip(names, parent_units(names)) if p is not None]
-    assert nested and all(n.endswith(".attn.cachec_map") for n in nested)
+    assert nested and all(n.endswith((".attn.cachec_map", ".attn1.cachec_map")) for n in nested)
+    # measured sensitivity: the planner weighed map reuse (it records map_reuse: false where it could not)
+    assert "map_skips" in plan.budget.options and "map_reuse" not in plan.budget.options
     assert re.search(r"PSNR vs uncached: [\d.]+ dB", runs["eval"].stdout)
 
 
