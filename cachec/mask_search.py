@@ -2,8 +2,10 @@
 
 The step family's DP chooses its mask under the additive error model, which misprices masks against each
 other (docs/planner.md, "How well the error model ranks the candidates"): on digits-mmdit at 40 % a
-10-step mask 2.6 dB better than the DP's lay inside cachec's own space. This search moves the mask one step
-at a time and lets closed-loop sampling on the validation seeds decide:
+10-step mask 2.6 dB better than the DP's lay inside cachec's own space. This search first scores given
+starting masks (the plan search passes the spaced masks of :func:`cachec.planner.spacing.spaced_masks`)
+and goes on from the best of them and the start, then moves the mask one step at a time and lets
+closed-loop sampling on the validation seeds decide:
 
 - a neighbour of a mask shifts one computed step (not step 0) by ±1, drops one (the budget fill spends the
   freed FLOPs) or adds one (a mask over the budget is trimmed: its least useful (unit, step) computes are
@@ -76,6 +78,7 @@ class MaskSearch:
         runs: validation runs spent.
         tried: ``(mask, psnr)`` of every scored neighbour, in order.
         moves: the masks taken, in order (not including the start).
+        start_runs: validation runs spent on the given starting masks (included in ``runs``).
     """
 
     mask: list[int]
@@ -83,12 +86,13 @@ class MaskSearch:
     runs: int
     tried: list[tuple[list[int], float]] = field(default_factory=list)
     moves: list[list[int]] = field(default_factory=list)
+    start_runs: int = 0
 
 
 def search_mask(planner, budget: float, start: list[int], start_psnr: float, score: Callable[[list[int]], float], *,
                 predictors: str = "fitted", max_runs: int = MASK_RUNS, width: int = MASK_WIDTH,
                 min_gain: float = MASK_MIN_GAIN, log: Callable[[str], None] | None = None,
-                rank: Callable[[list[int]], float] | None = None) -> MaskSearch:
+                rank: Callable[[list[int]], float] | None = None, starts=()) -> MaskSearch:
     """Closed-loop local search from the step mask ``start`` (module docstring).
 
     Args:
@@ -104,6 +108,9 @@ def search_mask(planner, budget: float, start: list[int], start_psnr: float, sco
         log: progress printer.
         rank: the order in which neighbours are scored, lowest first (default: the trajectory-coherent
             price of the neighbour's plan); it runs after the planner accepted the neighbour.
+        starts: further starting masks, each scored once before the local search (one validation run each,
+            not counted against ``max_runs``; masks the planner refuses are skipped); the best of them
+            replaces ``start`` when it scores more than ``min_gain`` above it (a move).
     Returns:
         :class:`MaskSearch`.
     Raises:
@@ -122,6 +129,30 @@ def search_mask(planner, budget: float, start: list[int], start_psnr: float, sco
 
     out = MaskSearch(sorted(start), float(start_psnr), 0)
     tried = {tuple(out.mask)}
+    scored = []
+    for m in starts:
+        m = sorted(int(s) for s in m)
+        if tuple(m) in tried:
+            continue
+        tried.add(tuple(m))
+        try:
+            price(m)  # the planner accepts it (fits the budget, runs within max_staleness)
+        except ValueError:
+            continue
+        p = float(score(m))
+        out.runs += 1
+        out.start_runs += 1
+        out.tried.append((m, p))
+        scored.append((p, m))
+    if scored:
+        p, m = max(scored, key=lambda x: x[0])
+        if log:
+            log(f"    mask search at {100 * budget:.0f}%: best of {len(scored)} starting masks {p:.2f} dB "
+                f"vs {out.psnr:.2f} dB")
+        if p > out.psnr + min_gain:
+            out.mask, out.psnr = m, p
+            out.moves.append(m)
+    max_runs = max_runs + out.start_runs
     while out.runs < max_runs:
         priced = []
         for m in neighbours(out.mask, S, K, keep_last):

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from .evaluation import Validation, choose_plan
 from .mask_search import MASK_RUNS, search_mask
-from .planner import FAMILIES
+from .planner import FAMILIES, spaced_masks
 from .runtime.plan import Plan, write_plan
 
 
@@ -206,11 +206,13 @@ def mask_candidate(planner, budget: float, start: Candidate, validation: Validat
         plan, side = planner.plan(budget, "cachec", family="step", mask=m, predictors=pset)
         return validation.score(write_plan(plan, work / "plan-mask-trial.yaml", side or None))
 
-    found = search_mask(planner, budget, mask, start.validation_psnr, score, predictors=pset, max_runs=max_runs, log=log)
+    starts = spaced_masks(planner.cal, budget, keep_last=int(base.options.get("keep_last", 0)))
+    found = search_mask(planner, budget, mask, start.validation_psnr, score, predictors=pset, max_runs=max_runs, log=log,
+                        starts=starts)
     for trial in ("plan-mask-trial.yaml", "plan-mask-trial.eoc.safetensors"):  # the last trial, not a candidate
         (work / trial).unlink(missing_ok=True)
     record = {"start": start.name, "start_mask": mask, "mask": found.mask, "moves": found.moves, "runs": found.runs,
-              "psnr_db": found.psnr}
+              "start_runs": found.start_runs, "psnr_db": found.psnr}
     if not found.moves:
         return None, record
     plan, side = planner.plan(budget, "cachec", family="step", mask=found.mask, predictors=pset)
@@ -220,13 +222,44 @@ def mask_candidate(planner, budget: float, start: Candidate, validation: Validat
     return cand, record
 
 
+def pass_candidate(planner, budget: float, base: Candidate, validation: Validation, workdir: str | Path
+                   ) -> Candidate | None:
+    """The search's fourth stage: ``base``'s schedule with every skipped step's predictor re-chosen under the
+    trajectory-coherent price (planner option ``predictor_pass: trajectory``,
+    :func:`cachec.planner.predictor_pass.choose_predictors`; the same computed steps and FLOPs), scored on
+    ``validation``.
+
+    Args:
+        planner: the :class:`cachec.planner.Planner` of the uncached calibration ``base`` was made with.
+        budget: FLOPs fraction (0, 1].
+        base: a scored candidate of refinement 0 (a first-stage plan or the mask search's).
+        validation: the :class:`cachec.evaluation.Validation` ``base`` was scored on.
+        workdir: folder of the result (``plan-{family}-{1000·budget}-{predictors}-{variant}.yaml``).
+    Returns:
+        The scored candidate (variant ``pass``, or ``mask+pass`` on the mask search's plan), or None where
+        the pass changes no predictor (the plan would be ``base`` again).
+    """
+    opts = base.plan.budget.options
+    options = replan_options(opts)
+    options["predictor_pass"] = "trajectory"
+    plan, side = planner.plan(budget, "cachec", family=opts.get("family", base.family), **options)
+    if not plan.budget.options.get("repredicted"):
+        return None
+    variant = f"{base.variant}+pass" if base.variant else "pass"
+    cand = _candidate(base.family, 0, plan, side,
+                      Path(workdir) / f"plan-{base.family}-{round(1000 * budget)}-{base.predictors}-{variant}.yaml",
+                      predictors=base.predictors, variant=variant)
+    cand.validation_psnr = validation.score(cand.written)
+    return cand
+
+
 def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str | Path, calibrate_options: dict,
                 validation, families: Sequence[str] = SEARCH_FAMILIES,
                 predictor_sets: Sequence[str] = SEARCH_PREDICTORS, iterations: int = 2, refine_top: int = REFINE_TOP,
-                mask_runs: int = MASK_RUNS, method: str = "cachec", planner=None,
+                mask_runs: int = MASK_RUNS, predictor_pass: bool = True, method: str = "cachec", planner=None,
                 log: Callable[[str], None] | None = None,
                 planned: Callable[[list[Candidate]], None] | None = None) -> Search:
-    """cachec's plan search (docs/planner.md, "The plan search"), in three stages.
+    """cachec's plan search (docs/planner.md, "The plan search"), in four stages.
 
     1. Every (family, predictor set) plan from the uncached calibration (no refinement), scored closed-loop
        on the validation seeds: ``len(families) * len(predictor_sets)`` validation runs.
@@ -234,7 +267,10 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
        (:func:`refined_plans`: one trajectory calibration per iterate), the iterates scored the same way:
        ``refine_top * iterations`` more validation runs and trajectory calibrations.
     3. The mask search (:func:`mask_candidate`) from the best first-stage ``step`` or ``warmup`` plan:
-       at most ``mask_runs`` more validation runs, no calibration.
+       the spaced masks (:func:`cachec.planner.spacing.spaced_masks`, at most 11 validation runs), then at
+       most ``mask_runs`` local moves, no calibration.
+    4. The predictor pass (:func:`pass_candidate`) on the best candidate made from the uncached calibration
+       (stages 1 and 3): one more validation run, where the pass changes any predictor.
 
     The candidate closest to uncached sampling over all stages wins (ties: the earlier one).
 
@@ -250,7 +286,8 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         predictor_sets: names of :data:`cachec.planner.error_model.PREDICTOR_SETS` (``cachec`` only).
         iterations: refinements of each refined candidate, >= 0 (``cachec`` only).
         refine_top: how many first-stage candidates are refined (>= 0).
-        mask_runs: validation runs of the mask search (0: no third stage; ``cachec`` only).
+        mask_runs: validation runs of the mask search's local moves (0: no third stage; ``cachec`` only).
+        predictor_pass: run the fourth stage (``cachec`` only).
         method: ``cachec``, or a baseline method (then one candidate, ``workdir/plan.yaml``, no refinement).
         planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse (as :func:`refined_plans`).
         log: progress printer of the refinements.
@@ -302,6 +339,10 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         start = max(shaped, key=lambda c: c.validation_psnr)
         found, record = mask_candidate(planner, budget, start, scorer, workdir, mask_runs, log)
         cands += [found] if found is not None else []
+    if predictor_pass:
+        passed = pass_candidate(planner, budget, max((c for c in cands if c.iteration == 0),
+                                                     key=lambda c: c.validation_psnr), scorer, workdir)
+        cands += [passed] if passed is not None else []
     top = max(c.validation_psnr for c in cands)
     best = next(c for c in cands if c.validation_psnr == top)
     return Search(best, cands, (list(vconds), list(vseeds)), record)
@@ -310,8 +351,9 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
 def replan_options(options: dict) -> dict:
     """The planner options to pass again when rebuilding a plan from its ``budget.options``: every recorded
     solver option (``groups``, ``max_staleness``, ``keep_last``, ``ridge``, ``predictors``, ``mask``,
-    ``interval``, ``fn_bn``, ``shrink``) and ``fill`` (absent means False: plans made before the budget fill record nothing)."""
-    out = {"fill": bool(options.get("fill", False))}
+    ``interval``, ``fn_bn``, ``shrink``), ``fill`` (absent means False: plans made before the budget fill record
+    nothing) and ``predictor_pass`` (absent means ``none``: plans made before the pass record nothing)."""
+    out = {"fill": bool(options.get("fill", False)), "predictor_pass": options.get("predictor_pass", "none")}
     for key in ("groups", "max_staleness", "keep_last", "ridge", "predictors", "mask", "interval", "fn_bn", "shrink"):
         if options.get(key) is not None:
             out[key] = options[key]

@@ -15,11 +15,12 @@ from .error_model import PREDICTOR_SETS, PREDICTORS, ErrorModel, schedule_error,
 from .plan import METHODS, Planner, build_plan, make_plan, sweep
 from .schedule import Schedule, realised_fraction
 from .solver import FAMILIES, minimum_budget, solve
+from .spacing import spaced_masks
 from .synthetic import calibration_from_features, synthetic_calibration
 
 __all__ = [
     "Calibration", "CalibrationError", "load_calibration", "PREDICTOR_SETS", "PREDICTORS", "ErrorModel", "schedule_error",
     "segment_table", "METHODS", "Planner", "build_plan", "make_plan", "sweep", "Schedule",
     "realised_fraction", "FAMILIES", "minimum_budget", "solve", "calibration_from_features",
-    "synthetic_calibration",
+    "synthetic_calibration", "spaced_masks",
 ]

@@ -19,6 +19,7 @@ from .baselines import eoc_paper, fora, goc_paper, uniform
 from .calibration import Calibration
 from .error_model import PREDICTORS, ErrorModel, SegmentTable, resolve_predictors, schedule_error, segment_table
 from .nesting import folded_flops
+from .predictor_pass import PASSES, choose_predictors
 from .schedule import Schedule, follow_parents, realised_fraction, round_sig
 from .blocks import block_groups, edge_blocks
 from .solver import DEFAULT_GROUPS, FAMILIES, Frontier, frontier, group_costs, solve
@@ -74,7 +75,7 @@ DEFAULT_MAX_STALENESS = 8
 
 _METHOD_OPTIONS = {
     "cachec": {"family", "groups", "max_staleness", "keep_last", "ridge", "predictors", "fill", "mask", "interval",
-               "fn_bn", "shrink"},
+               "fn_bn", "shrink", "predictor_pass"},
     "fora": {"interval"},
     "eoc-paper": {"interval", "alpha"},
     "goc-paper": {"interval", "lam"},
@@ -207,6 +208,9 @@ class Planner:
                 raise ValueError(f"groups must be an int >= 1, got {n_groups!r}")
             model = self._model_for(method, options)
             fill = bool(options.get("fill", True))
+            ppass = options.get("predictor_pass", "none")
+            if ppass not in PASSES:
+                raise ValueError(f"predictor_pass must be one of {PASSES}, got {ppass!r}")
             if "interval" in options and family != "warmup":
                 raise ValueError(f"option interval is only used by family 'warmup', not {family!r}")
             mask, extra = options.get("mask"), {}
@@ -230,6 +234,9 @@ class Planner:
                 groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask, always=always,
                 parents=self.parents if self.nested else None, map_reuse=self.map_reuse and fill,
             )
+            if ppass == "trajectory":
+                sched = choose_predictors(model, sched)
+                sched.options["predictor_pass"] = ppass
             if fn_bn is not None:
                 sched.options["fn_bn"] = [int(fn_bn[0]), int(fn_bn[1])]
             if family == "warmup":
@@ -386,7 +393,10 @@ def make_plan(calibration: Calibration, budget: float | None, method: str = "cac
             ``interval`` (warmup family: N, default the smallest that fits; :func:`warmup_mask`),
             ``fn_bn`` (step family: ``[F, B]``, the first F and last B blocks computed at every step, the
             FBCache/DBCache shape, the shared mask solved for the other blocks; :func:`edge_blocks`),
-            ``shrink`` (``reuse`` | ``taylor``: the target of the fitted coefficients' ridge, :class:`ErrorModel`);
+            ``shrink`` (``reuse`` | ``taylor``: the target of the fitted coefficients' ridge, :class:`ErrorModel`),
+            ``predictor_pass`` (``none``, the default: the solver's per-segment choice; ``trajectory``: each
+            skipped step's predictor re-chosen under the trajectory-coherent price after the solve,
+            :func:`~cachec.planner.predictor_pass.choose_predictors`, recorded as ``predictor_pass``);
             fora/eoc-paper/goc-paper: ``interval``; eoc-paper: ``alpha`` (0.01); goc-paper: ``lam`` (1.2).
     Returns:
         ``(plan, sidecar)``: the typed :class:`cachec.runtime.plan.Plan` (no ``sidecar`` entry until

@@ -228,7 +228,7 @@ def test_segment_table_prices_solved_schedules_consistently():
     cal = synthetic_calibration(blocks=3, steps=12, seed=2)
     planner = Planner(cal)
     for b in (0.3, 0.5):
-        sched = planner.schedule(b, "cachec", max_staleness=4)
+        sched = planner.schedule(b, "cachec", max_staleness=4, predictor_pass="none")
         tab = planner.table(4)
         table_total = sum(mask_cost(tab, u, sched.compute[u]) for u in range(cal.n_units))
         assert schedule_error(planner.model, sched) == pytest.approx(table_total, rel=1e-6)
@@ -331,8 +331,8 @@ def test_budget_fill_prices_exactly_and_leaves_no_fitting_gain(family):
     opts = dict(max_staleness=K, family=family, **({"groups": 2} if family == "group" else {}))
     for budget in (0.35, 0.45, 0.6, 0.8):
         cap = budget * 7 * cal.full_step_flops * (1 + 1e-12) - 7 * cal.fixed_step_flops
-        plain = planner.schedule(budget, "cachec", fill=False, **opts)
-        filled = planner.schedule(budget, "cachec", **opts)
+        plain = planner.schedule(budget, "cachec", fill=False, predictor_pass="none", **opts)
+        filled = planner.schedule(budget, "cachec", predictor_pass="none", **opts)
         e_plain = sum(mask_cost(tab, u, plain.compute[u]) for u in range(3))
         e_fill = sum(mask_cost(tab, u, filled.compute[u]) for u in range(3))
         assert e_fill <= e_plain + 1e-12
@@ -356,7 +356,8 @@ def test_step_mask_option_runs_the_given_steps():
     cal = make_cal(feats, flops=[1.0, 1.5, 2.5], seed=2)
     planner = Planner(cal)
     tab = planner.table(3)
-    sched = planner.schedule(1.0, "cachec", family="step", mask=[0, 2, 4, 6], fill=False, max_staleness=3)
+    sched = planner.schedule(1.0, "cachec", family="step", mask=[0, 2, 4, 6], fill=False, max_staleness=3,
+                             predictor_pass="none")
     assert sched.compute.tolist() == [[True, False, True, False, True, False, True]] * 3
     assert sched.options["mask"] == [0, 2, 4, 6]
     assert schedule_error(planner.model, sched) == pytest.approx(

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from cachec.calibrate import calibrate, read_header
+from cachec.planner.spacing import SPACING_GAMMAS
 from cachec.refine import choose, refined_plans, replan, search_plan
 from cachec.runtime.plan import load_plan
 
@@ -60,7 +61,7 @@ def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
     seen = []
     search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=validation,
                          families=("free", "step"), predictor_sets=("fitted",), iterations=0, mask_runs=0,
-                         planned=lambda cands: seen.append(len(cands)))
+                         predictor_pass=False, planned=lambda cands: seen.append(len(cands)))
     assert [c.name for c in search.candidates] == ["free/refine0", "step/refine0"] and seen == [2] and asked == [1]
     assert search.validation == ([5, 6, 7], [100, 101, 102])
     assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
@@ -88,7 +89,7 @@ def test_two_stage_search_refines_the_best_first_stage_candidates(tiny_digits, b
     val = ([5, 6, 7], [100, 101, 102])
     search = search_plan(tiny_digits, base, 0.5, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
                          families=("free", "warmup"), predictor_sets=("fitted", "taylor"), iterations=1, refine_top=1,
-                         mask_runs=0)
+                         mask_runs=0, predictor_pass=False)
     first = search.candidates[:4]
     assert [c.name for c in first] == ["free/refine0", "free+taylor/refine0", "warmup/refine0", "warmup+taylor/refine0"]
     top = max(first, key=lambda c: c.validation_psnr)
@@ -112,11 +113,13 @@ def test_mask_search_stage_moves_the_best_step_shaped_mask(tiny_digits, base, tm
     same validation images (re-scored identically), stays within the budget and is rebuilt from its options."""
     val = ([5, 6, 7], [100, 101, 102])
     search = search_plan(tiny_digits, base, 0.5, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
-                         families=("free", "step", "warmup"), predictor_sets=("fitted",), iterations=0, mask_runs=6)
+                         families=("free", "step", "warmup"), predictor_sets=("fitted",), iterations=0, mask_runs=6,
+                         predictor_pass=False)
     ms = search.mask_search
     first = search.candidates[:3]
     start = max((c for c in first if c.family in ("step", "warmup")), key=lambda c: c.validation_psnr)
-    assert ms["start"] == start.name and 1 <= ms["runs"] <= 6
+    assert ms["start"] == start.name and 1 <= ms["runs"] - ms["start_runs"] <= 6
+    assert 1 <= ms["start_runs"] <= len(SPACING_GAMMAS)  # the spaced masks the planner accepts, each scored once
     assert not (tmp_path / "s" / "plan-mask-trial.yaml").exists()  # the last trial is not left behind
     assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
     if not ms["moves"]:
@@ -128,3 +131,29 @@ def test_mask_search_stage_moves_the_best_step_shaped_mask(tiny_digits, base, tm
     assert choose(tiny_digits, [found], *val).validation_psnr == ms["psnr_db"]  # same ops, same shapes
     again, _ = replan(tiny_digits, base, 0.5, found.plan.budget.options, tmp_path / "again", OPTS)
     assert [u.actions for u in again.units] == [u.actions for u in found.plan.units]
+
+
+def test_predictor_pass_stage_rescores_the_best_uncached_candidate(tiny_digits, base, tmp_path):
+    """Stage 4 re-chooses the predictors of the best refinement-0 candidate under the trajectory price: the same
+    computed steps and FLOPs, scored on the same validation images, and rebuilt exactly from its options."""
+    val = ([5, 6, 7], [100, 101, 102])
+    search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
+                         families=("free", "step"), predictor_sets=("fitted", "taylor"), iterations=0, mask_runs=0)
+    first = search.candidates[:4]
+    top = max(first, key=lambda c: c.validation_psnr)
+    if len(search.candidates) == 4:  # the pass changed nothing: no candidate
+        again = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "t", calibrate_options=OPTS, validation=val,
+                            families=(top.family,), predictor_sets=(top.predictors,), iterations=0, mask_runs=0)
+        assert len(again.candidates) == 1
+        return
+    passed = search.candidates[4]
+    assert passed.name == f"{top.name.split('/')[0]}/pass" and passed.plan.budget.options["predictor_pass"] == "trajectory"
+    assert passed.plan.budget.options["repredicted"] >= 1
+    assert [u.actions for u in passed.plan.units] == [u.actions for u in top.plan.units]
+    assert passed.plan.budget.realised == top.plan.budget.realised
+    assert [u.compensation for u in passed.plan.units] != [u.compensation for u in top.plan.units]
+    assert choose(tiny_digits, [passed], *val).validation_psnr == passed.validation_psnr  # same ops, same shapes
+    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    again, _ = replan(tiny_digits, base, 0.4, passed.plan.budget.options, tmp_path / "again", OPTS)
+    assert [u.actions for u in again.units] == [u.actions for u in passed.plan.units]
+    assert [u.compensation for u in again.units] == [u.compensation for u in passed.plan.units]
