@@ -171,6 +171,9 @@ def calibrate_merge(files, output):
 @click.option("--shrink", type=click.Choice(["reuse", "taylor"]), default="reuse", show_default=True,
               help="cachec --predictors fitted: what the ridge pulls the two-anchor fits (goc, ls2) towards: plain reuse "
                    "or the first-order forecast (with a large --ridge, e.g. 10).")
+@click.option("--predictor-pass", type=click.Choice(["none", "trajectory"]), default="none", show_default=True,
+              help="cachec: trajectory = re-choose each skipped step's predictor under the trajectory-coherent price after "
+                   "the solve (the same steps and FLOPs; the fourth stage of cachec compile's search).")
 @click.option("--no-fill", is_flag=True, help="cachec step/group/warmup: leave the slack of the shared masks unspent.")
 @click.option("--groups", type=click.IntRange(min=1), default=None,
               help="cachec --family group: number of contiguous block groups (default 4).")
@@ -180,8 +183,8 @@ def calibrate_merge(files, output):
               help="Plan YAML (with --sweep: NAME-<percent>.yaml per budget).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and its sidecar name) even if they are not plan files.")
 @friendly
-def plan(calibration, budget, sweep_range, method, interval, family, predictors, ridge, shrink, no_fill, groups,
-         max_staleness, keep_last, output, overwrite):
+def plan(calibration, budget, sweep_range, method, interval, family, predictors, ridge, shrink, predictor_pass, no_fill,
+         groups, max_staleness, keep_last, output, overwrite):
     """Solve a cache plan from a calibration file under a FLOPs budget and write it as YAML."""
     from .planner import load_calibration, sweep
     from .planner.budget import parse_budget, parse_sweep
@@ -198,6 +201,8 @@ def plan(calibration, budget, sweep_range, method, interval, family, predictors,
     if (ridge is not None or shrink != "reuse") and (method != "cachec" or predictors != "fitted"):
         raise click.ClickException("--ridge and --shrink only change the fitted coefficients: use them with --method "
                                    "cachec --predictors fitted")
+    if predictor_pass != "none" and method != "cachec":
+        raise click.ClickException("--predictor-pass re-chooses cachec's predictors: use it with --method cachec")
     if interval is not None and method == "cachec" and family != "warmup":
         raise click.ClickException("--interval is only used by the baselines and by --family warmup")
     if method == "cachec":
@@ -208,6 +213,8 @@ def plan(calibration, budget, sweep_range, method, interval, family, predictors,
             options["ridge"] = ridge
         if shrink != "reuse":
             options["shrink"] = shrink
+        if predictor_pass != "none":
+            options["predictor_pass"] = predictor_pass
         if no_fill:
             options["fill"] = False
         if interval is not None:

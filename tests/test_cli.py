@@ -118,6 +118,14 @@ def test_plan_warmup_interval_predictors_and_no_fill_are_wired(tmp_path):
     assert (o["ridge"], o["shrink"]) == (10.0, "taylor")
     code, text = run("plan", cal, "--budget", "50%", "--predictors", "forecast", "--shrink", "taylor", "-o", out, "--overwrite")
     _assert_one_line_error(code, text, "--predictors fitted")
+    code, text = run("plan", cal, "--budget", "40%", "--family", "step", "--predictor-pass", "trajectory", "-o", out,
+                     "--overwrite")
+    assert code == 0, text
+    o = load_plan(out).budget.options
+    assert o["predictor_pass"] == "trajectory" and o["repredicted"] >= 0
+    code, text = run("plan", cal, "--budget", "40%", "--method", "fora", "--predictor-pass", "trajectory", "-o", out,
+                     "--overwrite")
+    _assert_one_line_error(code, text, "--method cachec")
 
 
 def test_compile_then_plan_and_inspect_end_to_end(tiny_digits_dir, tmp_path):

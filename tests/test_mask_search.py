@@ -95,3 +95,37 @@ def test_a_given_rank_orders_the_neighbours_it_scores(planner):
 
     search_mask(planner, 0.45, start, 0.0, score, max_runs=3, width=3, rank=lambda m: -len(m))
     assert len(scored) == 3 and all(len(m) == len(start) + 1 for m in scored)
+
+
+def test_starting_masks_are_scored_first_and_the_best_is_where_the_search_goes_on(planner):
+    """``starts``: each accepted mask scored once (not counted against max_runs), the best one taken as a move
+    when it beats the start by min_gain; masks the planner refuses (a run over max_staleness) are skipped."""
+    target = [0, 2, 4, 7, 10]
+    score = lambda m: -float(len(set(m) ^ set(target)))  # noqa: E731
+    start = [0, 3, 6, 9]
+    starts = [[0, 2, 4, 7, 9], [0, 3, 6, 9], [0, 11]]  # the second is the start, the third runs 10 steps stale
+    out = search_mask(planner, 0.45, start, score(start), score, max_runs=0, starts=starts)
+    assert out.start_runs == out.runs == 1 and out.tried == [([0, 2, 4, 7, 9], -2.0)]
+    assert out.mask == [0, 2, 4, 7, 9] and out.moves == [[0, 2, 4, 7, 9]]
+    on = search_mask(planner, 0.45, start, score(start), score, max_runs=4, starts=starts)
+    assert on.runs - on.start_runs <= 4 and on.psnr >= -2.0
+    worse = search_mask(planner, 0.45, target, 0.0, score, max_runs=0, starts=starts)
+    assert worse.mask == target and worse.moves == []
+
+
+def test_spaced_masks_follow_the_power_law_and_the_budget():
+    from cachec.planner.spacing import SPACING_GAMMAS, spaced_mask, spaced_masks
+
+    assert spaced_mask(25, 10, 1.0) == [0, 3, 5, 8, 10, 13, 15, 18, 20, 23]  # uniform: round(2.5 k)
+    assert spaced_mask(25, 10, 1.4) == [0, 1, 3, 5, 7, 9, 12, 15, 18, 22]  # denser early
+    assert spaced_mask(6, 6, 2.0) == list(range(6))  # collisions pushed one step later
+    assert spaced_mask(10, 3, 1.0, keep_last=2) == [0, 3, 7, 8, 9]
+    with pytest.raises(ValueError, match="gamma"):
+        spaced_mask(10, 11, 1.0)
+    cal = synthetic_calibration(blocks=4, steps=20, seed=0)
+    for budget in (0.25, 0.4, 0.6):
+        masks = spaced_masks(cal, budget)
+        assert 1 <= len(masks) <= len(SPACING_GAMMAS) and len({tuple(m) for m in masks}) == len(masks)
+        total = float(cal.unit_flops.sum())
+        paid = (budget * 20 * cal.full_step_flops - 20 * cal.fixed_step_flops) / total
+        assert all(len(m) == round(paid) and m[0] == 0 for m in masks)  # the count nearest what the budget pays
