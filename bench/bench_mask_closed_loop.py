@@ -6,7 +6,8 @@ search_mask` moves one computed step at a time, scored on the benchmark's valida
 and the mask found are then sampled on ``--test`` held-out images (seeds 1000000+) against uncached sampling,
 with the paired 95 % bootstrap interval of found − start (:func:`cachec.metrics.paired_difference`);
 ``--mask`` adds fixed masks to the same comparison; ``--random-order SEED`` scores the neighbours in a
-random order instead of by price (how far a validation gain carries over to held-out images).
+random order instead of by price (how far a validation gain carries over to held-out images); ``--spaced`` scores the spaced masks first
+(:func:`cachec.planner.spaced_masks`), as the plan search does.
 
 The calibration is the studies' (:func:`bench.study.study_calibration`: ``--cal`` conditions, one sample
 each, factored sensitivity on 4 samples), the benchmark's settings.
@@ -31,7 +32,7 @@ from bench.study import PSNR_CAP, add_study_args, open_study, sampler, study_cal
 from cachec.evaluation import Validation, held_out_set, validation_set  # noqa: E402
 from cachec.mask_search import MASK_RUNS, search_mask  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
-from cachec.planner import Planner, load_calibration  # noqa: E402
+from cachec.planner import Planner, load_calibration, spaced_masks  # noqa: E402
 from cachec.runtime import apply, write_plan  # noqa: E402
 
 
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=MASK_RUNS, help=f"validation runs (default {MASK_RUNS}, as compile)")
     ap.add_argument("--test", type=int, default=100, help="held-out test images")
     ap.add_argument("--mask", action="append", default=[], help="a fixed mask to compare too, e.g. 0,1,3,5 (repeatable)")
+    ap.add_argument("--spaced", action="store_true",
+                    help="score the spaced masks first (cachec.planner.spaced_masks), as cachec compile's search does")
     ap.add_argument("--random-order", type=int, default=None, metavar="SEED",
                     help="score the neighbours in a random order (this seed) instead of by price: how much of a "
                          "validation gain is the validation set's noise")
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rng = None if args.random_order is None else random.Random(args.random_order)
         found = search_mask(planner, b, start, s0, lambda m: val.score(written(m)), predictors=pset,
-                            max_runs=args.runs, log=print, rank=None if rng is None else (lambda m: rng.random()))
+                            max_runs=args.runs, log=print, rank=None if rng is None else (lambda m: rng.random()),
+                            starts=spaced_masks(planner.cal, b, keep_last=int(base.options["keep_last"])) if args.spaced else ())
         print(f"{args.family}+{pset} at {b:.0%}: start {start} {s0:.2f} dB -> {found.mask} {found.psnr:.2f} dB on the "
               f"validation set ({found.runs} runs, {len(found.moves)} moves, {time.perf_counter() - t:.0f} s)", flush=True)
 

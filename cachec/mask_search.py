@@ -76,7 +76,7 @@ class MaskSearch:
         mask: the best mask found (the start when no move scored above it by ``min_gain``).
         psnr: its validation PSNR, dB.
         runs: validation runs spent.
-        tried: ``(mask, psnr)`` of every scored neighbour, in order.
+        tried: ``(mask, psnr)`` of every scored starting mask and neighbour, in order.
         moves: the masks taken, in order (not including the start).
         start_runs: validation runs spent on the given starting masks (included in ``runs``).
     """

@@ -161,7 +161,7 @@ class Search:
         candidates: every candidate, family by family (in ``families`` order), iterations in order.
         validation: ``(conditions, seeds)`` of the closed-loop choice, or None (one candidate: no choice run).
         mask_search: the third stage's record (:func:`mask_candidate`: ``start``, ``start_mask``, ``mask``,
-            ``moves``, ``runs``, ``psnr_db``), or None where it did not run.
+            ``moves``, ``runs``, ``start_runs``, ``psnr_db``), or None where it did not run.
     """
 
     best: Candidate
@@ -319,7 +319,7 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
     if planned:
         planned(cands)
     shaped = [c for c in cands if c.family in MASK_FAMILIES]
-    if len(cands) == 1 and not (iterations and refine_top) and not (mask_runs and shaped):
+    if len(cands) == 1 and not (iterations and refine_top) and not (mask_runs and shaped) and not predictor_pass:
         return Search(cands[0], cands, None)
     vconds, vseeds = validation() if callable(validation) else validation
     steps, guidance = cands[0].written.sampler.steps, cands[0].written.sampler.guidance.scale

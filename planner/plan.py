@@ -234,6 +234,8 @@ class Planner:
                 groups=self.groups(n_groups) if family == "group" else None, fill=fill, mask=mask, always=always,
                 parents=self.parents if self.nested else None, map_reuse=self.map_reuse and fill,
             )
+            if fill:  # recorded for every family (the free family and trimmed masks too): replan passes it back
+                sched.options.setdefault("fill", True)
             if ppass == "trajectory":
                 sched = choose_predictors(model, sched)
                 sched.options["predictor_pass"] = ppass

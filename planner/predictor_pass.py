@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .error_model import EOC, REUSE, SCALE, ErrorModel
-from .schedule import Schedule
+from .schedule import Schedule, round_sig
 
 #: names of the planner option ``predictor_pass``: ``trajectory`` (this pass) or ``none``
 PASSES = ("trajectory", "none")
@@ -65,8 +65,9 @@ def choose_predictors(model: ErrorModel, schedule: Schedule) -> Schedule:
         model: the error model the schedule was solved with (its enabled predictors are the candidates;
             the fitted ones are fitted on its fit split, prices on its judging split).
         schedule: a ``history: computed`` schedule over the model's units and steps. Nested units
-            (attention maps, whose price goes through their parent's propagation factor) keep their
-            predictors; ``history: used`` schedules are returned unchanged.
+            (attention maps) and the units they are nested in keep their predictors: a parent's coefficients
+            set its maps' propagation factors (:func:`~cachec.planner.nesting.propagation_factors`), which
+            the map exchange priced. ``history: used`` schedules are returned unchanged.
     Returns:
         A new :class:`Schedule` with the same computed steps (so the same FLOPs), coefficients and EOC
         corrections re-chosen, and ``options["repredicted"]`` = the number of (unit, step) predictors that
@@ -83,8 +84,9 @@ def choose_predictors(model: ErrorModel, schedule: Schedule) -> Schedule:
     if schedule.history != "computed":
         return out
     S, changed = model.S, 0
+    hosts = {p for p in schedule.parents if p is not None}
     for u in range(model.U):
-        if schedule.parents[u] is not None:
+        if schedule.parents[u] is not None or u in hosts:
             continue
         steps = _anchors(schedule.compute[u], schedule.idle(u))
         if not steps:
@@ -112,7 +114,8 @@ def _descend(model: ErrorModel, u: int, steps: dict, coeffs: dict, alphas: dict,
             if k == EOC:  # an EOC correction needs its sidecar tensor: kept only where the solver chose it
                 continue
             c = (1.0,) if k == REUSE else (float(a1[k, i]),) if k == SCALE else (float(a1[k, i]), float(a2[k, i]))
-            if c != cur or al:
+            c = tuple(round_sig(x) for x in c)  # as the solver stores coefficients: the same predictor compares equal
+            if (c != cur or al) and all(c != o[0] or o[1] for o in opts[1:]):
                 opts.append((c, 0.0, _vector(S, s, p[i], q[i], c), 0.0))
         options.append(opts)
     choice = [0] * len(ss)

@@ -27,14 +27,16 @@ def spaced_mask(steps: int, n: int, gamma: float, keep_last: int = 0) -> list[in
     Args:
         steps: S, the sampling steps (>= 1).
         n: computed steps, 1..S.
-        gamma: the spacing exponent (> 0).
+        gamma: the spacing exponent, >= 1 (1: uniform; larger: denser early).
+        keep_last: 0..S.
     Returns:
         Sorted distinct step indices starting with 0.
     Raises:
-        ValueError: n outside 1..S or gamma <= 0.
+        ValueError: n outside 1..S, gamma < 1 or keep_last outside 0..S.
     """
-    if not 1 <= n <= steps or not gamma > 0:
-        raise ValueError(f"spaced mask needs 1 <= n <= steps ({steps}) and gamma > 0, got n={n}, gamma={gamma}")
+    if not 1 <= n <= steps or not gamma >= 1 or not 0 <= keep_last <= steps:
+        raise ValueError(f"spaced mask needs 1 <= n <= steps ({steps}), gamma >= 1 and 0 <= keep_last <= steps, "
+                         f"got n={n}, gamma={gamma}, keep_last={keep_last}")
     out: list[int] = []
     for k in range(n):
         s = int(np.floor(steps * (k / n) ** gamma + 0.5))
@@ -45,7 +47,8 @@ def spaced_mask(steps: int, n: int, gamma: float, keep_last: int = 0) -> list[in
 
 def spaced_masks(cal: Calibration, budget: float, keep_last: int = 0, gammas=SPACING_GAMMAS) -> list[list[int]]:
     """The distinct spaced masks at ``budget``: n is the count of whole computed steps nearest what the
-    budget pays for (step-synchronous FLOPs: the planner's fill spends the rest, or its trim skips the excess).
+    budget pays for (step-synchronous FLOPs: the planner's fill spends the rest, or its trim skips the excess),
+    the last ``keep_last`` of them at the end and the other n − keep_last spaced.
 
     Args:
         cal: the calibration (steps, unit and fixed FLOPs).
@@ -59,9 +62,10 @@ def spaced_masks(cal: Calibration, budget: float, keep_last: int = 0, gammas=SPA
     S, total = cal.steps, float(np.sum(cal.unit_flops))
     paid = (budget * S * cal.full_step_flops - S * cal.fixed_step_flops) / total
     n = int(min(max(round(paid), 1), S))
+    spaced = max(n - keep_last, 1)
     out, seen = [], set()
     for g in gammas:
-        m = spaced_mask(S, n, float(g), keep_last)
+        m = spaced_mask(S, spaced, float(g), keep_last)
         if tuple(m) not in seen:
             seen.add(tuple(m))
             out.append(m)

@@ -373,7 +373,7 @@ def test_step_mask_option_runs_the_given_steps():
     trimmed = planner.schedule(0.5, "cachec", family="step", mask=full_mask, max_staleness=3)
     r = realised_fraction(trimmed.compute, planner.cal.unit_flops, planner.cal.full_step_flops, planner.cal.fixed_step_flops)
     assert 0.5 - max(planner.cal.unit_flops) / (7 * planner.cal.full_step_flops) < r <= 0.5
-    assert trimmed.options["mask"] == full_mask and trimmed.options["trimmed"] > 0 and "fill" not in trimmed.options
+    assert trimmed.options["mask"] == full_mask and trimmed.options["trimmed"] > 0 and "filled" not in trimmed.options
     assert trimmed.compute[:, 0].all() and not trimmed.compute.all()
     at_min = planner.schedule(0.5918368, "cachec", family="step", mask=full_mask, max_staleness=1)  # the minimum
     assert (at_min.compute.sum(axis=1) == 4).all()
