@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from cachec.planner import Planner, make_plan, sweep, synthetic_calibration
+from cachec.planner.predictor_pass import choose_predictors
 
 
 def main() -> None:
@@ -64,6 +65,12 @@ def main() -> None:
                 sched = planner.schedule(b, family=family, max_staleness=args.max_staleness)
                 print(f"{family:6s} at {b:.2f} with map units: {sched.options['map_skips']:4d} map skips, "
                       f"{time.perf_counter() - t:.3f} s")
+    for family in ("free", "step"):  # the predictor pass (the search's fourth stage) on a solved schedule
+        sched = planner.schedule(0.4, family=family, max_staleness=args.max_staleness)
+        t = time.perf_counter()
+        passed = choose_predictors(planner.model, sched)
+        print(f"predictor pass, {family:4s} at 0.40: {passed.options['repredicted']} predictors changed, "
+              f"{time.perf_counter() - t:.3f} s")
     for method in ("fora", "eoc-paper", "goc-paper", "uniform"):
         t = time.perf_counter()
         plan, _ = make_plan(cal, 0.4, method)
