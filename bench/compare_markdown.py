@@ -338,7 +338,12 @@ def write_markdown(results: dict, path: Path, json_name: str, png_name: str) -> 
                 if choice:
                     sc = " / ".join(f"{k} {fmt(v)}" for k, v in choice["validation_psnr_db"].items())
                     note += (f"; chosen {chosen_name(choice)} (validation PSNR on "
-                             f"{choice['validation_images']} images: {sc} dB)")
+                             f"{choice['validation_images']} images: {sc} dB")
+                    cf = choice.get("confirmation")
+                    if cf:
+                        cs = " / ".join(f"{k} {fmt(v)}" for k, v in cf["psnr_db"].items())
+                        note += f"; with {cf['images']} confirmation images: {cs} dB"
+                    note += ")"
                 L.append(f"| {e['method']} | {r['label']} | {r['flops_fraction']:.1%} | {fmt(r.get('psnr_db'))} | "
                          f"{fmt(r.get('ssim'), '.4f')} | {fmt(r.get('class_accuracy'), '.3f')} | "
                          f"{fmt(r.get('frechet'), '.1f')} | {fmt(r.get('wall_ratio'), '.2f')} | {note.replace('|', '/')} |")

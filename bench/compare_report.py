@@ -92,7 +92,8 @@ def status_of(entry: dict) -> str:
 
 #: frontier rule: a method's quality at budget B is its best real point at ≤ B + this (0.5 point of FLOPs)
 FRONTIER_SLACK = 0.005
-#: a per-image PSNR of +∞ (bit-identical images) enters paired differences as this many dB
+#: a per-image PSNR of +∞ (bit-identical images) enters paired differences as this many dB (the cap of cachec's
+#: closed-loop scores, :data:`cachec.evaluation.PSNR_CAP_DB`; kept equal by tests/test_bench_peers.py)
 PSNR_CAP = 100.0
 
 

@@ -154,8 +154,13 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
         if ms is not None:
             log(f"      mask search from {ms['start']}: {len(ms['moves'])} move(s) in {ms['runs']} validation runs, "
                 f"steps {ms['start_mask']} -> {ms['mask']}")
-        log("[3/4] closed-loop check on validation seeds: "
-            + ", ".join(f"{c.name} {c.validation_psnr:.2f} dB" for c in candidates) + f" -> {best.name}")
+        log("[3/4] closed-loop check on validation seeds (mean PSNR): "
+            + ", ".join(f"{c.name} {c.validation_psnr:.2f} dB" for c in candidates))
+        if search.confirmation is not None:
+            cf = search.confirmation
+            log(f"      confirmed on {cf['images']} more seeds ({cf['first_seed']}+), validation + confirmation: "
+                + ", ".join(f"{k} {v:.2f} dB" for k, v in cf["psnr_db"].items()))
+        log(f"      -> {best.name}")
     else:
         log("[3/4] closed-loop check skipped (one candidate)")
     plan_path = out / "plan.yaml"
@@ -166,10 +171,11 @@ def run_job(model: str | None = None, budget: float = 0.4, out_dir: str | Path =
     run = evaluate_plan(driver, chosen, conds, seeds, name=f"{method} {100 * budget:.0f}%")
     run.result.update(model=driver.name, family=best.family, refine=best.iteration, predictors=best.predictors,
                       variant=best.variant,
-                      mask_search=search.mask_search,
+                      mask_search=search.mask_search, confirmation=search.confirmation,
                       candidates=[{"family": c.family, "predictors": c.predictors, "refine": c.iteration, "path": str(c.path),
                                    "variant": c.variant,
-                                   "realised": c.plan.budget.realised, "validation_psnr": c.validation_psnr}
+                                   "realised": c.plan.budget.realised, "validation_psnr": c.validation_psnr,
+                                   "confirmation_psnr": c.confirmation_psnr}
                                   for c in candidates])
     png = save_png(side_by_side(run.reference, run.cached, ncols=eval_per_class), out / "side_by_side.png")
     (out / "eval.json").write_text(json.dumps(to_jsonable(run.result), indent=2, allow_nan=False) + "\n")

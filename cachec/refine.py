@@ -39,8 +39,11 @@ class Candidate:
         path: the plan file written for the search.
         written: the plan as written at ``path`` (``source`` set, so its sidecar loads): what closed-loop
             runs apply.
-        validation_psnr: PSNR in dB against uncached sampling on the validation seeds, set by :func:`choose`
-            (None before, or when the search had a single candidate).
+        validation_psnr: mean per-image PSNR in dB against uncached sampling on the validation seeds
+            (:class:`cachec.evaluation.Validation`), set by :func:`choose` (None before, or when the search had a
+            single candidate).
+        confirmation_psnr: the same on the confirmation seeds, for the candidates the search's last stage
+            confirmed (None for the others).
         predictors: the predictor set's name (a key of :data:`cachec.planner.error_model.PREDICTOR_SETS`;
             ``fitted`` also when the plan was given its predictors as a list of names, as :func:`replan` does).
         variant: ``""``, or ``mask`` for the mask search's plan (:func:`mask_candidate`).
@@ -55,6 +58,7 @@ class Candidate:
     validation_psnr: float | None = None
     predictors: str = "fitted"
     variant: str = ""
+    confirmation_psnr: float | None = None
 
     @property
     def name(self) -> str:
@@ -162,12 +166,16 @@ class Search:
         validation: ``(conditions, seeds)`` of the closed-loop choice, or None (one candidate: no choice run).
         mask_search: the third stage's record (:func:`mask_candidate`: ``start``, ``start_mask``, ``mask``,
             ``moves``, ``runs``, ``start_runs``, ``psnr_db``), or None where it did not run.
+        confirmation: the fifth stage's record (:func:`confirm`: ``images``, ``first_seed``, ``runs``,
+            ``psnr_db`` = ``{name: mean PSNR over validation and confirmation images}``), or None where it did
+            not run.
     """
 
     best: Candidate
     candidates: list[Candidate]
     validation: tuple[list, list[int]] | None
     mask_search: dict | None = None
+    confirmation: dict | None = None
 
 
 #: schedule families of the plan search: the DP families and the peer-shaped ``warmup`` family
@@ -178,6 +186,55 @@ SEARCH_PREDICTORS = ("fitted", "taylor")
 REFINE_TOP = 2
 #: families whose plans are a step mask plus the budget fill: where the mask search starts
 MASK_FAMILIES = ("step", "warmup")
+#: candidates the last stage re-scores on fresh seeds
+CONFIRM_TOP = 3
+#: confirmation images per validation image (the validation conditions repeated with new seeds)
+CONFIRM_REPEATS = 2
+
+
+def confirm(driver, candidates: Sequence[Candidate], validation: Validation, *, top: int = CONFIRM_TOP,
+            repeats: int = CONFIRM_REPEATS) -> tuple[Candidate, dict]:
+    """The search's last stage: the ``top`` candidates best on validation re-scored on fresh seeds, the winner
+    chosen on all images together.
+
+    Every earlier stage keeps a candidate only when it scores best on the same validation images, so the
+    winner's validation score is biased upwards (winner's curse), most where candidates differ by less than
+    the noise of 20 images (docs/planner.md, "Confirmation"). The confirmation set is the validation
+    conditions repeated ``repeats`` times with new seeds (just above the validation seeds); each of the
+    ``top`` candidates gets one run on it, and the one with the highest mean PSNR over validation and
+    confirmation images together wins (ties: the better on validation).
+
+    Args:
+        driver: the loaded model.
+        candidates: scored candidates (``validation_psnr`` set), at least one.
+        validation: the :class:`cachec.evaluation.Validation` they were scored on.
+        top: how many to confirm (>= 1).
+        repeats: confirmation images per validation image (>= 1).
+    Returns:
+        ``(best, record)``: record has ``images``, ``first_seed``, ``runs`` and ``psnr_db`` (the combined mean
+        per confirmed candidate's name). Sets ``confirmation_psnr`` on the confirmed candidates.
+    Raises:
+        ValueError: ``top`` or ``repeats`` < 1, no candidates, or the seeds would reach the evaluation seeds.
+    """
+    from .evaluation import EVAL_SEED
+
+    if top < 1 or repeats < 1 or not candidates:
+        raise ValueError(f"confirm needs top >= 1, repeats >= 1 and candidates, got top={top}, repeats={repeats}, "
+                         f"{len(candidates)} candidate(s)")
+    first = max(validation.seeds) + 1
+    n = validation.images * int(repeats)
+    if first + n > EVAL_SEED:
+        raise ValueError(f"confirmation seeds {first}..{first + n - 1} reach the evaluation seeds ({EVAL_SEED}+): "
+                         f"use validation seeds further below")
+    checker = Validation(driver, validation.conditions * int(repeats), list(range(first, first + n)),
+                         validation.steps, validation.guidance)
+    ranked = sorted(candidates, key=lambda c: -c.validation_psnr)[:int(top)]
+    combined = {}
+    for c in ranked:
+        c.confirmation_psnr = checker.score(c.written)
+        combined[c.name] = (validation.images * c.validation_psnr + n * c.confirmation_psnr) / (validation.images + n)
+    best = max(ranked, key=lambda c: combined[c.name])
+    return best, {"images": n, "first_seed": first, "runs": checker.runs, "psnr_db": combined}
 
 
 def mask_candidate(planner, budget: float, start: Candidate, validation: Validation, workdir: str | Path,
@@ -256,10 +313,11 @@ def pass_candidate(planner, budget: float, base: Candidate, validation: Validati
 def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str | Path, calibrate_options: dict,
                 validation, families: Sequence[str] = SEARCH_FAMILIES,
                 predictor_sets: Sequence[str] = SEARCH_PREDICTORS, iterations: int = 2, refine_top: int = REFINE_TOP,
-                mask_runs: int = MASK_RUNS, predictor_pass: bool = True, method: str = "cachec", planner=None,
+                mask_runs: int = MASK_RUNS, predictor_pass: bool = True, confirm_top: int = CONFIRM_TOP,
+                method: str = "cachec", planner=None,
                 log: Callable[[str], None] | None = None,
                 planned: Callable[[list[Candidate]], None] | None = None) -> Search:
-    """cachec's plan search (docs/planner.md, "The plan search"), in four stages.
+    """cachec's plan search (docs/planner.md, "The plan search"), in five stages.
 
     1. Every (family, predictor set) plan from the uncached calibration (no refinement), scored closed-loop
        on the validation seeds: ``len(families) * len(predictor_sets)`` validation runs.
@@ -271,8 +329,10 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
        most ``mask_runs`` local moves, no calibration.
     4. The predictor pass (:func:`pass_candidate`) on the best candidate made from the uncached calibration
        (stages 1 and 3): one more validation run, where the pass changes any predictor.
+    5. The confirmation (:func:`confirm`): the ``confirm_top`` best candidates of all stages re-scored on
+       :data:`CONFIRM_REPEATS` × as many fresh seeds; the best over validation and confirmation images wins.
 
-    The candidate closest to uncached sampling over all stages wins (ties: the earlier one).
+    Closed-loop scores are mean per-image PSNR against uncached sampling (:class:`cachec.evaluation.Validation`).
 
     Args:
         driver: the loaded model (:func:`cachec.loading.load_model`).
@@ -288,6 +348,7 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         refine_top: how many first-stage candidates are refined (>= 0).
         mask_runs: validation runs of the mask search's local moves (0: no third stage; ``cachec`` only).
         predictor_pass: run the fourth stage (``cachec`` only).
+        confirm_top: candidates of the fifth stage (0: no confirmation, the best on validation wins).
         method: ``cachec``, or a baseline method (then one candidate, ``workdir/plan.yaml``, no refinement).
         planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse (as :func:`refined_plans`).
         log: progress printer of the refinements.
@@ -343,9 +404,13 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         passed = pass_candidate(planner, budget, max((c for c in cands if c.iteration == 0),
                                                      key=lambda c: c.validation_psnr), scorer, workdir)
         cands += [passed] if passed is not None else []
-    top = max(c.validation_psnr for c in cands)
-    best = next(c for c in cands if c.validation_psnr == top)
-    return Search(best, cands, (list(vconds), list(vseeds)), record)
+    confirmation = None
+    if confirm_top and len(cands) > 1:
+        best, confirmation = confirm(driver, cands, scorer, top=confirm_top)
+    else:
+        top = max(c.validation_psnr for c in cands)
+        best = next(c for c in cands if c.validation_psnr == top)
+    return Search(best, cands, (list(vconds), list(vseeds)), record, confirmation)
 
 
 def replan_options(options: dict) -> dict:

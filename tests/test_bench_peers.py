@@ -586,3 +586,11 @@ def test_cache_dit_leaves_the_flux_module_order_and_seacache_after_it_still_skip
         session.close()
     assert peers.leftover_state(driver, c.module_order) == []
     assert sea_fraction() == before
+
+
+def test_the_benchmarks_psnr_cap_is_the_closed_loop_scores_cap():
+    """An identical image counts the same in the search's closed-loop scores and in the headline's margins."""
+    from bench.compare_report import PSNR_CAP
+    from cachec.evaluation import PSNR_CAP_DB
+
+    assert PSNR_CAP == PSNR_CAP_DB == 100.0

@@ -8,12 +8,27 @@ import pytest
 
 from cachec.calibrate import calibrate, read_header
 from cachec.planner.spacing import SPACING_GAMMAS
-from cachec.refine import choose, refined_plans, replan, search_plan
+from cachec.evaluation import EVAL_SEED, Validation
+from cachec.refine import choose, confirm, refined_plans, replan, search_plan
 from cachec.runtime.plan import load_plan
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 OPTS = dict(conditions=[0, 1, 2, 3], samples_per_condition=2, steps=6, batch_size=4, seed=0)
+
+
+def _check_winner(search):
+    """The search's winner rule: the best over validation and confirmation images among the confirmed (the
+    ``CONFIRM_TOP`` best on validation), else the best on validation."""
+    cf = search.confirmation
+    if cf is None:
+        assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+        return
+    confirmed = [c for c in search.candidates if c.confirmation_psnr is not None]
+    ranked = sorted(search.candidates, key=lambda c: -c.validation_psnr)[:len(confirmed)]
+    assert {c.name for c in confirmed} == {c.name for c in ranked}
+    assert set(cf["psnr_db"]) == {c.name for c in confirmed} and cf["runs"] == len(confirmed)
+    assert search.best.name == max(cf["psnr_db"], key=lambda k: cf["psnr_db"][k])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +79,7 @@ def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
                          predictor_pass=False, planned=lambda cands: seen.append(len(cands)))
     assert [c.name for c in search.candidates] == ["free/refine0", "step/refine0"] and seen == [2] and asked == [1]
     assert search.validation == ([5, 6, 7], [100, 101, 102])
-    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    _check_winner(search)
     # the same choice as the separate steps
     alone = refined_plans(tiny_digits, base, 0.4, family="free", iterations=0, workdir=tmp_path / "a", calibrate_options=OPTS)
     alone += refined_plans(tiny_digits, base, 0.4, family="step", iterations=0, workdir=tmp_path / "a",
@@ -95,7 +110,7 @@ def test_two_stage_search_refines_the_best_first_stage_candidates(tiny_digits, b
     top = max(first, key=lambda c: c.validation_psnr)
     refined = search.candidates[4:]
     assert [(c.family, c.predictors, c.iteration) for c in refined] == [(top.family, top.predictors, 1)]
-    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    _check_winner(search)
     for c in search.candidates:
         opts = c.plan.budget.options
         assert opts["predictors"] == (["reuse", "taylor"] if c.predictors == "taylor" else
@@ -121,7 +136,7 @@ def test_mask_search_stage_moves_the_best_step_shaped_mask(tiny_digits, base, tm
     assert ms["start"] == start.name and 1 <= ms["runs"] - ms["start_runs"] <= 6
     assert 1 <= ms["start_runs"] <= len(SPACING_GAMMAS)  # the spaced masks the planner accepts, each scored once
     assert not (tmp_path / "s" / "plan-mask-trial.yaml").exists()  # the last trial is not left behind
-    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    _check_winner(search)
     if not ms["moves"]:
         assert len(search.candidates) == 3 and ms["mask"] == ms["start_mask"]
         return
@@ -153,7 +168,35 @@ def test_predictor_pass_stage_rescores_the_best_uncached_candidate(tiny_digits, 
     assert passed.plan.budget.realised == top.plan.budget.realised
     assert [u.compensation for u in passed.plan.units] != [u.compensation for u in top.plan.units]
     assert choose(tiny_digits, [passed], *val).validation_psnr == passed.validation_psnr  # same ops, same shapes
-    assert search.best.validation_psnr == max(c.validation_psnr for c in search.candidates)
+    _check_winner(search)
     again, _ = replan(tiny_digits, base, 0.4, passed.plan.budget.options, tmp_path / "again", OPTS)
     assert [u.actions for u in again.units] == [u.actions for u in passed.plan.units]
     assert [u.compensation for u in again.units] == [u.compensation for u in passed.plan.units]
+
+
+def test_confirmation_rescores_the_best_on_fresh_seeds_and_picks_on_all_images(tiny_digits, base, tmp_path):
+    """Stage 5: the top candidates on validation get one run each on the validation conditions repeated with
+    seeds just above the validation seeds; the winner has the best mean PSNR over both sets together."""
+    val = ([5, 6, 7], [100, 101, 102])
+    search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=val,
+                         families=("free", "step"), predictor_sets=("fitted",), iterations=0, mask_runs=0,
+                         predictor_pass=False, confirm_top=0)
+    assert search.confirmation is None and all(c.confirmation_psnr is None for c in search.candidates)
+    scorer = Validation(tiny_digits, *val, 6, float(tiny_digits.default_guidance))
+    for c in search.candidates:
+        assert scorer.score(c.written) == c.validation_psnr  # same ops, same shapes
+    best, rec = confirm(tiny_digits, search.candidates, scorer, top=2, repeats=2)
+    assert rec["images"] == 6 and rec["first_seed"] == 103 and rec["runs"] == 2
+    check = Validation(tiny_digits, [5, 6, 7, 5, 6, 7], list(range(103, 109)), 6, float(tiny_digits.default_guidance))
+    for c in search.candidates:
+        assert c.confirmation_psnr is not None
+        assert check.score(c.written) == c.confirmation_psnr
+        assert rec["psnr_db"][c.name] == pytest.approx((3 * c.validation_psnr + 6 * c.confirmation_psnr) / 9)
+    assert best.name == max(rec["psnr_db"], key=lambda k: rec["psnr_db"][k])
+    with pytest.raises(ValueError, match="top >= 1"):
+        confirm(tiny_digits, search.candidates, scorer, top=0)
+    late = Validation(tiny_digits, [5], [EVAL_SEED - 1], 6, float(tiny_digits.default_guidance))
+    with pytest.raises(ValueError, match="evaluation seeds"):
+        confirm(tiny_digits, search.candidates, late)
+    with pytest.raises(ValueError, match="one seed per condition"):
+        Validation(tiny_digits, [5, 6], [1], 6, 1.0)

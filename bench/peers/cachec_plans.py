@@ -98,13 +98,14 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
     """cachec's shipped procedure (``cachec compile``, :func:`cachec.refine.search_plan`): solve every
     schedule family with every predictor set, refine the best two ``ctx.refine`` times along their own cached
     trajectories (on the calibration samples), search the best step-shaped plan's mask closed-loop
-    (:func:`cachec.refine.mask_candidate`), keep the plan closest to uncached sampling on validation seeds
-    (``VALIDATION_SEED``, disjoint from the calibration and evaluation seeds). Candidates are written under
-    ``<path stem>-candidates/``.
+    (:func:`cachec.refine.mask_candidate`), try the predictor pass, confirm the three best on fresh seeds
+    (:func:`cachec.refine.confirm`) and keep the plan closest to uncached sampling on validation and confirmation
+    seeds (from ``VALIDATION_SEED``, disjoint from the calibration and evaluation seeds). Candidates are written
+    under ``<path stem>-candidates/``.
 
     Returns:
         ``(plan, sidecar, {"chosen", "predictors", "refine", "name", "validation_psnr_db", "validation_images",
-        "mask_search"})``: the chosen
+        "mask_search", "confirmation"})``: the chosen
         :class:`cachec.runtime.plan.Plan` (not yet written to ``path``), its EOC tensors and the choice.
     """
     from cachec.evaluation import VALIDATION_SEED, validation_set
@@ -126,6 +127,7 @@ def choose_family(ctx: BenchContext, planner, budget: float, path: Path) -> tupl
         "chosen": best.family, "predictors": best.predictors, "refine": best.iteration, "name": best.name,
         "validation_psnr_db": {c.name: c.validation_psnr for c in search.candidates},
         "validation_images": len(validation()[0]), "mask_search": search.mask_search,
+        "confirmation": search.confirmation,
     }
 
 
