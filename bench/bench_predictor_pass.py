@@ -6,7 +6,11 @@ settings), each ``--family`` (DP or warmup mask) and each ``--mask`` (a step-fam
 filled or trimmed into the budget) is planned with the ``--predictors`` set twice: as the solver chooses and with
 the pass. Both run on ``--test`` held-out images (seeds 1000000+) against uncached sampling; the line gives both
 plans' run-coherent and trajectory-coherent prices, PSNR (dB, capped) and the paired 95 % bootstrap interval of
-pass − solver (:func:`cachec.metrics.paired_difference`).
+pass − solver (:func:`cachec.metrics.paired_difference`). With ``--validation K`` both plans also run on
+validation images (:func:`cachec.evaluation.validation_set`, seeds 500000+; on a prompt model its calibration
+prompts): the benchmark search's 20 (2 per class) and a larger set of K per class, scored both ways a
+closed-loop choice could score them: the mean per-image PSNR capped at 100 dB (the search's score since
+2026-12-07, :class:`cachec.evaluation.Validation`) and the PSNR of the pooled MSE (its score before).
 
 Usage (≈ 4 min on one thread for digits-mmdit, 3 plans, 30 images)::
 
@@ -24,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.study import PSNR_CAP, add_study_args, open_study, sampler, study_calibration  # noqa: E402
-from cachec.evaluation import held_out_set  # noqa: E402
+import math  # noqa: E402
+
+from cachec.evaluation import PSNR_CAP_DB, held_out_set, validation_set  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E402
 from cachec.planner.plan import build_plan  # noqa: E402
@@ -39,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", action="append", default=None, help="DP families to compare (default: step)")
     ap.add_argument("--mask", action="append", default=[], help="step-family plans on these computed steps (repeatable)")
     ap.add_argument("--test", type=int, default=30, help="held-out test images")
+    ap.add_argument("--validation", type=int, default=0,
+                    help="also score on the search's validation images, K per class (0: no)")
     args = ap.parse_args(argv)
     st = open_study(args)
     driver, b, pset = st.driver, args.budget, args.predictors
@@ -53,9 +61,19 @@ def main(argv=None) -> int:
         generate = sampler(driver, st.steps, st.guidance)
         reference = generate(conds, seeds)
 
+        vsets = [(k, *validation_set(driver, k)) for k in sorted({2, args.validation})] if args.validation else []
+        vrefs = [generate(c, sd) for _, c, sd in vsets]
+
         def run(sched):
             plan, side = build_plan(planner.cal, model, sched, "cachec", b)
             with apply(driver, write_plan(plan, work / "plan.yaml", side or None)):
+                for (k, vc, vs), vref in zip(vsets, vrefs):
+                    img = generate(vc, vs)
+                    mse = float((img.double() - vref.double()).pow(2).mean())
+                    mean = float(psnr(img, vref).clamp(max=PSNR_CAP_DB).mean())
+                    pooled = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+                    print(f"    validation, {len(vc):3d} images ({k} per class): mean per-image PSNR {mean:.2f} dB, "
+                          f"PSNR of the pooled MSE {pooled:.2f} dB", flush=True)
                 return psnr(generate(conds, seeds), reference).clamp(max=PSNR_CAP), plan.budget.realised
 
         for name, opts in plans:

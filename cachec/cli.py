@@ -289,7 +289,8 @@ def compile_(model, budget, method, family, samples_per_condition, per_class, cl
              refine, mask_runs, attention_maps, out_dir):
     """The main job: calibrate MODEL, plan at BUDGET (schedule families, refined along their own cached
     trajectories, the best step mask searched from spaced starts, predictors re-chosen along the trajectory;
-    chosen closed-loop on validation seeds), evaluate against uncached sampling on held-out seeds.
+    chosen closed-loop on validation seeds, the three best confirmed on fresh ones), evaluate against uncached
+    sampling on held-out seeds.
 
     Writes OUT_DIR/calib.safetensors, plan.yaml, eval.json and side_by_side.png (uncached | cached) and
     prints one table. Calibration and validation use the conditions given (--classes, default all classes or

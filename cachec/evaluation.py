@@ -210,9 +210,10 @@ def evaluate_plan(driver, plan, conditions: Sequence, seeds: Sequence[int], *, b
 class Validation:
     """Closed-loop scores of plans on validation seeds: the uncached reference is sampled once (on first use)
     and every plan is scored by the mean over images of the per-image PSNR (dB, each capped at
-    :data:`PSNR_CAP_DB`) against it: the quality metric ``cachec eval`` and the benchmark report
-    (docs/benchmarks.md), so the search optimises what is measured. (The PSNR of the pooled MSE, scored before
-    2026-12-07, is dominated by the worst images and ranked the digits-mmdit plans differently.)
+    :data:`PSNR_CAP_DB`) against it: the quality metric ``cachec eval`` reports (``psnr_db.mean``, uncapped)
+    and the benchmark's margins use (capped the same way, docs/benchmarks.md), so the search optimises what is
+    measured. Before 2026-12-07 it scored the PSNR of the pooled MSE, which the worst images dominate
+    (docs/planner.md, "Confirmation: the search's fifth stage", measures where the two disagree).
 
     Args:
         driver: a :class:`cachec.loading.Driver` for the plans' model.
@@ -222,6 +223,7 @@ class Validation:
     Attributes:
         runs: number of plans scored so far (each one sampling run of the validation set).
         images: number of validation images.
+        conditions, seeds, batch_size: as given.
     """
 
     def __init__(self, driver, conditions: Sequence, seeds: Sequence[int], steps: int, guidance: float, *,
@@ -231,7 +233,7 @@ class Validation:
         if not conditions or len(conditions) != len(seeds):
             raise ValueError(f"validation needs one seed per condition and at least one, got {len(conditions)} "
                              f"conditions and {len(seeds)} seeds")
-        self.conditions, self.seeds = conditions, seeds
+        self.conditions, self.seeds, self.batch_size = conditions, seeds, int(batch_size)
         self.images = len(conditions)
         self.batches = [(conditions[i:i + batch_size], seeds[i:i + batch_size])
                         for i in range(0, len(conditions), batch_size)]

@@ -6,11 +6,11 @@ Plan search (``family="auto"``, ``refine=2``, :func:`cachec.refine.search_plan`)
 free per-unit schedule, a step-synchronous one, a block-group one and a warm-up + interval one, each with
 the fitted predictors and with the Taylor set; every one of these plans runs closed-loop on *validation*
 seeds (disjoint from the calibration and evaluation seeds), the two best are refined twice along their own
-cached trajectories and scored the same way, the best step-shaped plan's computed steps are moved one at
-a time by a closed-loop local search (:mod:`cachec.mask_search`), and the plan closest to the uncached
-output wins (predicted
-errors rank plans of one family, but error propagation can reorder families and predictor sets:
-docs/planner.md).
+cached trajectories and scored the same way, the best step-shaped plan's computed steps are searched
+closed-loop from spaced starts and one-step moves (:mod:`cachec.mask_search`), the best uncached candidate's
+predictors are re-chosen along the trajectory, and the three best are confirmed on twice as many fresh seeds;
+the plan closest to the uncached output over validation and confirmation images wins (predicted errors rank
+plans of one family, but error propagation can reorder families and predictor sets: docs/planner.md).
 """
 
 from __future__ import annotations

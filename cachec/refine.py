@@ -5,10 +5,11 @@ computed on inputs its own skips already perturbed, nor how skipped units intera
 loop: sample along the plan (every unit still computed in shadow and recorded, the plan's predictions
 passed downstream: :func:`cachec.calibrate.calibrate` with ``along=``), re-plan from those statistics
 with the uncached calibration's sensitivity, and repeat. The iterates are not monotone in quality, so
-every (family, iteration) plan is a candidate and the one closest to uncached sampling on validation
-seeds wins (:func:`cachec.evaluation.choose_plan`).
+every (family, iteration) plan is a candidate, scored closed-loop on validation seeds
+(:class:`cachec.evaluation.Validation`).
 
-:func:`search_plan` is that search (schedule families × refinements × closed-loop choice); ``cachec
+:func:`search_plan` is that search (schedule families × refinements × mask search × predictor pass, the best
+three confirmed on fresh seeds: :func:`confirm`); ``cachec
 compile`` (:mod:`cachec.pipeline_job`), ``scripts/make_shipped_plans.py`` and the ``cachec`` line of the peer
 benchmark all run it. A refined plan records ``budget.options.refine = k`` (k trajectory calibrations, each
 along the previous iterate); :func:`replan` rebuilds it deterministically from the uncached calibration.
@@ -16,6 +17,7 @@ along the previous iterate); :func:`replan` rebuilds it deterministically from t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -192,6 +194,30 @@ CONFIRM_TOP = 3
 CONFIRM_REPEATS = 2
 
 
+def confirmation_seeds(validation_seeds: Sequence[int], images: int, repeats: int = CONFIRM_REPEATS) -> list[int]:
+    """Seeds of the confirmation set: ``images · repeats`` consecutive seeds just above ``validation_seeds``.
+
+    Raises:
+        ValueError: ``repeats`` < 1, or the seeds would reach the evaluation seeds
+            (:data:`cachec.evaluation.EVAL_SEED`).
+    """
+    from .evaluation import EVAL_SEED
+
+    if repeats < 1:
+        raise ValueError(f"confirmation repeats must be >= 1, got {repeats}")
+    first, n = max(int(x) for x in validation_seeds) + 1, int(images) * int(repeats)
+    if first + n > EVAL_SEED:
+        raise ValueError(f"confirmation seeds {first}..{first + n - 1} reach the evaluation seeds ({EVAL_SEED}+): "
+                         f"use validation seeds further below")
+    return list(range(first, first + n))
+
+
+def _score(c: Candidate) -> float:
+    """``c.validation_psnr``, NaN (a plan that diverged) ranked last."""
+    v = c.validation_psnr
+    return float("-inf") if v is None or math.isnan(v) else float(v)
+
+
 def confirm(driver, candidates: Sequence[Candidate], validation: Validation, *, top: int = CONFIRM_TOP,
             repeats: int = CONFIRM_REPEATS) -> tuple[Candidate, dict]:
     """The search's last stage: the ``top`` candidates best on validation re-scored on fresh seeds, the winner
@@ -199,9 +225,9 @@ def confirm(driver, candidates: Sequence[Candidate], validation: Validation, *, 
 
     Every earlier stage keeps a candidate only when it scores best on the same validation images, so the
     winner's validation score is biased upwards (winner's curse), most where candidates differ by less than
-    the noise of 20 images (docs/planner.md, "Confirmation"). The confirmation set is the validation
-    conditions repeated ``repeats`` times with new seeds (just above the validation seeds); each of the
-    ``top`` candidates gets one run on it, and the one with the highest mean PSNR over validation and
+    the noise of 20 images (docs/planner.md, "Confirmation: the search's fifth stage"). The confirmation set is
+    the validation conditions repeated ``repeats`` times with new seeds (:func:`confirmation_seeds`); each of
+    the ``top`` candidates gets one run on it, and the one with the highest mean PSNR over validation and
     confirmation images together wins (ties: the better on validation).
 
     Args:
@@ -216,25 +242,20 @@ def confirm(driver, candidates: Sequence[Candidate], validation: Validation, *, 
     Raises:
         ValueError: ``top`` or ``repeats`` < 1, no candidates, or the seeds would reach the evaluation seeds.
     """
-    from .evaluation import EVAL_SEED
-
-    if top < 1 or repeats < 1 or not candidates:
-        raise ValueError(f"confirm needs top >= 1, repeats >= 1 and candidates, got top={top}, repeats={repeats}, "
-                         f"{len(candidates)} candidate(s)")
-    first = max(validation.seeds) + 1
-    n = validation.images * int(repeats)
-    if first + n > EVAL_SEED:
-        raise ValueError(f"confirmation seeds {first}..{first + n - 1} reach the evaluation seeds ({EVAL_SEED}+): "
-                         f"use validation seeds further below")
-    checker = Validation(driver, validation.conditions * int(repeats), list(range(first, first + n)),
-                         validation.steps, validation.guidance)
-    ranked = sorted(candidates, key=lambda c: -c.validation_psnr)[:int(top)]
+    if top < 1 or not candidates:
+        raise ValueError(f"confirm needs top >= 1 and candidates, got top={top}, {len(candidates)} candidate(s)")
+    seeds = confirmation_seeds(validation.seeds, validation.images, repeats)
+    n = len(seeds)
+    checker = Validation(driver, validation.conditions * int(repeats), seeds, validation.steps, validation.guidance,
+                         batch_size=validation.batch_size)
+    ranked = sorted(candidates, key=lambda c: -_score(c))[:int(top)]
     combined = {}
     for c in ranked:
         c.confirmation_psnr = checker.score(c.written)
-        combined[c.name] = (validation.images * c.validation_psnr + n * c.confirmation_psnr) / (validation.images + n)
+        v = (validation.images * _score(c) + n * c.confirmation_psnr) / (validation.images + n)
+        combined[c.name] = float("-inf") if math.isnan(v) else v
     best = max(ranked, key=lambda c: combined[c.name])
-    return best, {"images": n, "first_seed": first, "runs": checker.runs, "psnr_db": combined}
+    return best, {"images": n, "first_seed": seeds[0], "runs": checker.runs, "psnr_db": combined}
 
 
 def mask_candidate(planner, budget: float, start: Candidate, validation: Validation, workdir: str | Path,
@@ -348,7 +369,7 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
         refine_top: how many first-stage candidates are refined (>= 0).
         mask_runs: validation runs of the mask search's local moves (0: no third stage; ``cachec`` only).
         predictor_pass: run the fourth stage (``cachec`` only).
-        confirm_top: candidates of the fifth stage (0: no confirmation, the best on validation wins).
+        confirm_top: candidates of the fifth stage (0 or 1: no confirmation, the best on validation wins).
         method: ``cachec``, or a baseline method (then one candidate, ``workdir/plan.yaml``, no refinement).
         planner: a :class:`cachec.planner.Planner` of ``calibration`` to reuse (as :func:`refined_plans`).
         log: progress printer of the refinements.
@@ -356,7 +377,8 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
     Returns:
         :class:`Search`; with a single candidate it is the best one and no validation sampling runs.
     Raises:
-        ValueError: as :func:`refined_plans`, the planner and :func:`cachec.evaluation.choose_plan` raise.
+        ValueError: as :func:`refined_plans`, the planner and :func:`cachec.evaluation.choose_plan` raise; the
+            confirmation seeds would reach the evaluation seeds (checked before any stage runs).
     """
     if method != "cachec":
         from .planner import Planner, load_calibration
@@ -383,6 +405,8 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
     if len(cands) == 1 and not (iterations and refine_top) and not (mask_runs and shaped) and not predictor_pass:
         return Search(cands[0], cands, None)
     vconds, vseeds = validation() if callable(validation) else validation
+    if confirm_top > 1:
+        confirmation_seeds(vseeds, len(vconds))  # refuse a seed range that would fail after the other stages
     steps, guidance = cands[0].written.sampler.steps, cands[0].written.sampler.guidance.scale
     scorer = Validation(driver, vconds, vseeds, steps, guidance)
     best = choose(driver, cands, vconds, vseeds, scorer)
@@ -405,7 +429,7 @@ def search_plan(driver, calibration: str | Path, budget: float, *, workdir: str 
                                                      key=lambda c: c.validation_psnr), scorer, workdir)
         cands += [passed] if passed is not None else []
     confirmation = None
-    if confirm_top and len(cands) > 1:
+    if confirm_top > 1 and len(cands) > 1:
         best, confirmation = confirm(driver, cands, scorer, top=confirm_top)
     else:
         top = max(c.validation_psnr for c in cands)

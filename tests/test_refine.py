@@ -76,7 +76,7 @@ def test_search_plan_families_choice_and_baseline(tiny_digits, base, tmp_path):
     seen = []
     search = search_plan(tiny_digits, base, 0.4, workdir=tmp_path / "s", calibrate_options=OPTS, validation=validation,
                          families=("free", "step"), predictor_sets=("fitted",), iterations=0, mask_runs=0,
-                         predictor_pass=False, planned=lambda cands: seen.append(len(cands)))
+                         predictor_pass=False, confirm_top=0, planned=lambda cands: seen.append(len(cands)))
     assert [c.name for c in search.candidates] == ["free/refine0", "step/refine0"] and seen == [2] and asked == [1]
     assert search.validation == ([5, 6, 7], [100, 101, 102])
     _check_winner(search)
@@ -200,3 +200,38 @@ def test_confirmation_rescores_the_best_on_fresh_seeds_and_picks_on_all_images(t
         confirm(tiny_digits, search.candidates, late)
     with pytest.raises(ValueError, match="one seed per condition"):
         Validation(tiny_digits, [5, 6], [1], 6, 1.0)
+
+
+def test_confirmation_can_overturn_validation_and_ties_go_to_the_better_on_validation(monkeypatch):
+    """confirm() with stubbed scores: the top-k cut is by validation (NaN last), the winner by the image-weighted
+    mean over both sets, a tie by validation."""
+    import math
+    from types import SimpleNamespace
+
+    import cachec.refine as refine
+
+    conf = {"a": 30.0, "b": 40.0, "c": 30.0, "d": 90.0, "n": 99.0}
+
+    class Stub:
+        def __init__(self, driver, conditions, seeds, steps, guidance, *, batch_size=50):
+            self.images, self.seeds, self.runs = len(conditions), seeds, 0
+
+        def score(self, plan):
+            self.runs += 1
+            return conf[plan]
+
+    monkeypatch.setattr(refine, "Validation", Stub)
+    val = SimpleNamespace(images=10, seeds=list(range(500000, 500010)), conditions=list(range(10)), steps=6,
+                          guidance=1.0, batch_size=50)
+
+    def cands(scores):
+        return [SimpleNamespace(name=k, written=k, validation_psnr=v, confirmation_psnr=None) for k, v in scores.items()]
+
+    cs = cands({"a": 45.0, "b": 44.0, "c": 35.0, "d": 20.0, "n": math.nan})
+    best, rec = confirm(None, cs, val, top=3, repeats=2)
+    assert best.name == "b" and set(rec["psnr_db"]) == {"a", "b", "c"} and rec["runs"] == 3  # d and NaN never run
+    assert rec["psnr_db"]["b"] == pytest.approx((10 * 44 + 20 * 40) / 30) and rec["first_seed"] == 500010
+    assert rec["images"] == 20 and cs[3].confirmation_psnr is None and cs[4].confirmation_psnr is None
+    conf.update(a=40.0, b=40.5)  # a: (450 + 800) / 30 = b: (440 + 810) / 30, a tie: the better on validation
+    best, rec = confirm(None, cands({"b": 44.0, "a": 45.0}), val, top=2, repeats=2)
+    assert rec["psnr_db"]["a"] == pytest.approx(rec["psnr_db"]["b"]) and best.name == "a"

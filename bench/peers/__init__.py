@@ -9,8 +9,9 @@ Methods (``all_methods``), by group:
 
 - **cachec**: plans solved by :mod:`cachec.planner` from a calibration the benchmark makes itself
   (:func:`cachec.calibrate.run.calibrate` on its own conditions and seeds), executed by
-  :func:`cachec.runtime.apply`. Line ``cachec`` is the shipped procedure (every schedule family solved and
-  refined along its own cached trajectory, the plan closest to uncached sampling on validation seeds kept, as
+  :func:`cachec.runtime.apply`. Line ``cachec`` is the shipped procedure (:func:`cachec.refine.search_plan`:
+  every schedule family solved, the best refined along their own cached trajectories, the mask search, the
+  predictor pass, the plan closest to uncached sampling on validation and confirmation seeds kept, as
   ``cachec compile`` does); lines ``cachec (free | step | group family)`` show each family alone, unrefined.
   Line ``cachec SoftCap`` is the adaptive runtime mode (docs/softcap.md) at FLOP ceilings 25/40/60 %, on a
   base plan of the chosen family 5 points under each ceiling, deciding per image

@@ -182,8 +182,9 @@ class PlanMethod(Method):
         self.settings = {"planner_method": method, **options}
         if choose_family:
             self.settings["family"] = ("free/step/group/warmup x fitted/taylor predictors, the best two refined along "
-                                       "their own trajectories, the best step-shaped plan's mask searched, chosen "
-                                       "closed-loop on validation seeds (as cachec compile does: "
+                                       "their own trajectories, the best step-shaped plan's mask searched, the "
+                                       "predictor pass tried, chosen closed-loop on validation seeds and the best "
+                                       "three confirmed on 2x fresh seeds (as cachec compile does: "
                                        "cachec.refine.search_plan)")
 
     def prepare(self, ctx: BenchContext) -> None:
