@@ -197,24 +197,28 @@ def test_plan_matches_hand_rolled_loop_exactly(tiny_digits, cfg):
 
 
 def test_choose_plan_prefers_the_closer_plan_and_scores_psnr(tiny_digits):
-    from cachec.evaluation import choose_plan
+    from cachec.evaluation import PSNR_CAP_DB, choose_plan
 
     full = base_plan(tiny_digits)
     skip = schedule_plan(full, SCHEDULE)
     conds, seeds = [3, 7, 1], [5, 6, 7]
     pick, scores = choose_plan(tiny_digits, {"skip": skip, "full": full}, conds, seeds, batch_size=2)
-    assert pick == "full" and scores["full"] == float("inf")
-    # the same batch split as choose_plan's (2 + 1): same ops on the same shapes, so the score is reproducible
-    # to rounding of the final mean (a 3-sample batch runs other kernels and differs in the last digits)
+    assert pick == "full" and scores["full"] == PSNR_CAP_DB  # identical images count as the cap, not +inf
+    # the score is the mean per-image PSNR; the same batch split as choose_plan's (2 + 1): same ops on the same
+    # shapes, so it is reproducible to rounding of the final mean (a 3-sample batch runs other kernels)
     split = [(conds[:2], seeds[:2]), (conds[2:], seeds[2:])]
     ref = torch.cat([tiny_digits.generate(c, s, steps=STEPS) for c, s in split]).double()
     with apply(tiny_digits, skip):
         out = torch.cat([tiny_digits.generate(c, s, steps=STEPS) for c, s in split]).double()
-    assert scores["skip"] == pytest.approx(-10 * math.log10(float((out - ref).pow(2).mean())), rel=1e-9)
+    per_image = [-10 * math.log10(float((out[i] - ref[i]).pow(2).mean())) for i in range(3)]
+    assert scores["skip"] == pytest.approx(sum(per_image) / 3, rel=1e-9)
+    pooled = -10 * math.log10(float((out - ref).pow(2).mean()))
+    assert abs(scores["skip"] - pooled) > 1e-6  # not the PSNR of the pooled MSE (the score before 2026-12-07)
     # the score is insensitive to the batch split (another kernel) to well below what a wrong schedule changes
     with apply(tiny_digits, skip):
         whole = tiny_digits.generate(conds, seeds, steps=STEPS).double()
-    assert scores["skip"] == pytest.approx(-10 * math.log10(float((whole - ref).pow(2).mean())), abs=0.05)
+    whole_psnr = [-10 * math.log10(float((whole[i] - ref[i]).pow(2).mean())) for i in range(3)]
+    assert scores["skip"] == pytest.approx(sum(whole_psnr) / 3, abs=0.05)
     with pytest.raises(ValueError, match="different"):
         choose_plan(tiny_digits, {"a": full, "b": base_plan(tiny_digits, steps=STEPS - 1)}, conds, seeds)
     with pytest.raises(ValueError, match="at least one"):
