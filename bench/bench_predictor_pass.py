@@ -21,6 +21,7 @@ Usage (≈ 4 min on one thread for digits-mmdit, 3 plans, 30 images)::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.study import PSNR_CAP, add_study_args, open_study, sampler, study_calibration  # noqa: E402
-import math  # noqa: E402
-
 from cachec.evaluation import PSNR_CAP_DB, held_out_set, validation_set  # noqa: E402
 from cachec.metrics import paired_difference, psnr  # noqa: E402
 from cachec.planner import Planner, load_calibration, schedule_error  # noqa: E402

@@ -241,8 +241,10 @@ class Validation:
         self.runs = 0
 
     def _sample(self) -> torch.Tensor:
+        """The images (N, C, H, W) in the driver's output dtype: the reference is kept for every later score, and
+        :func:`cachec.metrics.psnr` computes in float64 itself (an upcast here doubled the memory for nothing)."""
         return torch.cat([self.driver.generate(c, s, steps=self.steps, guidance=self.guidance)
-                          for c, s in self.batches]).double()
+                          for c, s in self.batches])
 
     def score(self, plan) -> float:
         """Mean per-image PSNR in dB (each capped at :data:`PSNR_CAP_DB`) of the loaded ``plan`` against
